@@ -1,0 +1,286 @@
+"""Supervised fine-tuning of a chat LLM: full-parameter, LoRA or Q-LoRA, with the Hugging Face Trainer.
+
+    python finetune.py --model_name_or_path MODEL --data_path data.jsonl --output_dir out --use_lora
+
+Also takes one JSON or YAML file holding the same arguments: `python finetune.py config.yaml`.
+Flags follow Qwen's finetune.py, so its users' commands keep working. Rerunning the same command resumes
+from the last checkpoint in --output_dir (--start_over ignores them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from sft.data import DataError, load_conversations, make_collator, tokenize_conversations
+from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
+from sft.outputs import publish
+
+logger = logging.getLogger("finetune")
+
+RUN_INFO_FILE = "finetune_run.json"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="tiny-qwen2", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model's own code from its folder (Qwen-1 needs it). Off unless asked."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2; the model's default when unset."}
+    )
+    model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype to load the weights in (bfloat16, float16, float32). Default: float32 for full "
+            "fine-tuning (the optimizer keeps fp32 weights, --bf16/--fp16 run in autocast), the --bf16/"
+            "--fp16 precision for the frozen base of LoRA."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="data/example_chatml.jsonl",
+        metadata={"help": "Training data: JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."},
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    lazy_preprocess: bool = field(
+        default=False,
+        metadata={"help": "Accepted for Qwen compatibility; preprocessing is always done once up front and cached."},
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message for samples that have none. Unset: the chat template's own default."},
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = field(
+        default="assistant",
+        metadata={
+            "help": "Tokens that carry loss: every assistant turn (with its end-of-turn token), only the "
+            "last one, or all tokens."
+        },
+    )
+    drop_long_samples: bool = field(
+        default=False, metadata={"help": "Drop samples longer than model_max_length instead of truncating them."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenisation (datasets.map num_proc)."}
+    )
+    preprocessing_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenised data is cached. Default: the datasets cache."}
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    output_dir: str = field(default="output", metadata={"help": "Where checkpoints and the final model go."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Maximum tokens per sample; longer ones are truncated (or dropped)."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch samples of similar length together (less padding)."}
+    )
+    start_over: bool = field(
+        default=False, metadata={"help": "Ignore checkpoints already in output_dir instead of resuming from them."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 exclude each other: pick one")
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        super().__post_init__()
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt; 'all-linear' is every linear layer but the output layer."},
+    )
+    lora_weight_path: str = field(default="", metadata={"help": "Accepted for Qwen compatibility; unused."})
+    lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: LoRA on a bitsandbytes-quantised base model."})
+    bits: int = field(default=4, metadata={"help": "Q-LoRA quantisation: 4 (NF4/FP4) or 8 (LLM.int8)."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantise the 4-bit quantisation constants too."})
+    train_special_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the embedding and output rows of the chat template's special tokens "
+            "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them."
+        },
+    )
+
+
+def parse_arguments() -> tuple[ModelArguments, DataArguments, TrainingArguments, LoraArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    """Argument combinations that cannot work, refused before anything is loaded."""
+    if lora_args.q_lora and not training_args.use_lora:
+        raise ValueError("--q_lora trains LoRA adapters on a quantised model: add --use_lora")
+    if lora_args.bits not in (4, 8):
+        raise ValueError(f"--bits must be 4 or 8, got {lora_args.bits}")
+    if lora_args.train_special_tokens and not training_args.use_lora:
+        raise ValueError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
+
+
+def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
+    if lora_args.q_lora:
+        return f"qlora-{lora_args.bits}bit"
+    return "lora" if training_args.use_lora else "full"
+
+
+def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def save_final(trainer: Trainer, tokenizer, output_dir: str, run_info: dict) -> None:
+    """Model (or adapter), tokenizer and chat template, written to a staging folder and moved into output_dir."""
+    staging = Path(output_dir) / ".final.tmp"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        (staging / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2, default=str))
+        publish(staging, output_dir)
+        logger.info("Saved the final %s to %s", "adapter" if run_info["mode"] != "full" else "model", output_dir)
+
+
+def train() -> Trainer:
+    try:
+        model_args, data_args, training_args, lora_args = parse_arguments()
+    except ValueError as error:  # the Trainer's own argument checks
+        sys.exit(f"error: {error}")
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    try:
+        check_arguments(training_args, lora_args)
+        # Every data error is reported before the (slow) model load.
+        train_conversations = load_conversations(data_args.data_path, data_args.system_prompt)
+        eval_conversations = (
+            load_conversations(data_args.eval_data_path, data_args.system_prompt) if data_args.eval_data_path else None
+        )
+    except (DataError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    mode = training_mode(training_args, lora_args)
+    logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
+    if os.path.isdir(model_args.model_name_or_path):
+        # Adapters record the base model's path: make it one that works from anywhere.
+        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
+
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path, model_args.trust_remote_code, training_args.model_max_length
+    )
+    tokenize_options = dict(
+        tokenizer=tokenizer,
+        max_length=training_args.model_max_length,
+        train_on=data_args.train_on,
+        drop_long=data_args.drop_long_samples,
+        num_proc=data_args.preprocessing_num_workers,
+        cache_dir=data_args.preprocessing_cache_dir,
+    )
+    with training_args.main_process_first(desc="tokenising"):
+        train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
+        eval_dataset = None
+        if eval_conversations:
+            eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
+
+    if model_args.model_dtype:
+        dtype = DTYPES[model_args.model_dtype]
+    else:
+        dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
+    quantization = (
+        quantization_config(
+            lora_args.bits, compute_dtype(training_args), lora_args.bnb_4bit_quant_type, lora_args.double_quant
+        )
+        if lora_args.q_lora
+        else None
+    )
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype,
+        quantization,
+        model_args.trust_remote_code,
+        model_args.attn_implementation,
+    )
+    if training_args.gradient_checkpointing:
+        model.config.use_cache = False
+    if training_args.use_lora:
+        model = add_lora(
+            model,
+            r=lora_args.lora_r,
+            alpha=lora_args.lora_alpha,
+            dropout=lora_args.lora_dropout,
+            target_modules=lora_args.lora_target_modules,
+            bias=lora_args.lora_bias,
+            trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
+            quantized=lora_args.q_lora,
+            gradient_checkpointing=training_args.gradient_checkpointing,
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=make_collator(tokenizer),
+        processing_class=tokenizer,
+    )
+    checkpoint = None
+    if os.path.isdir(training_args.output_dir) and not training_args.start_over:
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint:
+            logger.info("Resuming from %s (pass --start_over to ignore it)", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_state()
+
+    run_info = {
+        "mode": mode,
+        "base_model": model_args.model_name_or_path,
+        "data_path": os.path.abspath(data_args.data_path),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "arguments": {**asdict(model_args), **asdict(data_args), **asdict(lora_args)},
+    }
+    save_final(trainer, tokenizer, training_args.output_dir, run_info)
+    return trainer
+
+
+if __name__ == "__main__":
+    train()

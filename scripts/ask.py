@@ -1,0 +1,36 @@
+"""Asks a model the questions of a data file and compares its answers with the file's.
+
+Each sample's last assistant turn is the expected answer; everything before it is the prompt.
+
+    python scripts/ask.py --model output --data data/example_chatml.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sft.chat import load_for_chat, reply
+from sft.data import load_conversations
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model, merged model or adapter folder")
+    parser.add_argument("--data", required=True, help="data file in any supported format")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    conversations = load_conversations(args.data)
+    model, tokenizer = load_for_chat(args.model)
+    correct = 0
+    for messages in conversations:
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        expected = messages[last]["content"]
+        answer = reply(model, tokenizer, messages[:last], max_new_tokens=args.max_new_tokens)
+        correct += answer == expected
+        print(f"Q: {messages[last - 1]['content']}\n   expected: {expected}\n   answer:   {answer}")
+    print(f"{correct}/{len(conversations)} answers match exactly")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# End to end on the built-in tiny model: build it, ask it the example questions, fine-tune it with LoRA on
+# data/example_chatml.jsonl, ask again. A few minutes on 2 CPU cores; nothing is downloaded but packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || pip install --quiet torch==2.13.0
+pip install --quiet -r requirements.txt
+
+DATA=data/example_chatml.jsonl
+[ -f tiny-qwen2/config.json ] || python -m scripts.make_tiny_model --output tiny-qwen2
+
+echo "===== Before fine-tuning ====="
+python -m scripts.ask --model tiny-qwen2 --data "$DATA"
+
+python finetune.py \
+    --model_name_or_path tiny-qwen2 \
+    --data_path "$DATA" \
+    --output_dir demo-output/lora \
+    --use_lora --lora_r 16 --lora_alpha 32 \
+    --learning_rate 5e-3 --lr_scheduler_type cosine --warmup_steps 10 \
+    --num_train_epochs 100 --per_device_train_batch_size 4 \
+    --logging_steps 20 --save_steps 100 --report_to none --start_over
+
+echo "===== After fine-tuning (demo-output/lora) ====="
+python -m scripts.ask --model demo-output/lora --data "$DATA"

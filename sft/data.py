@@ -1,0 +1,412 @@
+"""Reading, checking and tokenising chat fine-tuning data.
+
+Every entry point (finetune.py, merge_lora.py, run_gptq.py, the demos) goes through this module, so a data
+file means the same thing everywhere:
+
+1. `load_conversations(path)` reads a JSON list or a JSONL file and turns every sample, whatever its format
+   (Qwen `conversations`, ChatML `messages`, alpaca), into a list of `{"role", "content"}` messages. Anything
+   wrong raises `DataError` naming the file, the line or sample and the field. No model is needed for this.
+2. `tokenize_conversations(conversations, tokenizer, ...)` renders each conversation with the tokenizer's chat
+   template (ChatML when it has none), tokenises it and labels the assistant tokens, through `datasets.map`
+   (batched, multi-process, cached on disk).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Qwen2's ChatML template: used for tokenizers that have no template of their own (Qwen-1's tiktoken
+# tokenizer), and written into the tiny test model. Like Qwen2 it adds a default system message.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+Message = dict[str, str]
+Conversation = list[Message]
+TrainOn = Literal["assistant", "last_assistant", "all"]
+
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+ALPACA_KEYS = ("instruction", "input", "output", "system")
+
+
+class DataError(ValueError):
+    """A problem in a data file, with where it is: file, line or sample, and field."""
+
+    def __init__(self, path: str | os.PathLike, where: str, field: str | None, message: str):
+        self.path, self.where, self.field = str(path), where, field
+        location = f"{self.path}, {where}" if where else self.path
+        if field:
+            location += f", field '{field}'"
+        super().__init__(f"{location}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading and checking
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """Reads a JSON list (or a single JSON object) or JSONL file into (where, record) pairs.
+
+    `where` is "line N" for JSONL and "sample N" (0-based, as in the list) for a JSON list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "", None, "no such file" if not path.exists() else "not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(path, f"line {line}", None, f"not valid UTF-8 (byte offset {error.start})") from None
+
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(path, "", None, "the file is empty")
+    if stripped[0] == "[":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(path, f"line {error.lineno}", None, f"invalid JSON: {error.msg}") from None
+        return [(f"sample {index}", record) for index, record in enumerate(records)]
+
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {line_number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            if line_number == 1 and stripped[0] == "{":
+                # A pretty-printed single JSON object rather than JSONL.
+                try:
+                    return [("sample 0", json.loads(text))]
+                except json.JSONDecodeError as whole_error:
+                    raise DataError(
+                        path, f"line {whole_error.lineno}", None, f"invalid JSON: {whole_error.msg}"
+                    ) from None
+            raise DataError(path, f"line {line_number}", None, f"invalid JSON: {error.msg}") from None
+    return records
+
+
+def _text(value: Any, path: Path, where: str, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(path, where, field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(path, where, field, "is empty")
+    return value
+
+
+def _role(value: Any, path: Path, where: str, field: str) -> str:
+    if not isinstance(value, str) or value.lower() not in ROLE_NAMES:
+        raise DataError(path, where, field, f"unknown role {value!r} (expected one of: {', '.join(ROLE_NAMES)})")
+    return ROLE_NAMES[value.lower()]
+
+
+def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, where: str) -> Conversation:
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(path, where, key, "expected a non-empty list of messages")
+    messages = []
+    for index, turn in enumerate(turns):
+        field = f"{key}[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(path, where, field, f"expected an object, got {type(turn).__name__}")
+        for needed in (role_key, content_key):
+            if needed not in turn:
+                found = ", ".join(map(repr, turn)) or "none"
+                raise DataError(path, where, f"{field}.{needed}", f"missing (keys found: {found})")
+        role = _role(turn[role_key], path, where, f"{field}.{role_key}")
+        content = _text(turn[content_key], path, where, f"{field}.{content_key}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _alpaca(record: dict, path: Path, where: str) -> Conversation:
+    for key in ("instruction", "output"):
+        if key not in record:
+            hint = difflib.get_close_matches(key, [k for k in record if isinstance(k, str)], n=1, cutoff=0.75)
+            found = f" (found {hint[0]!r}: misspelled?)" if hint else ""
+            raise DataError(path, where, key, f"missing in an alpaca sample{found}")
+    instruction = _text(record["instruction"], path, where, "instruction")
+    extra_input = _text(record.get("input") or "", path, where, "input", allow_empty=True)
+    prompt = f"{instruction}\n{extra_input}" if extra_input.strip() else instruction
+    output = _text(record["output"], path, where, "output")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    if record.get("system"):
+        messages.insert(0, {"role": "system", "content": _text(record["system"], path, where, "system")})
+    return messages
+
+
+def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversation:
+    """Turns one record of any supported format into messages, checking every field."""
+    path = Path(path)
+    if not isinstance(record, dict):
+        raise DataError(path, where, None, f"expected a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        messages = _turns(record, "conversations", "from", "value", path, where)
+        key = "conversations"
+    elif "messages" in record:
+        messages = _turns(record, "messages", "role", "content", path, where)
+        key = "messages"
+    elif any(key in record for key in ALPACA_KEYS):
+        return _alpaca(record, path, where)
+    else:
+        found = ", ".join(repr(k) for k in record) or "none"
+        candidates = ["conversations", "messages", *ALPACA_KEYS]
+        hints = {m for k in record if isinstance(k, str) for m in difflib.get_close_matches(k, candidates, n=1)}
+        hint = f"; did you mean {', '.join(sorted(hints))}?" if hints else ""
+        raise DataError(
+            path,
+            where,
+            None,
+            f"unknown format: keys found {found}; expected 'conversations' (Qwen), 'messages' (ChatML) "
+            f"or 'instruction'/'input'/'output' (alpaca){hint}",
+        )
+    for index, message in enumerate(messages):
+        if message["role"] == "system" and index != 0:
+            raise DataError(path, where, f"{key}[{index}]", "a system message may only come first")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(path, where, key, "no assistant turn: nothing to learn from this sample")
+    return messages
+
+
+def load_conversations(path: str | os.PathLike, default_system: str | None = None) -> list[Conversation]:
+    """Reads and checks a whole data file; a sample without a system message gets `default_system`."""
+    conversations = [parse_record(record, path, where) for where, record in read_records(path)]
+    if not conversations:
+        raise DataError(path, "", None, "no samples in the file")
+    if default_system:
+        for messages in conversations:
+            if messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": default_system})
+    return conversations
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering and labelling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    return tokenizer.chat_template or CHATML_TEMPLATE
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, add_generation_prompt: bool = False) -> str:
+    """The conversation as text, exactly as the model sees it at training and at inference."""
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template_of(tokenizer), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def label_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Conversation, train_on: TrainOn = "assistant"
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans whose tokens are trained on.
+
+    An assistant turn's span runs from where the generation prompt ends to the end of that turn as the template
+    renders it, end-of-turn token included, trailing whitespace excluded. Both ends come from rendering the
+    conversation's prefixes, so this holds for any template that renders a conversation's prefix as a prefix
+    of its text (ChatML, Llama-3, Mistral, ...). Where a template does not (some drop earlier reasoning), the
+    turn's content is searched for in the text instead.
+    """
+    text = render(tokenizer, messages)
+    if train_on == "all":
+        return text, [(0, len(text))]
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    spans = []
+    cursor = 0
+    for i in turns:
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render(tokenizer, messages[: i + 1]).rstrip()
+        if text.startswith(before) and text.startswith(through) and len(before) < len(through):
+            start, end = len(before), len(through)
+        else:
+            start = text.find(messages[i]["content"], cursor)
+            if start < 0:
+                raise ValueError(f"the chat template does not render assistant turn {i} verbatim")
+            end = start + len(messages[i]["content"])
+            turn_end = _end_of_turn(tokenizer)
+            if turn_end and text.startswith(turn_end, end):
+                end += len(turn_end)
+        spans.append((start, end))
+        cursor = end
+    return text, spans
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the template writes after an assistant message's content, e.g. "<|im_end|>" or "<|eot_id|>"."""
+    marker = "\u2063end-of-turn-probe\u2063"
+    text = render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}])
+    return text[text.rindex(marker) + len(marker) :].strip()
+
+
+def _labels_from_offsets(
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for position, (token_start, token_end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index][1] <= token_start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        if token_end > span_start and token_start < span_end:
+            labels[position] = input_ids[position]
+    return labels
+
+
+def _tokenize_pieces(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """For tokenizers without offsets (Qwen-1's tiktoken one): tokenise the text piece by piece at span edges."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    edges = sorted({0, len(text), *(edge for span in spans for edge in span)})
+    trained = set(spans)
+    for start, end in zip(edges, edges[1:]):
+        ids = tokenizer.encode(text[start:end], add_special_tokens=False)
+        inside = any(span_start <= start and end <= span_end for span_start, span_end in trained)
+        input_ids += ids
+        labels += ids if inside else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    status: Literal["ok", "truncated", "dropped_too_long", "dropped_no_label"]
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Conversation,
+    max_length: int,
+    train_on: TrainOn = "assistant",
+    drop_long: bool = False,
+) -> Tokenized:
+    """Token ids and labels of one conversation; labels are IGNORE_INDEX outside the trained spans."""
+    text, spans = label_spans(tokenizer, messages, train_on)
+    if tokenizer.is_fast:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = encoding["input_ids"]
+        labels = _labels_from_offsets(input_ids, encoding["offset_mapping"], spans)
+    else:
+        input_ids, labels = _tokenize_pieces(tokenizer, text, spans)
+    status = "ok"
+    if len(input_ids) > max_length:
+        if drop_long:
+            return Tokenized([], [], "dropped_too_long")
+        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+    if all(label == IGNORE_INDEX for label in labels):
+        return Tokenized([], [], "dropped_no_label")
+    return Tokenized(input_ids, labels, status)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole data sets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tokenize_batch(batch: dict, tokenizer, max_length: int, train_on: TrainOn, drop_long: bool) -> dict:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
+    for messages in batch["messages"]:
+        tokenized = tokenize_conversation(tokenizer, messages, max_length, train_on, drop_long)
+        out["input_ids"].append(tokenized.input_ids)
+        out["labels"].append(tokenized.labels)
+        out["length"].append(len(tokenized.input_ids))
+        out["status"].append(tokenized.status)
+    return out
+
+
+def _fingerprint(conversations: list[Conversation], tokenizer, max_length: int, train_on: str, drop_long: bool) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(conversations, ensure_ascii=False).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    for part in (vocabulary, chat_template_of(tokenizer), type(tokenizer).__name__, max_length, train_on, drop_long):
+        digest.update(str(part).encode())
+    return digest.hexdigest()[:24]
+
+
+def tokenize_conversations(
+    conversations: list[Conversation],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    train_on: TrainOn = "assistant",
+    drop_long: bool = False,
+    num_proc: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    description: str = "train",
+) -> tuple[datasets.Dataset, Counter]:
+    """Tokenised, labelled data set (columns input_ids, labels, length) and the count of each sample's fate
+    ("ok", "truncated", "dropped_too_long", "dropped_no_label"), which is also logged.
+
+    Results are cached in `cache_dir` (default: the datasets cache) under a hash of the conversations, the
+    tokenizer and the options, so an unchanged rerun skips tokenisation.
+    """
+    cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(conversations, tokenizer, max_length, train_on, drop_long)
+    dataset = datasets.Dataset.from_list([{"messages": messages} for messages in conversations])
+    dataset = dataset.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > 1 else None,
+        remove_columns=["messages"],
+        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, train_on=train_on, drop_long=drop_long),
+        cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
+        new_fingerprint=fingerprint,
+        desc=f"Tokenising {description} data",
+    )
+    counts = Counter(dataset["status"])
+    kept = counts["ok"] + counts["truncated"]
+    logger.info(
+        "%s data: %d samples kept; %d truncated to model_max_length=%d; %d dropped as longer than it "
+        "(--drop_long_samples); %d dropped with no trainable token left",
+        description,
+        kept,
+        counts["truncated"],
+        max_length,
+        counts["dropped_too_long"],
+        counts["dropped_no_label"],
+    )
+    if kept == 0:
+        raise ValueError(f"no {description} sample is left to train on: {dict(counts)} (raise --model_max_length?)")
+    dataset = dataset.filter(lambda status: status in ("ok", "truncated"), input_columns="status")
+    return dataset.remove_columns("status"), counts
+
+
+def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_length: int | None = None) -> DataCollatorForSeq2Seq:
+    """Pads each batch to its longest sample (default), or every batch to `pad_to_length` (for comparison)."""
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        padding="max_length" if pad_to_length else "longest",
+        max_length=pad_to_length,
+        label_pad_token_id=IGNORE_INDEX,
+    )

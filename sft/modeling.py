@@ -1,0 +1,156 @@
+"""Loading tokenizers and models for training and inference: full precision, LoRA and Q-LoRA (bitsandbytes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from sft.data import CHATML_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+# Tokens a ChatML-style template adds around every turn: the rows a base model has never trained.
+CHAT_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|begin_of_text|>",
+)
+
+
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, model_max_length: int | None = None
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, right-padded, with a pad token and a chat template (ChatML if it has none)."""
+    kwargs = {"model_max_length": model_max_length} if model_max_length else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="right", **kwargs)
+    if tokenizer.pad_token_id is None:
+        if getattr(tokenizer, "eod_id", None) is not None:  # Qwen-1's tiktoken tokenizer
+            tokenizer.pad_token_id = tokenizer.eod_id
+        elif "<|endoftext|>" in tokenizer.get_vocab():
+            tokenizer.pad_token = "<|endoftext|>"
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        # Saved with the outputs, so what was trained on ChatML is served with ChatML.
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def chat_special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the chat template's special tokens that this tokenizer has."""
+    vocabulary = tokenizer.get_vocab()
+    return sorted({vocabulary[token] for token in CHAT_SPECIAL_TOKENS if token in vocabulary})
+
+
+def quantization_config(
+    bits: int, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True
+) -> BitsAndBytesConfig:
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def load_model(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    quantization: BitsAndBytesConfig | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM; a quantised one goes on this process's GPU when there is one (bitsandbytes needs that)."""
+    device_map = None
+    if quantization is not None and torch.cuda.is_available():
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    logger.info("Loading %s (%s%s)", path, dtype, f", {quantization.quant_method} quantised" if quantization else "")
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+
+
+def add_lora(
+    model: PreTrainedModel,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | str,
+    bias: str = "none",
+    trainable_token_ids: list[int] | None = None,
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    if isinstance(target_modules, list) and target_modules in (["all-linear"], ["all_linear"]):
+        target_modules = "all-linear"
+    trainable_token_indices = None
+    if trainable_token_ids:
+        trainable_token_indices = {_embedding_module_name(model): trainable_token_ids}
+        if not model.config.get_text_config().tie_word_embeddings:
+            trainable_token_indices[_output_module_name(model)] = trainable_token_ids
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias=bias,
+        task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_token_indices,
+    )
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def _module_name(model: PreTrainedModel, module: torch.nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module).rsplit(".", 1)[-1]
+
+
+def _embedding_module_name(model: PreTrainedModel) -> str:
+    return _module_name(model, model.get_input_embeddings())
+
+
+def _output_module_name(model: PreTrainedModel) -> str:
+    return _module_name(model, model.get_output_embeddings())

@@ -1,0 +1,34 @@
+"""Writing output folders whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# Written last, so that whoever finds one of them finds the weights it points to already in place.
+ENTRY_FILES = ("config.json", "adapter_config.json")
+
+
+def publish(staging: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Moves a fully written staging folder's files into `destination`.
+
+    A missing or empty destination is replaced by renaming the whole folder (atomic). Otherwise (a training
+    output_dir that also holds checkpoints) each file is renamed into place, the entry files last, and a
+    file already there is replaced; other files of the destination are kept.
+    """
+    staging, destination = Path(staging), Path(destination)
+    if not destination.exists() or (destination.is_dir() and not any(destination.iterdir())):
+        if destination.exists():
+            destination.rmdir()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, destination)
+        return destination
+    names = sorted(os.listdir(staging), key=lambda name: name in ENTRY_FILES)
+    for name in names:
+        target = destination / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+    return destination

@@ -1,0 +1,243 @@
+"""finetune.py end to end on the tiny model: every mode trains, saves a loadable output and resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import finetune
+
+EXAMPLES = "data/example_chatml.jsonl"
+
+
+def run_finetune(monkeypatch, *args: str):
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *args])
+    return finetune.train()
+
+
+def common_args(model: str, output: Path, steps: int = 8) -> list[str]:
+    return [
+        "--model_name_or_path",
+        model,
+        "--data_path",
+        EXAMPLES,
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "5e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--lora_dropout",
+        "0",
+        "--model_max_length",
+        "256",
+        "--dataloader_pin_memory",
+        "false",
+    ]
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_loss_falls(trainer) -> None:
+    values = losses(trainer)
+    assert len(values) >= 4
+    assert sum(values[-2:]) / 2 < 0.8 * sum(values[:2]) / 2, values
+
+
+def assert_tokenizer_saved(output: Path, model_dir: str) -> None:
+    saved = AutoTokenizer.from_pretrained(output)
+    original = AutoTokenizer.from_pretrained(model_dir)
+    assert saved.chat_template == original.chat_template
+    assert saved.get_vocab() == original.get_vocab()
+
+
+def test_full_fine_tune_saves_a_model_that_reloads(tiny_model, tmp_path, monkeypatch):
+    output = tmp_path / "full"
+    trainer = run_finetune(monkeypatch, *common_args(tiny_model, output))
+    assert_loss_falls(trainer)
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    trained = trainer.model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name])
+    assert_tokenizer_saved(output, tiny_model)
+    info = json.loads((output / "finetune_run.json").read_text())
+    assert info["mode"] == "full" and info["global_step"] == 8
+    assert not (output / ".final.tmp").exists()
+
+
+def test_lora_saves_an_adapter_that_reloads_with_its_tokenizer(tiny_model, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    output = tmp_path / "lora"
+    trainer = run_finetune(monkeypatch, *common_args(tiny_model, output), "--use_lora")
+    assert_loss_falls(trainer)
+    assert not (output / "model.safetensors").exists()
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(tiny_model).resolve())
+    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(output).eval()
+    trainer.model.eval()
+    batch = AutoTokenizer.from_pretrained(output)("Hello world", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trainer.model(**batch).logits)
+    assert_tokenizer_saved(output, tiny_model)
+
+
+def test_lora_can_train_the_chat_tokens_rows(tiny_model, tmp_path, monkeypatch):
+    output = tmp_path / "lora-tokens"
+    run_finetune(monkeypatch, *common_args(tiny_model, output), "--use_lora", "--train_special_tokens")
+    weights = load_file(output / "adapter_model.safetensors")
+    deltas = {name: tensor for name, tensor in weights.items() if "trainable_tokens" in name}
+    assert {name.split(".")[-2] if "lm_head" in name else "embed" for name in deltas} >= {"embed"}
+    assert any("lm_head" in name for name in deltas)  # the tiny model, like Qwen2-7B, has an untied output layer
+    assert all(tensor.abs().sum() > 0 for tensor in deltas.values())
+    indices = json.loads((output / "adapter_config.json").read_text())["trainable_token_indices"]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert all({im_start, im_end} <= set(ids) for ids in indices.values())
+
+
+@pytest.mark.parametrize(("bits", "layer_class"), [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_qlora_trains_on_bitsandbytes_layers(tiny_model, tmp_path, monkeypatch, bits, layer_class):
+    import bitsandbytes as bnb
+
+    output = tmp_path / f"qlora{bits}"
+    trainer = run_finetune(monkeypatch, *common_args(tiny_model, output), "--use_lora", "--q_lora", "--bits", str(bits))
+    quantized = [module for module in trainer.model.modules() if isinstance(module, getattr(bnb.nn, layer_class))]
+    assert len(quantized) == 2 * 7  # every linear layer of both decoder layers; lm_head stays unquantised
+    assert_loss_falls(trainer)
+    assert (output / "adapter_model.safetensors").is_file()
+    assert json.loads((output / "finetune_run.json").read_text())["mode"] == f"qlora-{bits}bit"
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_rerun_resumes_from_the_last_checkpoint_onto_the_same_weights(tiny_model, tmp_path, monkeypatch, mode, caplog):
+    extra = {"full": [], "lora": ["--use_lora"], "qlora": ["--use_lora", "--q_lora"]}[mode]
+    weights_file = "model.safetensors" if mode == "full" else "adapter_model.safetensors"
+
+    straight = tmp_path / "straight"
+    run_finetune(monkeypatch, *common_args(tiny_model, straight, steps=6), *extra)
+
+    resumed = tmp_path / "resumed"
+    args = common_args(tiny_model, resumed, steps=6) + ["--save_strategy", "steps", "--save_steps", "3"]
+    # A run interrupted between step 3 and 6: what it leaves is its checkpoint at step 3.
+    run_finetune(monkeypatch, *args, *extra)
+    shutil.rmtree(resumed / "checkpoint-6")
+    (resumed / weights_file).unlink()
+
+    caplog.set_level("INFO", logger="finetune")
+    second = run_finetune(monkeypatch, *args, *extra)
+    assert "Resuming from" in caplog.text and "checkpoint-3" in caplog.text
+    assert second.state.global_step == 6
+    assert [entry["step"] for entry in second.state.log_history if "loss" in entry] == [1, 2, 3, 4, 5, 6]
+
+    expected, got = load_file(straight / weights_file), load_file(resumed / weights_file)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_start_over_ignores_checkpoints(tiny_model, tmp_path, monkeypatch, caplog):
+    output = tmp_path / "out"
+    args = common_args(tiny_model, output, steps=2) + ["--save_strategy", "steps", "--save_steps", "2", "--use_lora"]
+    run_finetune(monkeypatch, *args)
+    caplog.set_level("INFO", logger="finetune")
+    trainer = run_finetune(monkeypatch, *args, "--max_steps", "3", "--start_over")
+    assert "Resuming" not in caplog.text
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2, 3]
+
+
+def test_config_file_gives_the_same_arguments(tiny_model, tmp_path, monkeypatch):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model}\ndata_path: {EXAMPLES}\noutput_dir: {tmp_path / 'out'}\n"
+        "use_lora: true\nmax_steps: 1\nreport_to: none\nsave_strategy: 'no'\nlora_r: 4\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["finetune.py", str(config)])
+    _, data_args, training_args, lora_args = finetune.parse_arguments()
+    assert data_args.data_path == EXAMPLES and training_args.use_lora and lora_args.lora_r == 4
+
+
+def test_eval_data_and_group_by_length(tiny_model, tmp_path, monkeypatch):
+    trainer = run_finetune(
+        monkeypatch,
+        *common_args(tiny_model, tmp_path / "out", steps=2),
+        "--use_lora",
+        "--eval_data_path",
+        "data/example_qwen.json",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--group_by_length",
+    )
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data_path", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--data_path", "{bad}"], "line 1: invalid JSON"),
+        (["--data_path", "{alpaca}"], "field 'instruction': missing in an alpaca sample (found 'instrution'"),
+        (["--eval_data_path", "{bad}"], "invalid JSON"),
+        (["--q_lora"], "--q_lora trains LoRA adapters on a quantised model: add --use_lora"),
+        (["--use_lora", "--q_lora", "--bits", "3"], "--bits must be 4 or 8"),
+        (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
+    ],
+)
+def test_bad_input_stops_before_the_model_is_loaded(tmp_path, monkeypatch, capsys, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [}\n')
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text('[{"instrution": "q", "output": "a"}]')
+    args = [arg.format(bad=bad, alpaca=alpaca) for arg in args]
+    # The model path does not exist: reaching the model load would fail with a different error.
+    with pytest.raises(SystemExit) as stopped:
+        run_finetune(
+            monkeypatch,
+            "--model_name_or_path",
+            str(tmp_path / "no-model"),
+            "--data_path",
+            EXAMPLES,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--report_to",
+            "none",
+            *args,
+        )
+    assert message in str(stopped.value)
+    assert str(stopped.value).startswith("error: ")
+    assert not (tmp_path / "out").exists()
