@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
-from sft.data import DataError, load_conversations, make_collator, tokenize_conversations
+from sft.data import DataError, load_conversations, make_collator, template_overhead, tokenize_conversations
 from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
 from sft.outputs import publish
+from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, FinetuneTrainer, PreemptionHandler, last_complete_checkpoint
 
 logger = logging.getLogger("finetune")
 
@@ -100,10 +100,22 @@ class TrainingArguments(transformers.TrainingArguments):
     start_over: bool = field(
         default=False, metadata={"help": "Ignore checkpoints already in output_dir instead of resuming from them."}
     )
+    max_nonfinite_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Stop after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
+            "(each such step's update is skipped); the last good checkpoint is kept."
+        },
+    )
 
     def __post_init__(self):
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 exclude each other: pick one")
+        if self.bf16 and not self.use_cpu:
+            if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+                raise ValueError(f"--bf16: this GPU ({torch.cuda.get_device_name()}) has no bf16; use --fp16")
+            if torch.accelerator.current_accelerator() is None:
+                raise ValueError("--bf16: no GPU found; drop --bf16, or add --use_cpu for bf16 autocast on the CPU")
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
@@ -152,6 +164,27 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
         raise ValueError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
 
 
+def check_output_dir(output_dir: str, mode: str, start_over: bool) -> str | None:
+    """The checkpoint to resume from, if any; refuses an output_dir that holds a run of another mode."""
+    run_info = Path(output_dir, RUN_INFO_FILE)
+    if run_info.is_file():
+        finished_mode = json.loads(run_info.read_text()).get("mode")
+        if finished_mode != mode:
+            raise ValueError(
+                f"--output_dir {output_dir} holds a finished {finished_mode} run; this run is {mode}: "
+                "choose another --output_dir"
+            )
+    checkpoint = None if start_over else last_complete_checkpoint(output_dir)
+    if checkpoint:
+        holds_adapter = Path(checkpoint, "adapter_config.json").is_file()
+        if holds_adapter != (mode != "full"):
+            raise ValueError(
+                f"{checkpoint} is from a {'LoRA' if holds_adapter else 'full'} run; this run is {mode}: "
+                "choose another --output_dir"
+            )
+    return checkpoint
+
+
 def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
     if lora_args.q_lora:
         return f"qlora-{lora_args.bits}bit"
@@ -196,9 +229,10 @@ def train() -> Trainer:
         eval_conversations = (
             load_conversations(data_args.eval_data_path, data_args.system_prompt) if data_args.eval_data_path else None
         )
+        mode = training_mode(training_args, lora_args)
+        checkpoint = check_output_dir(training_args.output_dir, mode, training_args.start_over)
     except (DataError, ValueError) as error:
         sys.exit(f"error: {error}")
-    mode = training_mode(training_args, lora_args)
     logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
     if os.path.isdir(model_args.model_name_or_path):
         # Adapters record the base model's path: make it one that works from anywhere.
@@ -207,6 +241,11 @@ def train() -> Trainer:
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.trust_remote_code, training_args.model_max_length
     )
+    if training_args.model_max_length <= template_overhead(tokenizer) + 1:
+        sys.exit(
+            f"error: --model_max_length {training_args.model_max_length} leaves no room for text: the chat "
+            f"template alone takes {template_overhead(tokenizer)} tokens"
+        )
     tokenize_options = dict(
         tokenizer=tokenizer,
         max_length=training_args.model_max_length,
@@ -242,32 +281,52 @@ def train() -> Trainer:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
     if training_args.use_lora:
-        model = add_lora(
-            model,
-            r=lora_args.lora_r,
-            alpha=lora_args.lora_alpha,
-            dropout=lora_args.lora_dropout,
-            target_modules=lora_args.lora_target_modules,
-            bias=lora_args.lora_bias,
-            trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
-            quantized=lora_args.q_lora,
-            gradient_checkpointing=training_args.gradient_checkpointing,
-        )
+        try:
+            model = add_lora(
+                model,
+                r=lora_args.lora_r,
+                alpha=lora_args.lora_alpha,
+                dropout=lora_args.lora_dropout,
+                target_modules=lora_args.lora_target_modules,
+                bias=lora_args.lora_bias,
+                trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
+                quantized=lora_args.q_lora,
+                gradient_checkpointing=training_args.gradient_checkpointing,
+            )
+        except ValueError as error:  # e.g. target modules that match nothing
+            sys.exit(f"error: {error}")
 
-    trainer = Trainer(
+    trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer),
         processing_class=tokenizer,
+        max_nonfinite_steps=training_args.max_nonfinite_steps,
     )
-    checkpoint = None
-    if os.path.isdir(training_args.output_dir) and not training_args.start_over:
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint:
-            logger.info("Resuming from %s (pass --start_over to ignore it)", checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    preemption = PreemptionHandler()
+    trainer.add_callback(preemption)
+    if checkpoint:
+        logger.info("Resuming from %s (pass --start_over to ignore it)", checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        preemption.restore()
+    if preemption.requested:
+        logger.warning(
+            "Stopped on request after step %d; checkpoint saved. Rerun the same command to resume.",
+            preemption.stopped_at_step,
+        )
+        sys.exit(EXIT_PREEMPTED)
+    if trainer.nonfinite_stop_step is not None:
+        print(
+            f"error: non-finite loss or gradient norm for {trainer.nonfinite_steps} step(s) in a row, the last at "
+            f"step {trainer.nonfinite_stop_step}; stopped. The last good checkpoint in {training_args.output_dir} "
+            "is kept (lower --learning_rate, or check the data?)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_NONFINITE)
     trainer.save_state()
 
     run_info = {

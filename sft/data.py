@@ -66,6 +66,18 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _parse_json(text: str, path: Path, first_line: int) -> Any:
+    """json.loads, with every way it can fail turned into a DataError that names the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(path, f"line {first_line + error.lineno - 1}", None, f"invalid JSON: {error.msg}") from None
+    except RecursionError:
+        raise DataError(path, f"line {first_line}", None, "invalid JSON: nested too deeply") from None
+    except ValueError as error:  # e.g. an integer with more digits than Python converts
+        raise DataError(path, f"line {first_line}", None, f"invalid JSON: {error}") from None
+
+
 def read_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
     """Reads a JSON list (or a single JSON object) or JSONL file into (where, record) pairs.
 
@@ -85,28 +97,19 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
     if not stripped:
         raise DataError(path, "", None, "the file is empty")
     if stripped[0] == "[":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(path, f"line {error.lineno}", None, f"invalid JSON: {error.msg}") from None
+        records = _parse_json(text, path, first_line=1)
         return [(f"sample {index}", record) for index, record in enumerate(records)]
 
+    lines = text.splitlines()
+    if stripped[0] == "{" and len(lines) > 1:
+        try:  # a pretty-printed single JSON object rather than JSONL
+            return [("sample 0", json.loads(text))]
+        except (ValueError, RecursionError):
+            pass
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"line {line_number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            if line_number == 1 and stripped[0] == "{":
-                # A pretty-printed single JSON object rather than JSONL.
-                try:
-                    return [("sample 0", json.loads(text))]
-                except json.JSONDecodeError as whole_error:
-                    raise DataError(
-                        path, f"line {whole_error.lineno}", None, f"invalid JSON: {whole_error.msg}"
-                    ) from None
-            raise DataError(path, f"line {line_number}", None, f"invalid JSON: {error.msg}") from None
+    for line_number, line in enumerate(lines, start=1):
+        if line.strip():
+            records.append((f"line {line_number}", _parse_json(line, path, first_line=line_number)))
     return records
 
 
@@ -115,6 +118,10 @@ def _text(value: Any, path: Path, where: str, field: str, allow_empty: bool = Fa
         raise DataError(path, where, field, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(path, where, field, "is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(path, where, field, f"invalid unicode: {error.reason} at character {error.start}") from None
     return value
 
 
@@ -255,6 +262,12 @@ def label_spans(
         spans.append((start, end))
         cursor = end
     return text, spans
+
+
+def template_overhead(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens the chat template adds around a one-turn exchange of one-character messages."""
+    text = render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": "?"}])
+    return len(tokenizer.encode(text, add_special_tokens=False)) - 2
 
 
 def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:

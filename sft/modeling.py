@@ -139,7 +139,22 @@ def add_lora(
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_indices,
     )
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__
+            }
+        )
+        raise ValueError(
+            f"--lora_target_modules {target_modules} match no module of this model; its linear modules are: "
+            f"{', '.join(linear)} (or use all-linear)"
+        ) from None
     model.print_trainable_parameters()
     return model
 

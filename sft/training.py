@@ -1,0 +1,181 @@
+"""The Trainer, made safe to stop: atomic checkpoints, stop-and-save on SIGTERM/SIGINT, a guard against NaN.
+
+- Checkpoints are written to `<output_dir>/.staging/checkpoint-N` and renamed into place once complete, so
+  a run killed while saving leaves its previous checkpoint intact and no half-written one to resume from.
+- `PreemptionHandler`: the first SIGTERM or SIGINT lets the current optimizer step finish, saves a checkpoint
+  and stops training (the caller then exits with `EXIT_PREEMPTED`); a second signal exits at once. Under
+  torchrun every rank stops at the same step.
+- A loss or gradient norm that is not finite skips that optimizer step (its gradients are dropped);
+  `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerun the same command to resume
+EXIT_NONFINITE = 3  # stopped by the NaN/inf guard
+STAGING_DIR = ".staging"
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint-N folder whose trainer state was fully written, or None."""
+    output_dir = str(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    while (checkpoint := get_last_checkpoint(output_dir)) is not None:
+        try:
+            json.loads(Path(checkpoint, "trainer_state.json").read_text())
+            return checkpoint
+        except (OSError, ValueError):
+            # Left by another tool or an older version of this one: set aside, never resumed from.
+            incomplete = Path(output_dir, f".incomplete-{Path(checkpoint).name}")
+            shutil.rmtree(incomplete, ignore_errors=True)
+            os.replace(checkpoint, incomplete)
+            logger.warning("%s is incomplete: moved to %s", checkpoint, incomplete)
+    return None
+
+
+class PreemptionHandler(TrainerCallback):
+    """Turns SIGTERM / SIGINT into 'finish this step, save a checkpoint, stop'."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self.stopped_at_step: int | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
+
+    def restore(self) -> None:
+        """Puts back the signal handlers there were before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            logger.warning("Second %s: exiting now, without saving", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        self.requested = True
+        logger.warning(
+            "%s received: finishing this step, saving a checkpoint, then exiting (send it again to exit now)",
+            signal.Signals(signum).name,
+        )
+
+    def _requested_anywhere(self) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._requested_anywhere():
+            self.requested = True
+            self.stopped_at_step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class FinetuneTrainer(Trainer):
+    """transformers.Trainer with atomic checkpoints and a NaN/inf guard."""
+
+    def __init__(self, *args, max_nonfinite_steps: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0  # in a row
+        self.nonfinite_stop_step: int | None = None
+        self._loss_nonfinite = False
+        self._staging_root: str | None = None
+
+    # ---- NaN / inf guard ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._loss_nonfinite = True
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called once per optimizer step, after backward and clipping and before optimizer.step().
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
+        if self._loss_nonfinite or not norm_finite:
+            step = self.state.global_step + 1
+            self.nonfinite_steps += 1
+            logger.warning(
+                "Step %d: non-finite %s; skipping its update (%d in a row, limit %d)",
+                step, "loss" if self._loss_nonfinite else f"gradient norm ({grad_norm})",
+                self.nonfinite_steps, self.max_nonfinite_steps,
+            )  # fmt: skip
+            for parameter in model.parameters():
+                parameter.grad = None  # the optimizer skips parameters without a gradient
+            if self.nonfinite_steps >= self.max_nonfinite_steps:
+                self.nonfinite_stop_step = step
+                self.control.should_training_stop = True
+        else:
+            self.nonfinite_steps = 0
+        self._loss_nonfinite = False
+        return grad_norm
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self.nonfinite_stop_step is not None:
+            self.control.should_save = False  # keep the last good checkpoint as the newest one
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    # ---- atomic checkpoints ----
+
+    def _get_output_dir(self, trial):
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save and os.path.exists(staging_root):
+            shutil.rmtree(staging_root)  # what a killed save left behind
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
+            if os.path.exists(final):
+                replaced = os.path.join(staging_root, f"replaced-{name}")
+                os.replace(final, replaced)
+                os.replace(staged, final)
+                shutil.rmtree(replaced)
+            else:
+                os.replace(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()

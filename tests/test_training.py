@@ -1,0 +1,164 @@
+"""Stopping and resuming: SIGTERM, SIGKILL while saving, the NaN guard, and checks made before any loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, STAGING_DIR, last_complete_checkpoint
+from tests.test_finetune import common_args, run_finetune
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_finetune(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "finetune.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def logged_losses(output: Path) -> list[tuple[int, float]]:
+    state = json.loads((output / "trainer_state.json").read_text())
+    return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_sigterm_saves_and_a_rerun_reaches_the_uninterrupted_result(tiny_model, tmp_path, monkeypatch, mode):
+    extra = ["--use_lora"] if mode == "lora" else []
+    weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    steps = 120
+
+    reference = tmp_path / "reference"
+    run_finetune(monkeypatch, *common_args(tiny_model, reference, steps=steps), *extra)
+
+    output = tmp_path / "interrupted"
+    args = [*common_args(tiny_model, output, steps=steps), *extra]
+    process = start_finetune(*args)
+    seen = 0
+    for line in process.stdout:
+        seen += "'loss'" in line
+        if seen == 3:
+            process.send_signal(signal.SIGTERM)
+            break
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == EXIT_PREEMPTED, log
+    assert "SIGTERM received" in log
+    checkpoint = last_complete_checkpoint(output)
+    stopped_at = int(checkpoint.rsplit("-", 1)[1])
+    assert 3 <= stopped_at < steps
+    assert not (output / weights).exists()  # no final output from an unfinished run
+
+    resumed = start_finetune(*args)
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert f"Resuming from {checkpoint}" in log
+
+    assert logged_losses(output) == pytest.approx(logged_losses(reference), rel=1e-3)
+    expected, got = load_file(reference / weights), load_file(output / weights)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sigkill_while_saving_leaves_a_resumable_checkpoint(tiny_model, tmp_path):
+    output = tmp_path / "killed"
+    args = [*common_args(tiny_model, output, steps=150), "--use_lora", "--save_strategy", "steps", "--save_steps", "1",
+            "--save_total_limit", "2"]  # fmt: skip
+    process = start_finetune(*args)
+    deadline = time.monotonic() + 240
+    while not (output / STAGING_DIR).exists():
+        assert process.poll() is None, "the run ended before a save could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    process.kill()
+    process.communicate()
+
+    checkpoint = last_complete_checkpoint(output)
+    assert checkpoint is not None
+    for folder in output.glob("checkpoint-*"):  # every checkpoint in place is whole
+        json.loads((folder / "trainer_state.json").read_text())
+        assert (folder / "adapter_model.safetensors").is_file() and (folder / "optimizer.pt").is_file()
+
+    resumed = start_finetune(*args)
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert f"Resuming from {checkpoint}" in log
+    assert json.loads((output / "finetune_run.json").read_text())["global_step"] == 150
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-4").exists() and (tmp_path / ".incomplete-checkpoint-4").is_dir()
+
+
+def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "nan"
+    args = common_args(tiny_model, output, steps=20) + [
+        "--use_lora", "--save_strategy", "steps", "--save_steps", "2", "--max_nonfinite_steps", "2",
+    ]  # fmt: skip
+    # A learning rate this large overflows the weights within a few steps: the loss turns to inf, then NaN.
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *args, "--learning_rate", "1e30", "--optim", "sgd",
+                                      "--max_grad_norm", "0"])  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        finetune.train()
+    assert stopped.value.code == EXIT_NONFINITE
+    message = capsys.readouterr().err
+    assert "non-finite loss or gradient norm for 2 step(s) in a row, the last at step" in message
+    last_step = int(message.split("the last at step ")[1].split(";")[0])
+    checkpoint = last_complete_checkpoint(output)
+    assert int(checkpoint.rsplit("-", 1)[1]) < last_step
+    assert not (output / "adapter_model.safetensors").exists()
+
+
+def test_target_modules_that_match_nothing_list_the_real_ones(tiny_model, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as stopped:
+        run_finetune(monkeypatch, *common_args(tiny_model, tmp_path / "out"), "--use_lora",
+                     "--lora_target_modules", "c_attn", "w1")  # fmt: skip
+    message = str(stopped.value)
+    assert "match no module of this model" in message
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in message
+
+
+def test_model_max_length_below_the_template_overhead(tiny_model, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="leaves no room for text: the chat template alone takes"):
+        run_finetune(monkeypatch, *common_args(tiny_model, tmp_path / "out"), "--model_max_length", "8")
+
+
+def test_output_dir_of_another_mode_is_refused_before_loading(tiny_model, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    run_finetune(monkeypatch, *common_args(tiny_model, output, steps=2), "--use_lora")
+    with pytest.raises(SystemExit, match="holds a finished lora run; this run is full"):
+        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), output, steps=2))
+
+    checkpoints_only = tmp_path / "checkpoints"
+    run_finetune(monkeypatch, *common_args(tiny_model, checkpoints_only, steps=2), "--use_lora",
+                 "--save_strategy", "steps", "--save_steps", "2")  # fmt: skip
+    (checkpoints_only / "finetune_run.json").unlink()
+    with pytest.raises(SystemExit, match="checkpoint-2 is from a LoRA run; this run is full"):
+        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
+
+
+def test_bf16_without_a_gpu_says_so(tmp_path, monkeypatch):
+    if torch.accelerator.current_accelerator() is not None:
+        pytest.skip("this machine has an accelerator")
+    with pytest.raises(SystemExit, match="--bf16: no GPU found"):
+        run_finetune(monkeypatch, "--output_dir", str(tmp_path / "out"), "--bf16")
