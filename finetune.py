@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from sft.data import DataError, load_conversations, make_collator, tokenize_conversations
@@ -152,6 +153,32 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
         raise ValueError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
 
 
+def check_parallelism(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    """DeepSpeed and FSDP set-ups that would silently train or save something else, refused before loading."""
+    if training_args.fsdp and training_args.device.type == "cpu":
+        # accelerate enables FSDP on GPUs only: on the CPU the Trainer would quietly run plain DDP.
+        raise ValueError(
+            "--fsdp needs GPUs: on the CPU the Trainer silently falls back to plain DDP. On the CPU use DeepSpeed "
+            "(finetune/finetune_ds.sh, ZeRO-3) or drop --fsdp"
+        )
+    zero3 = is_deepspeed_zero3_enabled()
+    if lora_args.q_lora and (zero3 or training_args.fsdp):
+        raise ValueError(
+            "--q_lora works in one process or with DeepSpeed ZeRO-2 (finetune/finetune_qlora_single_gpu.sh, "
+            "finetune/finetune_qlora_ds.sh), not with DeepSpeed ZeRO-3 or FSDP: the quantised weights cannot be "
+            "sharded"
+        )
+    if zero3 and not training_args.hf_deepspeed_config.is_true(
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save"
+    ):
+        raise ValueError(
+            f"{training_args.deepspeed}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+            " = true saves sharded weights that transformers cannot load; set it (ds_configs/zero3.json does)"
+        )
+    if training_args.fsdp and "FULL_STATE_DICT" not in str(training_args.fsdp_config.get("state_dict_type", "FULL")):
+        raise ValueError("FSDP saves a loadable final model only with fsdp_config state_dict_type FULL_STATE_DICT")
+
+
 def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
     if lora_args.q_lora:
         return f"qlora-{lora_args.bits}bit"
@@ -191,6 +218,7 @@ def train() -> Trainer:
     )
     try:
         check_arguments(training_args, lora_args)
+        check_parallelism(training_args, lora_args)
         # Every data error is reported before the (slow) model load.
         train_conversations = load_conversations(data_args.data_path, data_args.system_prompt)
         eval_conversations = (
@@ -262,6 +290,8 @@ def train() -> Trainer:
         data_collator=make_collator(tokenizer),
         processing_class=tokenizer,
     )
+    if training_args.fsdp and not trainer.is_fsdp_enabled:
+        sys.exit("error: --fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
     checkpoint = None
     if os.path.isdir(training_args.output_dir) and not training_args.start_over:
         checkpoint = get_last_checkpoint(training_args.output_dir)
