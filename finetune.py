@@ -155,20 +155,19 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
 
 def check_parallelism(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
     """DeepSpeed and FSDP set-ups that would silently train or save something else, refused before loading."""
+    if lora_args.q_lora and training_args.fsdp:
+        # FSDP can only shard 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage): not set up here.
+        raise ValueError(
+            "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh (one process) or "
+            "finetune/finetune_qlora_ds.sh (DeepSpeed ZeRO-2, or ZeRO-3 with --deepspeed ds_configs/zero3.json)"
+        )
     if training_args.fsdp and training_args.device.type == "cpu":
         # accelerate enables FSDP on GPUs only: on the CPU the Trainer would quietly run plain DDP.
         raise ValueError(
             "--fsdp needs GPUs: on the CPU the Trainer silently falls back to plain DDP. On the CPU use DeepSpeed "
             "(finetune/finetune_ds.sh, ZeRO-3) or drop --fsdp"
         )
-    zero3 = is_deepspeed_zero3_enabled()
-    if lora_args.q_lora and (zero3 or training_args.fsdp):
-        raise ValueError(
-            "--q_lora works in one process or with DeepSpeed ZeRO-2 (finetune/finetune_qlora_single_gpu.sh, "
-            "finetune/finetune_qlora_ds.sh), not with DeepSpeed ZeRO-3 or FSDP: the quantised weights cannot be "
-            "sharded"
-        )
-    if zero3 and not training_args.hf_deepspeed_config.is_true(
+    if is_deepspeed_zero3_enabled() and not training_args.hf_deepspeed_config.is_true(
         "zero_optimization.stage3_gather_16bit_weights_on_model_save"
     ):
         raise ValueError(
@@ -177,6 +176,16 @@ def check_parallelism(training_args: TrainingArguments, lora_args: LoraArguments
         )
     if training_args.fsdp and "FULL_STATE_DICT" not in str(training_args.fsdp_config.get("state_dict_type", "FULL")):
         raise ValueError("FSDP saves a loadable final model only with fsdp_config state_dict_type FULL_STATE_DICT")
+
+
+def init_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """On the CPU, accelerate starts torch.distributed (gloo) but not DeepSpeed's comm layer; ZeRO-3 shards the
+    model while loading it and would then count one process instead of all of them. Start it on the same group."""
+    if training_args.deepspeed and training_args.device.type == "cpu" and torch.distributed.is_initialized():
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
@@ -260,6 +269,9 @@ def train() -> Trainer:
         if lora_args.q_lora
         else None
     )
+    init_deepspeed_comm(training_args)
+    # The LoRA initialisation draws random numbers too: --seed fixes it, whatever ran before.
+    transformers.set_seed(training_args.seed)
     model = load_model(
         model_args.model_name_or_path,
         dtype,

@@ -109,7 +109,7 @@ COMMON_ARGS=(
     --per_device_train_batch_size 2
     --gradient_accumulation_steps 8
     --lr_scheduler_type cosine
-    --warmup_ratio 0.01
+    --warmup_steps 0.01
     --weight_decay 0.1
     --adam_beta2 0.95
     --logging_steps 1
