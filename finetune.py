@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.data import DataError, load_conversations, make_collator, template_overhead, tokenize_conversations
 from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
@@ -185,6 +186,41 @@ def check_output_dir(output_dir: str, mode: str, start_over: bool) -> str | None
     return checkpoint
 
 
+def check_parallelism(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    """DeepSpeed and FSDP set-ups that would silently train or save something else, refused before loading."""
+    if lora_args.q_lora and training_args.fsdp:
+        # FSDP can only shard 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage): not set up here.
+        raise ValueError(
+            "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh (one process) or "
+            "finetune/finetune_qlora_ds.sh (DeepSpeed ZeRO-2, or ZeRO-3 with --deepspeed ds_configs/zero3.json)"
+        )
+    if training_args.fsdp and training_args.device.type == "cpu":
+        # accelerate enables FSDP on GPUs only: on the CPU the Trainer would quietly run plain DDP.
+        raise ValueError(
+            "--fsdp needs GPUs: on the CPU the Trainer silently falls back to plain DDP. On the CPU use DeepSpeed "
+            "(finetune/finetune_ds.sh, ZeRO-3) or drop --fsdp"
+        )
+    if is_deepspeed_zero3_enabled() and not training_args.hf_deepspeed_config.is_true(
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save"
+    ):
+        raise ValueError(
+            f"{training_args.deepspeed}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+            " = true saves sharded weights that transformers cannot load; set it (ds_configs/zero3.json does)"
+        )
+    if training_args.fsdp and "FULL_STATE_DICT" not in str(training_args.fsdp_config.get("state_dict_type", "FULL")):
+        raise ValueError("FSDP saves a loadable final model only with fsdp_config state_dict_type FULL_STATE_DICT")
+
+
+def init_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """On the CPU, accelerate starts torch.distributed (gloo) but not DeepSpeed's comm layer; ZeRO-3 shards the
+    model while loading it and would then count one process instead of all of them. Start it on the same group."""
+    if training_args.deepspeed and training_args.device.type == "cpu" and torch.distributed.is_initialized():
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
     if lora_args.q_lora:
         return f"qlora-{lora_args.bits}bit"
@@ -224,6 +260,7 @@ def train() -> Trainer:
     )
     try:
         check_arguments(training_args, lora_args)
+        check_parallelism(training_args, lora_args)
         # Every data error is reported before the (slow) model load.
         train_conversations = load_conversations(data_args.data_path, data_args.system_prompt)
         eval_conversations = (
@@ -271,6 +308,9 @@ def train() -> Trainer:
         if lora_args.q_lora
         else None
     )
+    init_deepspeed_comm(training_args)
+    # The LoRA initialisation draws random numbers too: --seed fixes it, whatever ran before.
+    transformers.set_seed(training_args.seed)
     model = load_model(
         model_args.model_name_or_path,
         dtype,
@@ -305,6 +345,8 @@ def train() -> Trainer:
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
     )
+    if training_args.fsdp and not trainer.is_fsdp_enabled:
+        sys.exit("error: --fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
     preemption = PreemptionHandler()
     trainer.add_callback(preemption)
     if checkpoint:

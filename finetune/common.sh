@@ -1,0 +1,122 @@
+# Shared by every finetune/*.sh launcher (sourced, not run): reads -m/-d/-o/-h/--deepspeed, passes every
+# other argument on to finetune.py, and starts it through torchrun on this node's GPUs, or on the CPU
+# (GPUS_PER_NODE processes over gloo) when none is visible.
+#
+# A launcher sets, before calling `launch "$@"`:
+#   USAGE          its description, printed by -h
+#   OUTPUT         default --output_dir
+#   DEEPSPEED      default DeepSpeed config ("" for none; --deepspeed PATH replaces it)
+#   MODE_ARGS      (array) its finetune.py defaults; the user's arguments come after them and win
+#
+# torchrun variables, all overridable from the environment:
+#   GPUS_PER_NODE  processes on this node (default: the visible GPU count, 1 without a GPU)
+#   NNODES         number of nodes (default 1)
+#   NODE_RANK      this node's rank, 0..NNODES-1 (default 0)
+#   MASTER_ADDR    address of node 0 (default localhost)
+#   MASTER_PORT    a free port on node 0 (default 6001)
+
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() {
+    cat <<USAGE
+$USAGE
+
+usage: bash $0 -m MODEL -d DATA [-o OUTPUT] [--deepspeed CONFIG] [finetune.py arguments...]
+
+  -m, --model PATH     Hugging Face model id or local folder
+  -d, --data PATH      training data (JSON list or JSONL: Qwen conversations, ChatML messages or alpaca)
+  -o, --output PATH    output folder (default: $OUTPUT)
+      --deepspeed PATH DeepSpeed config (default: ${DEEPSPEED:-none})
+  -h, --help           this help
+
+Every other argument goes to finetune.py and overrides this launcher's defaults, e.g.
+  --num_train_epochs 1 --learning_rate 1e-4 --model_max_length 1024   (python finetune.py --help lists them)
+
+Environment (torchrun): GPUS_PER_NODE (default: visible GPUs, 1 on a CPU), NNODES (1), NODE_RANK (0),
+MASTER_ADDR (localhost), MASTER_PORT (6001).
+Defaults: ${MODE_ARGS[*]}
+USAGE
+}
+
+# Prints "<visible GPUs> <bf16 supported: 1/0>" as torch sees them (CUDA_VISIBLE_DEVICES included).
+gpu_info() {
+    python -c 'import torch; n = torch.cuda.device_count(); print(n, int(n > 0 and torch.cuda.is_bf16_supported()))'
+}
+
+launch() {
+    local model="" data="" passthrough=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            -m | --model) model="${2:?$1 needs a value}"; shift 2 ;;
+            -d | --data) data="${2:?$1 needs a value}"; shift 2 ;;
+            -o | --output) OUTPUT="${2:?$1 needs a value}"; shift 2 ;;
+            --deepspeed) DEEPSPEED="${2:?$1 needs a value}"; shift 2 ;;
+            -h | --help) usage; exit 0 ;;
+            *) passthrough+=("$1"); shift ;;
+        esac
+    done
+    if [[ -z "$model" || -z "$data" ]]; then
+        echo "error: -m MODEL and -d DATA are required (bash $0 --help)" >&2
+        exit 2
+    fi
+    if [[ -n "$DEEPSPEED" && ! -f "$DEEPSPEED" ]]; then
+        echo "error: DeepSpeed config $DEEPSPEED: no such file" >&2
+        exit 2
+    fi
+
+    local gpus bf16
+    read -r gpus bf16 < <(gpu_info)
+    local device_args=()
+    if [[ "$gpus" -eq 0 ]]; then
+        # Same command on a laptop: the Trainer and DeepSpeed run on the CPU, processes talk over gloo.
+        device_args=(--use_cpu true --dataloader_pin_memory false)
+        GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
+    else
+        GPUS_PER_NODE="${GPUS_PER_NODE:-$gpus}"
+    fi
+    # Mixed precision unless the user chose one: bf16 where the GPU has it, fp16 on older GPUs, none on CPU.
+    if [[ "$gpus" -gt 0 && ! " ${passthrough[*]} " =~ \ --(bf16|fp16)[\ =] ]]; then
+        if [[ "$bf16" -eq 1 ]]; then device_args+=(--bf16 true); else device_args+=(--fp16 true); fi
+    fi
+    local deepspeed_args=()
+    [[ -n "$DEEPSPEED" ]] && deepspeed_args=(--deepspeed "$DEEPSPEED")
+
+    local command=(
+        torchrun
+        --nproc_per_node "$GPUS_PER_NODE"
+        --nnodes "${NNODES:-1}"
+        --node_rank "${NODE_RANK:-0}"
+        --master_addr "${MASTER_ADDR:-localhost}"
+        --master_port "${MASTER_PORT:-6001}"
+        "$REPO/finetune.py"
+        --model_name_or_path "$model"
+        --data_path "$data"
+        --output_dir "$OUTPUT"
+        "${deepspeed_args[@]}"
+        "${device_args[@]}"
+        "${MODE_ARGS[@]}"
+        "${passthrough[@]}"
+    )
+    echo "+ ${command[*]}" >&2
+    exec "${command[@]}"
+}
+
+# Defaults every mode shares (Qwen's recipe: cosine schedule, AdamW with beta2 0.95, checkpoint every 1000 steps).
+COMMON_ARGS=(
+    --num_train_epochs 3
+    --per_device_train_batch_size 2
+    --gradient_accumulation_steps 8
+    --lr_scheduler_type cosine
+    --warmup_steps 0.01
+    --weight_decay 0.1
+    --adam_beta2 0.95
+    --logging_steps 1
+    --save_strategy steps
+    --save_steps 1000
+    --save_total_limit 10
+    --model_max_length 2048
+    --gradient_checkpointing true
+    --report_to none
+)

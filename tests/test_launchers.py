@@ -1,0 +1,228 @@
+"""finetune/*.sh end to end on the CPU through torchrun (gloo): every launcher, DeepSpeed ZeRO-2/3 with 2 processes.
+
+Each launch trains the tiny model a few steps and is checked for several things at once (launches are the slow
+part). The first DeepSpeed launch on a fresh machine JIT-compiles DeepSpeed's CPU ops (g++, ninja; a few
+minutes, cached in TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import finetune
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = "data/example_chatml.jsonl"
+STEPS = 4
+LEARNING_RATE = 5e-3
+# Same global batch in every run: 4 samples, as 1 process x 4 or 2 processes x 2.
+GLOBAL_BATCH = 4
+# Every launcher gets these after -m/-d/-o: they pass through to finetune.py and replace its defaults.
+PASSTHROUGH = [
+    "--max_steps",
+    str(STEPS),
+    "--learning_rate",
+    str(LEARNING_RATE),
+    "--lr_scheduler_type",
+    "cosine",
+    "--warmup_steps",
+    "0",
+    "--weight_decay",
+    "0",
+    "--gradient_accumulation_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--seed",
+    "0",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--lora_dropout",
+    "0",
+    "--model_max_length",
+    "256",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(script: str, model: str, output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    """Runs finetune/<script> with -m/-d/-o as a user would, on `processes` CPU processes."""
+    env = {**os.environ, "GPUS_PER_NODE": str(processes), "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    batch = ["--per_device_train_batch_size", str(GLOBAL_BATCH // processes)]
+    command = ["bash", f"finetune/{script}", "-m", model, "-d", EXAMPLES, "-o", str(output), *PASSTHROUGH, *batch]
+    return subprocess.run([*command, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launched(script: str, model: str, output: Path, processes: int, *extra: str) -> dict:
+    """A launch that must succeed; returns the run's trainer_state.json."""
+    run = launch(script, model, output, processes, *extra)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads((output / "trainer_state.json").read_text())
+
+
+def step_logs(state: dict) -> list[dict]:
+    return [entry for entry in state["log_history"] if "loss" in entry]
+
+
+def losses(state: dict) -> list[float]:
+    return [entry["loss"] for entry in step_logs(state)]
+
+
+def learning_rates(state: dict) -> list[float]:
+    return [entry["learning_rate"] for entry in step_logs(state)]
+
+
+def cosine(steps) -> list[float]:
+    """The LR of a cosine schedule without warm-up at each of `steps`."""
+    return [LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * step / STEPS)) for step in steps]
+
+
+def assert_same_tensors(got: dict, expected: dict, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
+    """LoRA in one process at the global batch, without DeepSpeed: what the DeepSpeed runs must reproduce."""
+    output = tmp_path_factory.mktemp("launchers") / "lora-single"
+    return output, launched("finetune_lora_single_gpu.sh", tiny_model, output, 1)
+
+
+def test_lora_single_gpu_launcher_passes_arguments_through(tiny_model, lora_reference, monkeypatch):
+    output, state = lora_reference
+    # Pass-through flags replaced the launcher's defaults: 4 steps, rank 4, our LR, one log per step.
+    assert state["global_step"] == STEPS and state["max_steps"] == STEPS
+    assert [entry["step"] for entry in step_logs(state)] == [1, 2, 3, 4]
+    adapter_config = json.loads((output / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
+    assert adapter_config["base_model_name_or_path"] == tiny_model
+    # The Trainer pickled finetune.py's TrainingArguments as __main__.TrainingArguments.
+    monkeypatch.setattr(sys.modules["__main__"], "TrainingArguments", finetune.TrainingArguments, raising=False)
+    args = torch.load(output / "training_args.bin", weights_only=False)
+    assert args.learning_rate == LEARNING_RATE and args.weight_decay == 0 and args.per_device_train_batch_size == 4
+    # The launcher's own defaults that were not overridden are still there.
+    assert args.adam_beta2 == 0.95 and args.gradient_checkpointing and args.use_cpu
+    AutoPeftModelForCausalLM.from_pretrained(output)
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_lora_deepspeed_two_processes_match_one_process(tiny_model, tmp_path, lora_reference, config):
+    reference_output, reference = lora_reference
+    output = tmp_path / config
+    extra = [] if config == "zero2" else ["--deepspeed", "ds_configs/zero3.json"]  # zero2 is the default
+    state = launched("finetune_lora_ds.sh", tiny_model, output, 2, *extra)
+
+    run_info = json.loads((output / finetune.RUN_INFO_FILE).read_text())
+    assert run_info["mode"] == "lora"
+    # 2 processes x 2 samples follow 1 process x 4 samples, step by step.
+    assert losses(state) == pytest.approx(losses(reference), rel=1e-4)
+    # The LR is the cosine schedule asked for, not a DeepSpeed scheduler's. DeepSpeed steps the schedule inside
+    # its own optimizer step, before the Trainer logs it: each step logs the next step's LR (the one used is the
+    # plain run's, as the equal losses show).
+    assert learning_rates(state) == pytest.approx(cosine(range(1, STEPS + 1)), rel=1e-6, abs=1e-12)
+    assert learning_rates(reference) == pytest.approx(cosine(range(STEPS)), rel=1e-6, abs=1e-12)
+    # The adapter (gathered from the shards under ZeRO-3) is the one the single process trained, and loads.
+    assert_same_tensors(
+        load_file(output / "adapter_model.safetensors"), load_file(reference_output / "adapter_model.safetensors")
+    )
+    AutoPeftModelForCausalLM.from_pretrained(output)
+
+
+def test_full_zero3_two_processes_save_the_trained_model(tiny_model, tmp_path, monkeypatch):
+    output = tmp_path / "zero3"
+    state = launched("finetune_ds.sh", tiny_model, output, 2)
+
+    # The same run in one plain process (no DeepSpeed) at the global batch, with the launcher's defaults.
+    reference_output = tmp_path / "plain"
+    argv = ["--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir", str(reference_output)]
+    argv += PASSTHROUGH + ["--per_device_train_batch_size", str(GLOBAL_BATCH), "--adam_beta2", "0.95"]
+    argv += ["--logging_steps", "1", "--gradient_checkpointing", "true", "--report_to", "none", "--use_cpu", "true"]
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+    reference = finetune.train()
+
+    assert losses(state) == pytest.approx([e["loss"] for e in reference.state.log_history if "loss" in e], rel=1e-4)
+    saved = AutoModelForCausalLM.from_pretrained(output)  # plain transformers, no DeepSpeed
+    trained = {name: tensor.detach() for name, tensor in reference.model.state_dict().items()}
+    assert_same_tensors(saved.state_dict(), trained)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert not torch.allclose(saved.state_dict()["model.norm.weight"], initial["model.norm.weight"])
+
+
+def test_qlora_launchers_one_process_zero2_and_zero3_agree(tiny_model, tmp_path):
+    runs = {}
+    for name, script, processes, extra in [
+        ("single", "finetune_qlora_single_gpu.sh", 1, []),
+        ("zero2", "finetune_qlora_ds.sh", 2, []),
+        ("zero3", "finetune_qlora_ds.sh", 2, ["--deepspeed", "ds_configs/zero3.json"]),
+    ]:
+        output = tmp_path / name
+        runs[name] = (output, launched(script, tiny_model, output, processes, *extra))
+        assert json.loads((output / finetune.RUN_INFO_FILE).read_text())["mode"] == "qlora-4bit"
+        AutoPeftModelForCausalLM.from_pretrained(output)
+    single_output, single = runs["single"]
+    for name in ("zero2", "zero3"):
+        output, state = runs[name]
+        assert losses(state) == pytest.approx(losses(single), rel=1e-4), name
+        assert_same_tensors(
+            load_file(output / "adapter_model.safetensors"), load_file(single_output / "adapter_model.safetensors")
+        )
+
+
+def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
+    no_gather = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    del no_gather["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    (tmp_path / "no_gather.json").write_text(json.dumps(no_gather))
+    for script, extra, message in [
+        ("finetune_fsdp.sh", [], "--fsdp needs GPUs: on the CPU the Trainer silently falls back to plain DDP"),
+        (
+            "finetune_ds.sh",
+            ["--deepspeed", str(tmp_path / "no_gather.json")],
+            "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save = true",
+        ),
+    ]:
+        run = launch(script, tiny_model, tmp_path / "out", 1, *extra)
+        assert run.returncode != 0
+        assert f"error: {message}" in run.stderr or message in run.stderr, run.stderr[-3000:]
+        assert "Loading " not in run.stderr  # stopped before the model load
+        assert not (tmp_path / "out").exists()
+
+
+def test_qlora_with_fsdp_names_the_supported_launchers(tiny_model, tmp_path, monkeypatch):
+    argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", EXAMPLES, "--output_dir", "x"]
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv, "--use_lora", "--q_lora", "--fsdp", "--report_to", "none"])
+    with pytest.raises(SystemExit) as stopped:
+        finetune.train()
+    assert "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh" in str(stopped.value)
+
+
+def test_launcher_help_and_missing_arguments():
+    for script in sorted(os.listdir(REPO / "finetune")):
+        if not script.endswith(".sh") or script == "common.sh":
+            continue
+        shown = subprocess.run(["bash", f"finetune/{script}", "--help"], cwd=REPO, capture_output=True, text=True)
+        assert shown.returncode == 0 and "GPUS_PER_NODE" in shown.stdout and "-m, --model" in shown.stdout
+        missing = subprocess.run(
+            ["bash", f"finetune/{script}", "-d", EXAMPLES], cwd=REPO, capture_output=True, text=True
+        )
+        assert missing.returncode == 2 and "-m MODEL and -d DATA are required" in missing.stderr
