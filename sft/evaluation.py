@@ -18,8 +18,6 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from sft.data import IGNORE_INDEX, Conversation, Tokenized, TrainOn, tokenize_conversation
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
 
 def tokenize_samples(
     tokenizer: PreTrainedTokenizerBase,
@@ -74,11 +72,16 @@ def perplexity(model: PreTrainedModel, samples: list[Tokenized]) -> float:
     return math.exp(total_loss / total_tokens)
 
 
-def weights_size(path: str | os.PathLike) -> int:
-    """Bytes of the weight files (safetensors, bin) in a model folder."""
-    return sum(
-        file.stat().st_size for file in Path(path).rglob("*") if file.is_file() and file.suffix in WEIGHT_SUFFIXES
+def is_weights_file(file: Path) -> bool:
+    """safetensors files and PyTorch model/adapter .bin files (not training_args.bin and the like)."""
+    return file.suffix == ".safetensors" or (
+        file.suffix == ".bin" and file.name.startswith(("pytorch_model", "adapter_model"))
     )
+
+
+def weights_size(path: str | os.PathLike) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file() and is_weights_file(file))
 
 
 def format_size(size: int) -> str:

@@ -69,6 +69,7 @@ def test_weights_size_counts_weight_files_only(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "pytorch_model.bin").write_bytes(b"x" * 24)
     (tmp_path / "tokenizer.json").write_bytes(b"x" * 5000)
+    (tmp_path / "training_args.bin").write_bytes(b"x" * 5000)
     assert weights_size(tmp_path) == 1024
     assert format_size(1024) == "1.0 KiB" and format_size(12) == "12 B" and format_size(3 * 2**30) == "3.0 GiB"
 
