@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import finetune
 import run_gptq
 from scripts.make_tiny_model import ENGLISH_OBJECTS, ENGLISH_SUBJECTS, ENGLISH_VERBS
-from sft.chat import reply
+from sft.chat import load_for_chat, reply
 from sft.data import load_conversations
 from sft.evaluation import perplexity, tokenize_samples
 
@@ -97,9 +97,15 @@ def test_gptq_output_reloads_with_plain_transformers_and_generates(quantized, fi
     assert GenerationConfig.from_pretrained(quantized[bits]).to_dict() == (
         GenerationConfig.from_pretrained(fine_tuned["model"]).to_dict()
     )
-    answer = reply(model, tokenizer, [{"role": "user", "content": "What does the cat do?"}], max_new_tokens=12)
+    question = [{"role": "user", "content": "What does the cat do?"}]
+    answer = reply(model, tokenizer, question, max_new_tokens=12)
     print(f"{bits}-bit answer: {answer!r}")
     assert answer.strip()
+
+    # What scripts/ask.py and the chat demo use loads it quantised too, and answers the same.
+    chat_model, chat_tokenizer = load_for_chat(str(quantized[bits]))
+    assert isinstance(chat_model.model.layers[0].self_attn.q_proj, BaseQuantLinear)
+    assert reply(chat_model, chat_tokenizer, question, max_new_tokens=12) == answer
 
 
 def test_4bit_perplexity_on_held_out_data_stays_close_to_the_original(quantized, fine_tuned):
