@@ -123,7 +123,7 @@ def main() -> None:
     try:
         adapter_config, run_info = read_adapter(args.adapter)
         base = check_base_model(args.base_model or adapter_config.get("base_model_name_or_path"), args.adapter)
-        check_new_output(args.output, args.overwrite)
+        check_new_output(args.output, args.overwrite, inputs=(args.adapter, base))
         conversations = check_conversations(args, run_info)
     except (DataError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

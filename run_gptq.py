@@ -126,7 +126,7 @@ def main() -> None:
     try:
         if args.bits not in (4, 8):
             raise ValueError(f"--bits must be 4 or 8, got {args.bits}")
-        check_new_output(args.out_path, args.overwrite)
+        check_new_output(args.out_path, args.overwrite, inputs=(args.model_name_or_path,))
         calibration_conversations, held_out_conversations = read_data(args)
         check_model(args)
     except (DataError, ValueError, OSError) as error:
@@ -140,6 +140,8 @@ def main() -> None:
 
     logger.info("Perplexity of the original model on the held-out samples")
     original = load_model(args.model_name_or_path, dtype, trust_remote_code=args.trust_remote_code)
+    if torch.cuda.is_available():
+        original.cuda()
     original_ppl = perplexity(original, held_out)
     del original
 

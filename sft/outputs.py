@@ -34,9 +34,14 @@ def publish(staging: str | os.PathLike, destination: str | os.PathLike) -> Path:
     return destination
 
 
-def check_new_output(destination: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuses a destination that is a file, or a non-empty folder unless `overwrite`."""
+def check_new_output(
+    destination: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+) -> None:
+    """Refuses a destination that is one of the run's `inputs`, a file, or a non-empty folder unless `overwrite`."""
     destination = Path(destination)
+    for source in inputs:
+        if Path(source).exists() and destination.resolve() == Path(source).resolve():
+            raise ValueError(f"{destination} is also an input of this run: write the output elsewhere")
     if destination.exists() and not destination.is_dir():
         raise FileExistsError(f"{destination} exists and is not a folder")
     if destination.is_dir() and any(destination.iterdir()) and not overwrite:

@@ -19,6 +19,8 @@ def test_check_new_output(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         check_new_output(tmp_path / "file", overwrite=True)
+    with pytest.raises(ValueError, match="full is also an input of this run"):
+        check_new_output(tmp_path / "full", overwrite=True, inputs=(tmp_path / "model", tmp_path / "." / "full"))
 
 
 def test_staging_folder_is_fresh_and_next_to_the_destination(tmp_path):

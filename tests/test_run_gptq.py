@@ -134,6 +134,7 @@ def test_4bit_perplexity_on_held_out_data_stays_close_to_the_original(quantized,
         (["--data_path", "{bad}"], "bad.jsonl, line 1: invalid JSON"),
         (["--out_path", "{full}"], "is not empty: choose another folder or pass --overwrite"),
         (["--model_name_or_path", "{adapter}"], "no config.json, not a model folder (an adapter: merge it first"),
+        (["--out_path", "{model}", "--overwrite"], "is also an input of this run: write the output elsewhere"),
     ],
 )
 def test_bad_input_stops_before_the_model_is_loaded(tiny_model, tmp_path, monkeypatch, args, message):
@@ -144,7 +145,7 @@ def test_bad_input_stops_before_the_model_is_loaded(tiny_model, tmp_path, monkey
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     places = {name: str(tmp_path / name) for name in ("full", "adapter")}
-    places |= {"empty": str(tmp_path / "empty.jsonl"), "bad": str(tmp_path / "bad.jsonl")}
+    places |= {"empty": str(tmp_path / "empty.jsonl"), "bad": str(tmp_path / "bad.jsonl"), "model": tiny_model}
     defaults = ["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl"]
     defaults += ["--out_path", str(tmp_path / "out"), "--group_size", "32"]
     with pytest.raises(SystemExit) as stopped:
