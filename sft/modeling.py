@@ -91,13 +91,15 @@ def load_model(
     if quantization is not None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     logger.info("Loading %s (%s%s)", path, dtype, f", {quantization.quant_method} quantised" if quantization else "")
+    # Passed only when asked for: an explicit None would drop the quantisation of a pre-quantised (GPTQ) model.
+    extra = {"quantization_config": quantization} if quantization is not None else {}
     return AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
-        quantization_config=quantization,
         device_map=device_map,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
+        **extra,
     )
 
 

@@ -32,3 +32,42 @@ def publish(staging: str | os.PathLike, destination: str | os.PathLike) -> Path:
         os.replace(staging / name, target)
     staging.rmdir()
     return destination
+
+
+def check_new_output(
+    destination: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+) -> None:
+    """Refuses a destination that is one of the run's `inputs`, a file, or a non-empty folder unless `overwrite`."""
+    destination = Path(destination)
+    for source in inputs:
+        if Path(source).exists() and destination.resolve() == Path(source).resolve():
+            raise ValueError(f"{destination} is also an input of this run: write the output elsewhere")
+    if destination.exists() and not destination.is_dir():
+        raise FileExistsError(f"{destination} exists and is not a folder")
+    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
+        raise FileExistsError(f"{destination} is not empty: choose another folder or pass --overwrite")
+
+
+def staging_folder(destination: str | os.PathLike) -> Path:
+    """A fresh, empty folder next to `destination` (same file system, so moving it into place is a rename)."""
+    destination = Path(destination)
+    staging = destination.parent / f".{destination.name}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def replace_folder(staging: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Moves a fully written staging folder into `destination`; what was there before is deleted, not merged
+    with (no stale shard of an earlier model is left next to the new one)."""
+    destination = Path(destination)
+    old = destination.parent / f".{destination.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if destination.exists():
+        os.replace(destination, old)
+    publish(staging, destination)
+    if old.exists():
+        shutil.rmtree(old)
+    return destination

@@ -1,0 +1,188 @@
+"""Merges a LoRA or Q-LoRA adapter into its base model: a standalone model that loads with
+`AutoModelForCausalLM.from_pretrained(output)`, with the tokenizer, chat template and generation config.
+
+    python merge_lora.py --adapter output/lora --output output/merged
+
+The base model is the one recorded in the adapter (`--base_model` to use another copy of it). Adapters that
+train token rows (`--train_special_tokens`) or whole modules (`modules_to_save`) are merged too. A Q-LoRA
+adapter is merged onto the base loaded in 16/32 bits, not onto its quantised weights. The merged model is
+written to a temporary folder and moved into place only after it reloaded and checked out: its logits on a few
+rendered samples are compared with those of base + adapter, and the largest difference is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from sft.data import Conversation, DataError, load_conversations
+from sft.evaluation import format_size, max_abs_diff, sample_logits, save_chat_files, tokenize_samples, weights_size
+from sft.modeling import DTYPES, load_model, load_tokenizer, quantization_config
+from sft.outputs import check_new_output, replace_folder, staging_folder
+
+logger = logging.getLogger("merge_lora")
+
+RUN_INFO_FILE = "finetune_run.json"  # written next to the adapter by finetune.py
+MERGE_INFO_FILE = "merge_info.json"
+
+# Used for the self-check when neither --data_path nor the adapter's training data is at hand.
+FALLBACK_CHECK_CONVERSATIONS: list[Conversation] = [
+    [
+        {"role": "user", "content": "What is your name?"},
+        {"role": "assistant", "content": "I am a helpful assistant."},
+    ],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "请介绍一下长城。"},
+        {"role": "assistant", "content": "长城是中国古代的伟大建筑。"},
+    ],
+]
+
+
+@dataclass
+class MergeArguments:
+    adapter: str = field(
+        metadata={"help": "Adapter folder written by finetune.py --use_lora (with adapter_config.json)."}
+    )
+    output: str = field(metadata={"help": "Folder for the merged model; must be new or empty unless --overwrite."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model (hub id or folder). Default: the one recorded in the adapter's config."},
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto",
+        metadata={"help": "dtype of the merged weights; auto: the dtype the base model was saved in."},
+    )
+    max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard, e.g. 2GB."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace what --output holds."})
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Samples for the self-check (any supported format). Default: the adapter's training data when "
+            "it is still there, else two built-in samples."
+        },
+    )
+    num_check_samples: int = field(default=4, metadata={"help": "Samples the self-check compares logits on."})
+    check_max_length: int = field(default=256, metadata={"help": "Samples are truncated to this many tokens."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model's own code (Qwen-1 needs it)."})
+
+
+def read_adapter(adapter: str) -> tuple[dict, dict]:
+    """The adapter's peft config and finetune.py's run info (empty if the adapter was made elsewhere)."""
+    config_file = Path(adapter) / "adapter_config.json"
+    if not Path(adapter).is_dir():
+        raise FileNotFoundError(f"{adapter}: no such adapter folder")
+    if not config_file.is_file():
+        hint = " (it holds a full model: nothing to merge)" if (Path(adapter) / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json, not a LoRA adapter folder{hint}")
+    config = json.loads(config_file.read_text())
+    run_info_file = Path(adapter) / RUN_INFO_FILE
+    run_info = json.loads(run_info_file.read_text()) if run_info_file.is_file() else {}
+    return config, run_info
+
+
+def check_base_model(base: str | None, adapter: str) -> str:
+    """The base model's path or hub id; a local path must hold a model."""
+    if not base:
+        raise ValueError(f"{adapter}/adapter_config.json names no base model: pass --base_model")
+    looks_local = os.path.isabs(base) or base.startswith((".", "~")) or base.count("/") > 1 or os.path.exists(base)
+    if looks_local and not (Path(base).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"base model {base} not found (no config.json there): pass --base_model PATH")
+    return base
+
+
+def check_conversations(args: MergeArguments, run_info: dict) -> list[Conversation]:
+    if args.data_path:
+        return load_conversations(args.data_path)[: args.num_check_samples]
+    trained_on = run_info.get("data_path")
+    if trained_on and Path(trained_on).is_file():
+        return load_conversations(trained_on)[: args.num_check_samples]
+    return FALLBACK_CHECK_CONVERSATIONS[: args.num_check_samples]
+
+
+def merge_dtype(name: str, base: str, trust_remote_code: bool) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    from transformers import AutoConfig
+
+    saved = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).get_text_config().dtype
+    return DTYPES.get(str(saved).removeprefix("torch."), torch.float32) if saved else torch.float32
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        adapter_config, run_info = read_adapter(args.adapter)
+        base = check_base_model(args.base_model or adapter_config.get("base_model_name_or_path"), args.adapter)
+        check_new_output(args.output, args.overwrite, inputs=(args.adapter, base))
+        conversations = check_conversations(args, run_info)
+    except (DataError, ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    mode = run_info.get("mode", "lora")
+    logger.info("Adapter %s (%s) onto base %s", args.adapter, mode, base)
+
+    # finetune.py saves the tokenizer with the adapter: that one (and its chat template) is what was trained on.
+    tokenizer_source = args.adapter if (Path(args.adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tokenizer_source, args.trust_remote_code)
+    samples = tokenize_samples(tokenizer, conversations, args.check_max_length, train_on="all")
+    dtype = merge_dtype(args.dtype, base, args.trust_remote_code)
+
+    from peft import PeftModel
+
+    logger.info("Loading the base model in %s and the adapter", dtype)
+    model = load_model(base, dtype, trust_remote_code=args.trust_remote_code)
+    model = PeftModel.from_pretrained(model, args.adapter)
+    expected = sample_logits(model, samples)
+
+    logger.info("Merging")
+    merged = model.merge_and_unload()
+    staging = staging_folder(args.output)
+    logger.info("Writing the merged model to %s", staging)
+    merged.save_pretrained(staging, max_shard_size=args.max_shard_size)
+    save_chat_files(staging, tokenizer, base)
+    del model, merged
+
+    logger.info("Checking: reloading the merged model with plain transformers")
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    AutoTokenizer.from_pretrained(staging, trust_remote_code=args.trust_remote_code)
+    merged_logits = sample_logits(reloaded, samples)
+    del reloaded
+    difference = max_abs_diff(expected, merged_logits)
+    print(f"merged vs base + adapter ({dtype}): max |logit diff| = {difference:.3g} over {len(samples)} samples")
+    info = {"adapter": os.path.abspath(args.adapter), "base_model": base, "mode": mode, "dtype": str(dtype)}
+    info["max_logit_diff_vs_base_plus_adapter"] = difference
+
+    if mode.startswith("qlora"):
+        # What the adapter was trained against: the quantised base. The difference is that quantisation's error.
+        trained = run_info.get("arguments", {})
+        quantization = quantization_config(
+            int(trained.get("bits", 4)),
+            dtype,
+            trained.get("bnb_4bit_quant_type", "nf4"),
+            trained.get("double_quant", True),
+        )
+        logger.info("Q-LoRA: comparing with the adapter on the %s-bit base it was trained on", trained.get("bits", 4))
+        quantized = PeftModel.from_pretrained(
+            load_model(base, dtype, quantization, trust_remote_code=args.trust_remote_code), args.adapter
+        )
+        as_trained = max_abs_diff(sample_logits(quantized, samples), merged_logits)
+        del quantized
+        print(f"merged vs quantised base + adapter (as trained): max |logit diff| = {as_trained:.3g}")
+        info["max_logit_diff_vs_quantized_base_plus_adapter"] = as_trained
+
+    (staging / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2))
+    replace_folder(staging, args.output)
+    print(f"merged model: {args.output} ({format_size(weights_size(args.output))} of weights)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""merge_lora.py on adapters trained in-process by finetune.py: LoRA, LoRA with token rows, Q-LoRA."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import finetune
+import merge_lora
+from sft.data import load_conversations
+from sft.evaluation import max_abs_diff, sample_logits, tokenize_samples
+
+EXAMPLES = "data/example_chatml.jsonl"
+MODES = {
+    "lora": ["--use_lora"],
+    "tokens": ["--use_lora", "--train_special_tokens"],
+    "qlora": ["--use_lora", "--q_lora"],
+}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One briefly trained adapter of each kind, shared by the tests of this module."""
+    paths = {}
+    for mode, extra in MODES.items():
+        output = tmp_path_factory.mktemp("adapters") / mode
+        argv = ["finetune.py", "--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir", str(output)]
+        argv += ["--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"]
+        argv += ["--save_strategy", "no", "--report_to", "none", "--lora_r", "8", "--lora_dropout", "0"]
+        argv += ["--dataloader_pin_memory", "false", "--model_max_length", "256", *extra]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            finetune.train()
+        paths[mode] = output
+    return paths
+
+
+def run_merge(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["merge_lora.py", *args])
+    merge_lora.main()
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer):
+    return tokenize_samples(tokenizer, load_conversations(EXAMPLES), 256, train_on="all")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_merged_model_reloads_with_plain_transformers_and_matches_base_plus_adapter(
+    adapters, tiny_model, samples, tmp_path, monkeypatch, capsys, mode
+):
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "stale.safetensors").write_text("from an earlier run")  # --overwrite must not leave it behind
+    run_merge(monkeypatch, "--adapter", str(adapters[mode]), "--output", str(output), "--dtype", "fp32", "--overwrite")
+    printed = capsys.readouterr().out
+
+    merged = AutoModelForCausalLM.from_pretrained(output)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base_logits = sample_logits(base, samples)
+    expected = sample_logits(PeftModel.from_pretrained(base, adapters[mode]), samples)
+    got = sample_logits(merged, samples)
+    difference = max_abs_diff(expected, got)
+    print(f"{mode}: merged vs base + adapter, max |logit diff| = {difference:.3g}")
+    assert difference <= 1e-4
+    assert max_abs_diff(base_logits, got) > 1e-2  # the adapter did change the model
+    assert "max |logit diff|" in printed
+
+    assert not (output / "stale.safetensors").exists()
+    assert not any(path.name.startswith(".") for path in tmp_path.iterdir())  # no staging folder left
+    assert not any(isinstance(module, torch.nn.Module) and "lora" in name for name, module in merged.named_modules())
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_model).chat_template
+    assert (
+        GenerationConfig.from_pretrained(output).eos_token_id
+        == GenerationConfig.from_pretrained(tiny_model).eos_token_id
+    )
+    info = json.loads((output / "merge_info.json").read_text())
+    assert info["max_logit_diff_vs_base_plus_adapter"] <= 1e-4
+
+    if mode == "tokens":
+        # The trained rows of the chat tokens are in the merged embedding and output layer, and only those.
+        ids = json.loads((adapters[mode] / "adapter_config.json").read_text())["trainable_token_indices"]
+        rows = sorted(next(iter(ids.values())))
+        original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)  # `base` now holds the adapter
+        for layer in ("get_input_embeddings", "get_output_embeddings"):
+            before, after = getattr(original, layer)().weight, getattr(merged, layer)().weight
+            changed = (before != after).any(dim=1).nonzero().flatten().tolist()
+            assert changed and set(changed) <= set(rows)
+    if mode == "qlora":
+        as_trained = info["max_logit_diff_vs_quantized_base_plus_adapter"]
+        print(f"qlora: merged (fp32 base) vs 4-bit base + adapter as trained, max |logit diff| = {as_trained:.3g}")
+        assert "as trained" in printed
+
+
+def test_merging_refuses_a_non_empty_output(adapters, tmp_path, monkeypatch):
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        run_merge(monkeypatch, "--adapter", str(adapters["lora"]), "--output", str(output))
+    assert "is not empty" in str(stopped.value) and "--overwrite" in str(stopped.value)
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no_adapter_config", "no adapter_config.json, not a LoRA adapter folder (it holds a full model"),
+        ("missing_base", "base model {tmp}/gone not found (no config.json there): pass --base_model"),
+        ("bad_data", "line 1: invalid JSON"),
+        ("missing_adapter", "no such adapter folder"),
+    ],
+)
+def test_bad_input_stops_before_any_model_is_loaded(tiny_model, tmp_path, monkeypatch, case, message):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    args = ["--adapter", str(adapter), "--output", str(tmp_path / "out")]
+    if case == "no_adapter_config":
+        args[1] = tiny_model
+    elif case == "bad_data":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"messages": [}\n')
+        args += ["--base_model", tiny_model, "--data_path", str(bad)]
+    elif case == "missing_adapter":
+        args[1] = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as stopped:
+        run_merge(monkeypatch, *args)
+    assert str(stopped.value).startswith("error: ")
+    assert message.format(tmp=tmp_path) in str(stopped.value)
+    assert not (tmp_path / "out").exists()
