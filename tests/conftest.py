@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from scripts.make_tiny_model import build_tiny_model
-from sft.modeling import load_tokenizer
+# The tiny models run as fast on one thread as on two, and far faster when the cores are shared (OpenMP threads
+# spin-wait): one thread for the tests and every process they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from scripts.make_tiny_model import build_tiny_model  # noqa: E402
+from sft.modeling import load_tokenizer  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
