@@ -51,9 +51,11 @@ def main() -> None:
     start = time.perf_counter()
     baseline = preprocess(conversations, tokenizer, args.max_length)
     rows.append(("Qwen-1 preprocess (per turn, 1 process)", time.perf_counter() - start))
+    print(f"  {rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
     start = time.perf_counter()
     ours, _ = tokenize_conversations(conversations, tokenizer, args.max_length, num_proc=1, cache_dir=cache_dir / "one")
     rows.append(("ours, 1 process", time.perf_counter() - start))
+    print(f"  {rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
     start = time.perf_counter()
     ours, _ = tokenize_conversations(
         conversations, tokenizer, args.max_length, num_proc=args.num_proc, cache_dir=cache_dir / "many"

@@ -20,13 +20,14 @@ def lognormal_length(
 
 
 def generate_conversations(count: int, seed: int = 0, high: int = 2000) -> list[list[dict[str, str]]]:
-    """Multi-turn chats (1-4 user/assistant turns, some with a system message) whose total length in words,
-    about one token each with the tiny tokenizer, follows `lognormal_length`."""
+    """Multi-turn chats (1-4 user/assistant turns, some with a system message) whose rendered length in tokens
+    of the tiny tokenizer roughly follows `lognormal_length` (a word here is about 1.6 of its tokens; the chat
+    template adds about 10 tokens, plus 5 per message)."""
     rng = random.Random(seed)
     conversations = []
     for _ in range(count):
-        words = lognormal_length(rng, high=high) - 12
         turns = rng.randint(1, 4)
+        words = int((lognormal_length(rng, high=high) - 10 - 10 * turns) / 1.6)
         messages = []
         if rng.random() < 0.3:
             messages.append({"role": "system", "content": "You are a careful assistant."})
