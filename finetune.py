@@ -26,6 +26,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from sft.data import DataError, load_conversations, make_collator, template_overhead, tokenize_conversations
 from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
 from sft.outputs import publish
+from sft.packing import PackingError, prepare_packing
 from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, FinetuneTrainer, PreemptionHandler, last_complete_checkpoint
 
 logger = logging.getLogger("finetune")
@@ -85,6 +86,13 @@ class DataArguments:
     )
     preprocessing_cache_dir: str | None = field(
         default=None, metadata={"help": "Where tokenised data is cached. Default: the datasets cache."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack samples into sequences of up to model_max_length (best-fit decreasing), each keeping its "
+            "own position ids and attending only to itself; no padding. Batch size then counts packed sequences."
+        },
     )
 
 
@@ -336,12 +344,27 @@ def train() -> Trainer:
         except ValueError as error:  # e.g. target modules that match nothing
             sys.exit(f"error: {error}")
 
+    data_collator = make_collator(tokenizer)
+    if data_args.packing:
+        try:
+            train_dataset, eval_dataset, data_collator = prepare_packing(
+                model,
+                tokenizer.pad_token_id,
+                training_args.model_max_length,
+                train_dataset,
+                eval_dataset,
+                check=not is_deepspeed_zero3_enabled(),  # ZeRO-3 weights are only whole inside the Trainer
+                use_cache=training_args.use_cache,
+            )
+        except PackingError as error:
+            sys.exit(f"error: {error}")
+
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer),
+        data_collator=data_collator,
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
     )

@@ -13,6 +13,7 @@ file means the same thing everywhere:
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import hashlib
 import json
@@ -227,6 +228,20 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, add_gener
     )
 
 
+def _render_many(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], add_generation_prompt: bool = False
+) -> list[str]:
+    """`render` of many conversations in one batched `apply_chat_template` call (same text, less overhead)."""
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template(
+        conversations,
+        chat_template=chat_template_of(tokenizer),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
 def label_spans(
     tokenizer: PreTrainedTokenizerBase, messages: Conversation, train_on: TrainOn = "assistant"
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -238,30 +253,62 @@ def label_spans(
     of its text (ChatML, Llama-3, Mistral, ...). Where a template does not (some drop earlier reasoning), the
     turn's content is searched for in the text instead.
     """
-    text = render(tokenizer, messages)
+    return label_spans_many(tokenizer, [messages], train_on)[0]
+
+
+def label_spans_many(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], train_on: TrainOn = "assistant"
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """`label_spans` of many conversations, with all their prefixes rendered in two batched calls."""
+    texts = _render_many(tokenizer, conversations)
     if train_on == "all":
-        return text, [(0, len(text))]
-    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    if train_on == "last_assistant":
-        turns = turns[-1:]
-    spans = []
-    cursor = 0
-    for i in turns:
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = render(tokenizer, messages[: i + 1]).rstrip()
-        if text.startswith(before) and text.startswith(through) and len(before) < len(through):
-            start, end = len(before), len(through)
-        else:
-            start = text.find(messages[i]["content"], cursor)
-            if start < 0:
-                raise ValueError(f"the chat template does not render assistant turn {i} verbatim")
-            end = start + len(messages[i]["content"])
-            turn_end = _end_of_turn(tokenizer)
-            if turn_end and text.startswith(turn_end, end):
-                end += len(turn_end)
-        spans.append((start, end))
-        cursor = end
-    return text, spans
+        return [(text, [(0, len(text))]) for text in texts]
+    turns_of = []
+    for messages in conversations:
+        turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        turns_of.append(turns[-1:] if train_on == "last_assistant" else turns)
+    befores = iter(
+        _render_many(
+            tokenizer,
+            [messages[:i] for messages, turns in zip(conversations, turns_of) for i in turns if i],
+            add_generation_prompt=True,
+        )
+    )
+    # A turn that ends the conversation renders as the whole text: no need to render it again.
+    throughs = iter(
+        _render_many(
+            tokenizer,
+            [
+                messages[: i + 1]
+                for messages, turns in zip(conversations, turns_of)
+                for i in turns
+                if i + 1 < len(messages)
+            ],
+        )
+    )
+    results = []
+    turn_end = None
+    for messages, turns, text in zip(conversations, turns_of, texts):
+        spans = []
+        cursor = 0
+        for i in turns:
+            before = next(befores) if i else ""
+            through = (next(throughs) if i + 1 < len(messages) else text).rstrip()
+            if text.startswith(before) and text.startswith(through) and len(before) < len(through):
+                start, end = len(before), len(through)
+            else:
+                start = text.find(messages[i]["content"], cursor)
+                if start < 0:
+                    raise ValueError(f"the chat template does not render assistant turn {i} verbatim")
+                end = start + len(messages[i]["content"])
+                if turn_end is None:
+                    turn_end = _end_of_turn(tokenizer)
+                if turn_end and text.startswith(turn_end, end):
+                    end += len(turn_end)
+            spans.append((start, end))
+            cursor = end
+        results.append((text, spans))
+    return results
 
 
 def template_overhead(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -280,16 +327,16 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
 def _labels_from_offsets(
     input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
 ) -> list[int]:
+    """Labels of the tokens that overlap a span. Token offsets never decrease, so the tokens of each span are
+    one run, found by bisection rather than by a loop over every token."""
     labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for position, (token_start, token_end) in enumerate(offsets):
-        while span_index < len(spans) and spans[span_index][1] <= token_start:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        span_start, span_end = spans[span_index]
-        if token_end > span_start and token_start < span_end:
-            labels[position] = input_ids[position]
+    if not offsets:
+        return labels
+    starts, ends = zip(*offsets)
+    for span_start, span_end in spans:
+        first = bisect.bisect_right(ends, span_start)  # first token ending after the span starts
+        last = bisect.bisect_left(starts, span_end)  # tokens starting before the span ends
+        labels[first:last] = input_ids[first:last]
     return labels
 
 
@@ -324,21 +371,40 @@ def tokenize_conversation(
     drop_long: bool = False,
 ) -> Tokenized:
     """Token ids and labels of one conversation; labels are IGNORE_INDEX outside the trained spans."""
-    text, spans = label_spans(tokenizer, messages, train_on)
+    return tokenize_many(tokenizer, [messages], max_length, train_on, drop_long)[0]
+
+
+def tokenize_many(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    max_length: int,
+    train_on: TrainOn = "assistant",
+    drop_long: bool = False,
+) -> list[Tokenized]:
+    """`tokenize_conversation` of many conversations: rendered in batched template calls and, with a fast
+    tokenizer, encoded in one batched call (the Rust tokenizer spreads it over threads)."""
+    rendered = label_spans_many(tokenizer, conversations, train_on)
     if tokenizer.is_fast:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = encoding["input_ids"]
-        labels = _labels_from_offsets(input_ids, encoding["offset_mapping"], spans)
+        encodings = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [
+            (input_ids, _labels_from_offsets(input_ids, offsets, spans))
+            for input_ids, offsets, (_, spans) in zip(encodings["input_ids"], encodings["offset_mapping"], rendered)
+        ]
     else:
-        input_ids, labels = _tokenize_pieces(tokenizer, text, spans)
-    status = "ok"
-    if len(input_ids) > max_length:
-        if drop_long:
-            return Tokenized([], [], "dropped_too_long")
-        input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
-    if all(label == IGNORE_INDEX for label in labels):
-        return Tokenized([], [], "dropped_no_label")
-    return Tokenized(input_ids, labels, status)
+        pieces = [_tokenize_pieces(tokenizer, text, spans) for text, spans in rendered]
+    results = []
+    for input_ids, labels in pieces:
+        status = "ok"
+        if len(input_ids) > max_length:
+            if drop_long:
+                results.append(Tokenized([], [], "dropped_too_long"))
+                continue
+            input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
+        if all(label == IGNORE_INDEX for label in labels):
+            results.append(Tokenized([], [], "dropped_no_label"))
+            continue
+        results.append(Tokenized(input_ids, labels, status))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,8 +414,7 @@ def tokenize_conversation(
 
 def _tokenize_batch(batch: dict, tokenizer, max_length: int, train_on: TrainOn, drop_long: bool) -> dict:
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
-    for messages in batch["messages"]:
-        tokenized = tokenize_conversation(tokenizer, messages, max_length, train_on, drop_long)
+    for tokenized in tokenize_many(tokenizer, batch["messages"], max_length, train_on, drop_long):
         out["input_ids"].append(tokenized.input_ids)
         out["labels"].append(tokenized.labels)
         out["length"].append(len(tokenized.input_ids))

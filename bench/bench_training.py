@@ -1,0 +1,211 @@
+"""Training throughput: pad-to-max (the official Qwen recipe), dynamic padding, our packing, trl SFTTrainer packing.
+
+Same tiny model, same tokenised data (long-tailed lengths, 20..2000 tokens), same batch size and number of
+optimizer steps for every method; each method runs in its own process, one after the other, so that its peak
+memory is its own. Prints real (non-pad) tokens per second, measured after the first step, and peak resident
+memory during training.
+
+    pip install -r bench/requirements.txt   # trl, for the fourth row
+    python bench/bench_training.py                  # ~5 min on 2 CPU cores
+    python bench/bench_training.py --steps 4 --conversations 400   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from bench.common import generate_conversations  # noqa: E402
+from sft.data import make_collator, tokenize_conversations  # noqa: E402
+from sft.modeling import load_tokenizer  # noqa: E402
+from sft.packing import prepare_packing  # noqa: E402
+
+METHODS = ("pad_to_max", "dynamic_padding", "packing", "trl_packing")
+
+
+class CountingCollator:
+    """Records the real tokens (the features' own lengths, before any padding) of every batch it makes."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.tokens: list[int] = []
+
+    def __call__(self, features):
+        self.tokens.append(sum(len(f["input_ids"]) for f in features))
+        return self.collator(features)
+
+
+class StepTimes(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+
+
+def peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size (Linux)
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tokenised(args, tokenizer):
+    conversations = generate_conversations(args.conversations, seed=args.seed)
+    dataset, _ = tokenize_conversations(
+        conversations, tokenizer, max_length=args.max_length, cache_dir=args.cache_dir, num_proc=2
+    )
+    return dataset
+
+
+def run_method(args) -> dict:
+    """One method's training run in this process; returns its measurements."""
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model, model_max_length=args.max_length)
+    dataset = tokenised(args, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=args.attn_implementation)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    timer = StepTimes()
+    if args.method == "trl_packing":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**common, packing=True, max_length=args.max_length, bf16=False, dataset_num_proc=1)
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset.select_columns(["input_ids", "labels"]),
+            processing_class=tokenizer,
+            callbacks=[timer],
+        )
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
+    else:
+        train_dataset = dataset
+        if args.method == "pad_to_max":
+            collator = make_collator(tokenizer, pad_to_length=args.max_length)
+        elif args.method == "dynamic_padding":
+            collator = make_collator(tokenizer)
+        else:
+            train_dataset, _, collator = prepare_packing(model, tokenizer.pad_token_id, args.max_length, dataset)
+        counter = CountingCollator(collator)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=train_dataset,
+            data_collator=counter,
+            callbacks=[timer],
+        )
+    baseline_rss = peak_rss_mib()
+    peak_rss_reset()
+    trainer.train()
+    peak = peak_rss_mib()
+    # The dataloader may fetch a batch ahead: only the first `steps` batches were trained on. Step 1 is warm-up.
+    tokens = counter.tokens[: args.steps]
+    seconds = timer.times[-1] - timer.times[0]
+    return {
+        "method": args.method,
+        "tokens_per_s": sum(tokens[1:]) / seconds,
+        "tokens_per_step": sum(tokens) / len(tokens),
+        "s_per_step": seconds / (len(timer.times) - 1),
+        "peak_rss_mib": peak,
+        "rss_before_mib": baseline_rss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conversations", type=int, default=2000, help="generated conversations")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per method (the first is warm-up)")
+    parser.add_argument("--batch_size", type=int, default=4, help="per-device batch (packed rows for packing)")
+    parser.add_argument("--max_length", type=int, default=2048, help="model_max_length")
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # a child process's one method
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        print("RESULT " + json.dumps(run_method(args)), flush=True)
+        return
+
+    from scripts.make_tiny_model import build_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-training-"))
+    model = build_tiny_model(
+        workdir / "model", hidden_size=args.hidden_size, num_layers=args.num_layers, pretrain_steps=0
+    )
+    cache_dir = workdir / "cache"
+    tokenizer = load_tokenizer(str(model), model_max_length=args.max_length)
+    lengths = tokenised(argparse.Namespace(**{**vars(args), "cache_dir": cache_dir}), tokenizer)["length"]
+    lengths = sorted(lengths)
+    print(
+        f"data: {len(lengths)} samples, tokens min {lengths[0]} / median {lengths[len(lengths) // 2]} / "
+        f"mean {sum(lengths) / len(lengths):.0f} / max {lengths[-1]}; batch {args.batch_size}, {args.steps} steps, "
+        f"max_length {args.max_length}, {args.attn_implementation}, torch threads {torch.get_num_threads()}; "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    results = {}
+    for method in args.methods:
+        command = [sys.executable, __file__, "--method", method, "--model", str(model), "--cache_dir", str(cache_dir)]
+        for key in ("conversations", "steps", "batch_size", "max_length", "attn_implementation", "seed"):
+            command += [f"--{key}", str(getattr(args, key))]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode or not lines:
+            print(f"{method}: failed\n{completed.stderr[-3000:]}")
+            continue
+        results[method] = json.loads(lines[-1][len("RESULT ") :])
+        print(f"  {method} done", flush=True)
+
+    print()
+    print("| method | real tokens/s | x pad_to_max | real tokens/step | s/step | peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    reference = results.get("pad_to_max", {}).get("tokens_per_s")
+    for method, r in results.items():
+        ratio = f"{r['tokens_per_s'] / reference:.2f}x" if reference else "-"
+        print(
+            f"| {method} | {r['tokens_per_s']:.0f} | {ratio} | {r['tokens_per_step']:.0f} | "
+            f"{r['s_per_step']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    if "packing" in results:
+        ours = results["packing"]["tokens_per_s"]
+        for other, target in (("pad_to_max", 4.0), ("trl_packing", 1.0)):
+            if other in results:
+                ratio = ours / results[other]["tokens_per_s"]
+                verdict = "meets" if ratio >= target else "MISSES"
+                print(f"packing vs {other}: {ratio:.2f}x (target >= {target}x: {verdict})")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared pieces of the benchmarks: generated conversations with a realistic long-tailed length mix."""
+
+from __future__ import annotations
+
+import math
+import random
+
+WORDS = (
+    "the cat river model garden question answer story bridge language weather city teacher student "
+    "explains remembers builds writes visits reads every morning small old new many books today 问题 天气 "
+    "中文 这本书 学习 喜欢 长城 新闻 1 2 3 42 100 , . ! ?"
+).split()
+
+
+def lognormal_length(
+    rng: random.Random, low: int = 20, high: int = 2000, median: float = 180, sigma: float = 1.0
+) -> int:
+    """A conversation length in (roughly) tokens: lognormal around `median`, clipped to [low, high]."""
+    return max(low, min(high, int(rng.lognormvariate(math.log(median), sigma))))
+
+
+def generate_conversations(count: int, seed: int = 0, high: int = 2000) -> list[list[dict[str, str]]]:
+    """Multi-turn chats (1-4 user/assistant turns, some with a system message) whose rendered length in tokens
+    of the tiny tokenizer roughly follows `lognormal_length` (a word here is about 1.6 of its tokens; the chat
+    template adds about 10 tokens, plus 5 per message)."""
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        turns = rng.randint(1, 4)
+        words = int((lognormal_length(rng, high=high) - 10 - 10 * turns) / 1.6)
+        messages = []
+        if rng.random() < 0.3:
+            messages.append({"role": "system", "content": "You are a careful assistant."})
+        for _ in range(turns):
+            share = max(2, words // turns)
+            user = max(1, share // 3)
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=user))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=max(1, share - user)))})
+        conversations.append(messages)
+    return conversations

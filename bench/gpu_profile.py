@@ -1,0 +1,236 @@
+"""GPU memory and speed of LoRA, Q-LoRA and full fine-tuning, in the layout of the Qwen README's profiling table.
+
+The model is a randomly initialised one of a real shape (the configs below are copied from the released
+models' config.json, so nothing is downloaded; weight values change neither speed nor memory). It is written
+once to --work_dir and loaded through sft.modeling, the same path finetune.py takes. Each cell trains
+--steps optimizer steps of batch 1 and gradient accumulation 8 on random tokens of one sequence length, after
+a warm-up step, and reports the peak GPU memory allocated and the seconds per optimizer step.
+
+    python bench/gpu_profile.py --model qwen2.5-1.5b                      # all modes, 256..8192
+    python bench/gpu_profile.py --model qwen2-7b --modes lora qlora --attn_implementation flash_attention_2
+    python bench/gpu_profile.py --model qwen2-7b --use_liger_kernel      # pip install liger-kernel
+    python bench/gpu_profile.py --tiny --device cpu                       # a smoke run anywhere (tests use it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from sft.modeling import add_lora, load_model, quantization_config  # noqa: E402
+
+# From the released config.json files (Qwen/Qwen2.5-1.5B-Instruct, Qwen/Qwen2-7B-Instruct).
+CONFIGS = {
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+    ),
+    "qwen2-7b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    ),
+    "tiny": dict(
+        model_type="qwen2",
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+}
+MODE_NAMES = {"lora": "LoRA", "qlora": "Q-LoRA", "full": "Full-parameter"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="qwen2.5-1.5b", help="model shape")
+    parser.add_argument("--tiny", action="store_true", help="shorthand for --model tiny")
+    parser.add_argument("--modes", nargs="+", choices=list(MODE_NAMES), default=list(MODE_NAMES))
+    parser.add_argument(
+        "--seq_lengths", nargs="+", type=int, help="default: 256 512 1024 2048 4096 8192 (32 64 with --tiny)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2")
+    parser.add_argument("--use_liger_kernel", action="store_true", help="Liger kernels (as transformers' flag)")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per cell")
+    parser.add_argument("--no_gradient_checkpointing", action="store_true", help="Qwen's profile uses it")
+    parser.add_argument("--lora_r", type=int, default=64)
+    parser.add_argument("--work_dir", default=None, help="where the random model is written (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.model = "tiny"
+    if not args.seq_lengths:
+        args.seq_lengths = [32, 64] if args.model == "tiny" else [256, 512, 1024, 2048, 4096, 8192]
+    return args
+
+
+def write_random_model(name: str, work_dir: Path, device: str) -> Path:
+    path = work_dir / f"random-{name}"
+    if (path / "config.json").exists():
+        return path
+    config = AutoConfig.for_model(**CONFIGS[name])
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 7B parameters is far quicker on the GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    return path
+
+
+def peak_memory_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the process's peak RSS (Linux)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def build(path: Path, mode: str, args: argparse.Namespace):
+    dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+    quantization = quantization_config(4, dtype) if mode == "qlora" else None
+    model = load_model(str(path), dtype, quantization, attn_implementation=args.attn_implementation)
+    if quantization is None:
+        model.to(args.device)
+    if args.use_liger_kernel:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    checkpointing = not args.no_gradient_checkpointing
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode in ("lora", "qlora"):
+        model = add_lora(
+            model,
+            r=args.lora_r,
+            alpha=16,
+            dropout=0.05,
+            target_modules="all-linear",
+            quantized=mode == "qlora",
+            gradient_checkpointing=checkpointing,
+        )
+    return model
+
+
+def measure(model, seq_length: int, args: argparse.Namespace) -> tuple[float, float]:
+    """(peak memory GiB, seconds per optimizer step) for one sequence length."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+    vocabulary = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seq_length)
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    peak_memory_reset(args.device)
+    times = []
+    for _ in range(args.steps + 1):  # the first optimizer step is warm-up
+        start = time.perf_counter()
+        for _ in range(args.gradient_accumulation_steps):
+            input_ids = torch.randint(0, vocabulary, (1, seq_length), generator=generator).to(args.device)
+            loss = model(input_ids=input_ids, labels=input_ids).loss / args.gradient_accumulation_steps
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    peak = peak_memory_gib(args.device)
+    del optimizer
+    return peak, sum(times[1:]) / len(times[1:])
+
+
+def profile(args: argparse.Namespace) -> dict[tuple[str, int], str]:
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-profile-"))
+    path = write_random_model(args.model, work_dir, args.device)
+    cells: dict[tuple[str, int], str] = {}
+    for mode in args.modes:
+        model = None
+        try:
+            model = build(path, mode, args)
+            for seq_length in args.seq_lengths:
+                try:
+                    peak, seconds = measure(model, seq_length, args)
+                    cells[mode, seq_length] = f"{peak:.1f}G / {seconds:.2f}s/it"
+                except torch.OutOfMemoryError:
+                    cells[mode, seq_length] = "OOM"
+                    gc.collect()
+                    if args.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                print(f"{MODE_NAMES[mode]} {seq_length}: {cells[mode, seq_length]}", flush=True)
+        except torch.OutOfMemoryError:
+            for seq_length in args.seq_lengths:
+                cells.setdefault((mode, seq_length), "OOM (load)")
+        finally:
+            del model
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return cells
+
+
+def table(cells: dict[tuple[str, int], str], args: argparse.Namespace) -> str:
+    lengths = args.seq_lengths
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak process RSS"
+    lines = [
+        f"{args.model}, {device}, {args.attn_implementation}{', Liger' if args.use_liger_kernel else ''}, "
+        f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, "
+        f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}; cells: {memory} / s per step",
+        "",
+        "| Model Size | Method | " + " | ".join(f"Sequence Length {n}" for n in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for index, mode in enumerate(args.modes):
+        name = args.model if index == 0 else ""
+        lines.append(f"| {name} | {MODE_NAMES[mode]} | " + " | ".join(cells[mode, n] for n in lengths) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    result = table(profile(args), args)
+    print(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Padding-free packing: many tokenised samples per training sequence, none attending to another.
+
+Samples are placed into sequences of at most `max_length` tokens by best-fit decreasing bin packing. Each
+sample keeps its own `position_ids` (0, 1, 2, ... restarting at every sample) and no attention mask is passed,
+which is what makes transformers keep packed samples apart (checked in transformers 5.23):
+
+- sdpa, eager, flex_attention: `masking_utils.create_causal_mask` reads sample boundaries from `position_ids`
+  when the attention mask is None (`find_packed_sequence_indices`) and builds a block-diagonal causal mask, row
+  by row. So packed rows are batched as rows, padded to the longest one (padding is its own block, label -100):
+  attention costs batch x length^2, not (batch x length)^2 as with one flattened row.
+- flash_attention_2/3: the varlen kernel takes boundaries from `position_ids` only for a batch of one row
+  (`_is_packed_sequence`); any other batch would attend across samples. So the whole batch is flattened into a
+  single row, with `cu_seq_lens_q/k` and `max_length_q/k` precomputed (as `DataCollatorWithFlattening` does).
+- anything else (a model's own remote code, other kernels): refused, unless the probe below shows it keeps
+  samples apart.
+
+`check_no_leak` is that probe: it runs the model once on two packed samples and compares the second sample's
+logits with those it gets alone, so a model that ignores the boundaries is refused before training starts.
+
+Each sample's first label is set to -100: the model shifts labels by one, so that label is what the previous
+sample's last token would learn to predict. Unpacked training never trains on it either, so the loss is the same.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Literal
+
+import datasets
+import torch
+from transformers import PreTrainedModel
+
+from sft.data import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+PackingLayout = Literal["rows", "flat"]
+
+# Attention implementations whose masks are built by transformers' masking_utils (packed rows supported).
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+class PackingError(ValueError):
+    """Packing was asked for with an attention implementation that would let samples attend to each other."""
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins whose total length is at most `capacity`.
+
+    Longest first, each into the fullest bin it still fits in (a new bin when none has room). Within a bin the
+    samples keep that order. Lengths above `capacity` are an error: truncate or drop them first.
+    """
+    too_long = [index for index, length in enumerate(lengths) if length > capacity]
+    if too_long:
+        raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, more than the bin size {capacity}")
+    bins: list[list[int]] = []
+    # Room left in each open bin, kept sorted, and the bin each entry belongs to (same order).
+    rooms: list[int] = []
+    room_bins: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        slot = bisect.bisect_left(rooms, length)  # the smallest room that still fits: best fit
+        if slot == len(rooms):
+            bins.append([index])
+            bin_index, room = len(bins) - 1, capacity - length
+        else:
+            bin_index, room = room_bins.pop(slot), rooms.pop(slot) - length
+            bins[bin_index].append(index)
+        if room > 0:
+            slot = bisect.bisect_left(rooms, room)
+            rooms.insert(slot, room)
+            room_bins.insert(slot, bin_index)
+    return bins
+
+
+def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Packed data set: columns input_ids, labels, position_ids and length (tokens in the row), one row per bin.
+
+    `dataset` holds tokenised samples (input_ids, labels), each at most `max_length` tokens long.
+    """
+    lengths = dataset["length"] if "length" in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
+    bins = best_fit_decreasing(list(lengths), max_length)
+    all_input_ids = dataset["input_ids"]
+    all_labels = dataset["labels"]
+    packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": []}
+    for members in bins:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        position_ids: list[int] = []
+        for index in members:
+            sample_labels = list(all_labels[index])
+            sample_labels[0] = IGNORE_INDEX
+            input_ids += all_input_ids[index]
+            labels += sample_labels
+            position_ids += range(len(sample_labels))
+        packed["input_ids"].append(input_ids)
+        packed["labels"].append(labels)
+        packed["position_ids"].append(position_ids)
+        packed["length"].append(len(input_ids))
+    total = sum(lengths)
+    logger.info(
+        "Packed %d samples (%d tokens) into %d sequences of at most %d tokens: %.1f%% full",
+        len(lengths),
+        total,
+        len(bins),
+        max_length,
+        100 * total / max(1, len(bins) * max_length),
+    )
+    return datasets.Dataset.from_dict(packed)
+
+
+class PackedCollator:
+    """Batches packed rows without an attention mask, so that transformers masks by `position_ids`.
+
+    layout "rows": rows padded to the longest (the padding gets positions 0, 1, ... of its own and label -100, so
+    it is a separate block that no real token attends to). layout "flat": all rows of the batch concatenated into
+    one, with the flash-attention varlen arguments.
+    """
+
+    def __init__(self, pad_token_id: int, layout: PackingLayout = "rows"):
+        self.pad_token_id = pad_token_id
+        self.layout = layout
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
+        if self.layout == "flat":
+            position_ids = torch.tensor([[p for f in features for p in f["position_ids"]]])
+            starts = (position_ids[0] == 0).nonzero().flatten()
+            cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.shape[1]])]).to(torch.int32)
+            max_length = int(cu_seq_lens.diff().max())
+            return {
+                "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]]),
+                "labels": torch.tensor([[t for f in features for t in f["labels"]]]),
+                "position_ids": position_ids,
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length,
+                "max_length_k": max_length,
+            }
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids, labels, position_ids = [], [], []
+        for f in features:
+            pad = longest - len(f["input_ids"])
+            input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            position_ids.append(list(f["position_ids"]) + list(range(pad)))
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(position_ids),
+        }
+
+
+def packing_layout(model: PreTrainedModel) -> PackingLayout:
+    """How packed rows must be batched for the model's attention implementation; PackingError if unsupported."""
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    if "flash" in implementation:  # flash_attention_2/3 and hub kernels of flash attention
+        return "flat"
+    if implementation in MASKED_ATTENTION:
+        return "rows"
+    raise PackingError(
+        f"--packing: attention implementation {implementation!r} is not known to keep packed samples apart "
+        f"(supported: {', '.join(MASKED_ATTENTION)}, flash_attention_2); pick one with --attn_implementation or "
+        "train without --packing"
+    )
+
+
+@torch.no_grad()
+def check_no_leak(model: PreTrainedModel, layout: PackingLayout, tolerance: float = 0.05) -> None:
+    """Raises PackingError unless the model keeps two packed samples apart.
+
+    A sample's logits alone, packed after another sample, and packed with a plain causal mask (which does let it
+    attend to the first) are compared: packed must be within `tolerance` of alone, relative to what attending
+    to the other sample changes. Relative, so it holds in bf16 as in fp32.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        vocabulary = model.get_input_embeddings().weight.shape[0]
+        first = torch.randint(0, vocabulary, (7,), generator=generator).tolist()
+        second = torch.randint(0, vocabulary, (9,), generator=generator).tolist()
+        row = {"input_ids": first + second, "labels": first + second, "position_ids": [*range(7), *range(9)]}
+        batch = PackedCollator(0, layout)([row])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+        # No cache, as in training: with one, transformers does not look for packed samples at all.
+        packed = model(**batch, use_cache=False).logits[0, 7:].float()
+        alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0].float()
+        leaked = (
+            model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                attention_mask=torch.ones_like(batch["input_ids"]),
+                use_cache=False,
+            )
+            .logits[0, 7:]
+            .float()
+        )
+    finally:
+        model.train(was_training)
+    error = (packed - alone).abs().max().item()
+    leak = (leaked - alone).abs().max().item()
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if not error <= tolerance * leak:
+        raise PackingError(
+            f"--packing: with attention implementation {implementation!r} this model lets packed samples attend "
+            f"to each other (a sample's logits change by {error:.3g} when packed after another; {leak:.3g} with "
+            "full cross-sample attention). Use --attn_implementation sdpa or flash_attention_2 with a "
+            "transformers model class, or train without --packing"
+        )
+    logger.info(
+        "Packing check passed (%s, %s layout): packed samples do not attend to each other", implementation, layout
+    )
+
+
+def prepare_packing(
+    model: PreTrainedModel,
+    pad_token_id: int,
+    max_length: int,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset | None = None,
+    check: bool = True,
+    use_cache: bool = False,
+) -> tuple[datasets.Dataset, datasets.Dataset | None, PackedCollator]:
+    """Packed training (and evaluation) data and their collator, after checking the model keeps samples apart.
+
+    `check=False` skips the probe forward pass (needed where the model cannot run outside the Trainer yet, e.g.
+    DeepSpeed ZeRO-3); `use_cache` is the Trainer's --use_cache, which must stay off.
+    """
+    if use_cache:
+        raise PackingError("--packing needs --use_cache off: with a KV cache transformers does not separate samples")
+    layout = packing_layout(model)
+    if check:
+        check_no_leak(model, layout)
+    train_dataset = pack_dataset(train_dataset, max_length)
+    if eval_dataset is not None:
+        eval_dataset = pack_dataset(eval_dataset, max_length)
+    return train_dataset, eval_dataset, PackedCollator(pad_token_id, layout)

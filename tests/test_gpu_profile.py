@@ -1,0 +1,32 @@
+"""bench/gpu_profile.py's CPU smoke run: every mode builds, trains a step and lands in the profile table."""
+
+from __future__ import annotations
+
+from bench.gpu_profile import main
+
+
+def test_gpu_profile_smoke_run_prints_the_qwen_layout(tmp_path):
+    printed = main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--seq_lengths",
+            "16",
+            "--steps",
+            "1",
+            "--gradient_accumulation_steps",
+            "1",
+            "--lora_r",
+            "4",
+            "--work_dir",
+            str(tmp_path),
+        ]
+    )
+    lines = printed.splitlines()
+    assert "| Model Size | Method | Sequence Length 16 |" in lines
+    rows = [line for line in lines if line.startswith("| ") and "s/it" in line]
+    assert [row.split("|")[2].strip() for row in rows] == ["LoRA", "Q-LoRA", "Full-parameter"]
+    for row in rows:
+        memory, speed = row.split("|")[3].strip().split(" / ")
+        assert float(memory.rstrip("G")) > 0 and float(speed.removesuffix("s/it")) > 0
