@@ -189,7 +189,7 @@ def profile(args: argparse.Namespace) -> dict[tuple[str, int], str]:
             for seq_length in args.seq_lengths:
                 try:
                     peak, seconds = measure(model, seq_length, args)
-                    cells[mode, seq_length] = f"{peak:.1f}G / {seconds:.2f}s/it"
+                    cells[mode, seq_length] = f"{peak:.1f}G / {seconds:.3g}s/it"
                 except torch.OutOfMemoryError:
                     cells[mode, seq_length] = "OOM"
                     gc.collect()
