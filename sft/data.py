@@ -249,7 +249,7 @@ def label_spans(
             if start < 0:
                 raise ValueError(f"the chat template does not render assistant turn {i} verbatim")
             end = start + len(messages[i]["content"])
-            turn_end = _end_of_turn(tokenizer)
+            turn_end = end_of_turn(tokenizer)
             if turn_end and text.startswith(turn_end, end):
                 end += len(turn_end)
         spans.append((start, end))
@@ -257,7 +257,7 @@ def label_spans(
     return text, spans
 
 
-def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the template writes after an assistant message's content, e.g. "<|im_end|>" or "<|eot_id|>"."""
     marker = "\u2063end-of-turn-probe\u2063"
     text = render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}])
