@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -176,6 +177,8 @@ def chat(session: Session) -> None:
 
 def main() -> None:
     args = parse_args()
+    # Ctrl-C must raise KeyboardInterrupt even where it was started with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
