@@ -81,7 +81,8 @@ def test_answers_keeps_history_and_forgets_on_clh(chat_adapter, expected):
     assert "Unknown command :tell" in command(cli, ":tell me a joke")
     assert command(cli, ":his").count("[user]") == 1  # the unknown command did not go to the model
     assert ":clear-history" in command(cli, ":h") and ":reset-conf" in command(cli, ":help")
-    assert cli_demo.CLEAR_SCREEN in command(cli, ":cl")
+    cli.sendline(":cl")
+    cli.expect_exact(cli_demo.CLEAR_SCREEN + PROMPT)
     cli.sendeof()  # Ctrl-D
     cli.expect(pexpect.EOF)
     cli.close()
@@ -124,7 +125,8 @@ def test_conf_seed_and_system_apply_to_the_next_reply(chat_adapter, expected):
     assert command(cli, ":system") == "system: (the chat template's default)"
     assert command(cli, ":system You are a pirate.") == "system: You are a pirate."
     assert ask(cli, question) == pirate
-    command(cli, ":q")
+    cli.sendline(":q")
+    cli.expect_exact("Bye.")
     cli.expect(pexpect.EOF)
 
 

@@ -32,7 +32,7 @@ def free_port() -> int:
 def web_demo(chat_adapter):
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
-    command = [sys.executable, "web_demo.py", "-c", chat_adapter, "--server-port", str(port), "--system", "Be brief."]
+    command = [sys.executable, "web_demo.py", "-c", chat_adapter, "--server-port", str(port)]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
@@ -57,7 +57,7 @@ def test_browser_gets_streamed_replies_with_history_and_clear_forgets(web_demo, 
     settings = GenerationSettings.from_model(model)
 
     def expected(history: list[dict], query: str) -> str:
-        return "".join(stream_reply(model, tokenizer, conversation(history, query, "Be brief."), settings)).strip()
+        return "".join(stream_reply(model, tokenizer, conversation(history, query), settings)).strip()
 
     first_q, second_q = "What is your name?", "Who built you?"
     first = expected([], first_q)
