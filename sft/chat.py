@@ -1,29 +1,227 @@
-"""Talking to a trained model: load any output folder and generate replies with the training chat template."""
+"""Talking to a trained model, for the demos and scripts/ask.py.
+
+`load_for_chat(path)` loads whatever a training run or a post-processing script wrote: a LoRA adapter folder
+(recognised by its `adapter_config.json`; its base model is loaded under it), a merged model, a full fine-tune
+or a GPTQ-quantised folder, on the GPU when there is one. `stream_reply` renders the conversation with the same
+chat template code as training (`sft.data.render`) and yields the reply's text as it is generated, stopping at
+the template's end-of-turn token; closing the stream (or Ctrl-C while reading it) stops the generation.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    set_seed,
+)
 
-from sft.data import Conversation, render
+from sft.data import Conversation, end_of_turn, render
 from sft.modeling import load_model, load_tokenizer
 
 
-def load_for_chat(path: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A base model, full fine-tune or merged model; or, for an adapter folder, its base model with the adapter."""
+def pick_device(cpu_only: bool = False) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
+
+
+def pick_dtype(device: torch.device, gptq: bool = False) -> torch.dtype:
+    """bfloat16 on GPUs that have it (float16 on older ones and for GPTQ kernels), float32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    if gptq or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _is_gptq(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method") == "gptq"
+
+
+def load_for_chat(
+    path: str, trust_remote_code: bool = False, cpu_only: bool = False, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A base model, full fine-tune, merged or GPTQ model; or, for an adapter folder, its base model with the adapter.
+
+    The tokenizer comes from `path` (finetune.py saves it with every output), else from the adapter's base model.
+    """
     adapter_config = Path(path) / "adapter_config.json"
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else path
+    device = pick_device(cpu_only)
+    dtype = dtype or pick_dtype(device, gptq=_is_gptq(base_path))
+    has_tokenizer = (Path(path) / "tokenizer_config.json").is_file() or not adapter_config.is_file()
+    tokenizer = load_tokenizer(path if has_tokenizer else base_path, trust_remote_code)
+    model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device})
     if adapter_config.is_file():
         from peft import PeftModel
 
-        base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_model(base_path, trust_remote_code=trust_remote_code), path)
-    else:
-        model = load_model(path, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, path)
     return model.eval(), tokenizer
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The model's end-of-sequence ids plus the chat template's end-of-turn token (e.g. <|im_end|>)."""
+    ids: set[int] = set()
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    turn_end = tokenizer.encode(end_of_turn(tokenizer), add_special_tokens=False) if end_of_turn(tokenizer) else []
+    if len(turn_end) == 1:
+        ids.add(turn_end[0])
+    return sorted(ids)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What a demo lets the user change between replies. temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, **overrides: object) -> GenerationSettings:
+        """The model's own generation_config values where it has them; `overrides` that are not None win."""
+        config = model.generation_config
+        values: dict[str, object] = {}
+        for name in ("max_new_tokens", "top_p", "top_k", "repetition_penalty"):
+            if getattr(config, name, None) is not None:
+                values[name] = getattr(config, name)
+        if config.do_sample is False:
+            values["temperature"] = 0.0
+        elif config.temperature is not None:
+            values["temperature"] = config.temperature
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values).checked()
+
+    def checked(self) -> GenerationSettings:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append("max_new_tokens must be at least 1")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            problems.append("min_new_tokens must be between 0 and max_new_tokens")
+        if self.temperature < 0:
+            problems.append("temperature must be 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append("top_k must be 0 (off) or more")
+        if self.repetition_penalty <= 0:
+            problems.append("repetition_penalty must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def updated(self, assignments: list[str]) -> GenerationSettings:
+        """A copy with `key=value` assignments applied, all or none; values are parsed by the field's type."""
+        types = {field.name: field.type for field in fields(self)}
+        values: dict[str, object] = {}
+        for assignment in assignments:
+            key, equals, text = assignment.partition("=")
+            key = key.strip()
+            if not equals or not text.strip():
+                raise ValueError(f"'{assignment}': expected key=value")
+            if key not in types:
+                raise ValueError(f"unknown setting '{key}'; settings: {', '.join(types)}")
+            try:
+                values[key] = int(text) if types[key] == "int" else float(text)
+            except ValueError:
+                kind = "an integer" if types[key] == "int" else "a number"
+                raise ValueError(f"'{assignment}': {key} takes {kind}") from None
+        return replace(self, **values).checked()
+
+    def describe(self) -> str:
+        return "  ".join(f"{key}={value}" for key, value in asdict(self).items()) + (
+            "  (greedy)" if self.temperature == 0 else ""
+        )
+
+    def generation_config(self, stop_ids: list[int], pad_token_id: int | None) -> GenerationConfig:
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens or None,
+            repetition_penalty=self.repetition_penalty,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_token_id if pad_token_id is not None else stop_ids[0],
+            **(sampling if self.temperature > 0 else {"do_sample": False}),
+        )
+
+
+def conversation(history: Conversation, query: str, system: str | None = None) -> Conversation:
+    """The messages for the next reply: an optional system prompt, the earlier turns, the new user message."""
+    return ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": query}]
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Conversation,
+    settings: GenerationSettings | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Yields the assistant's next message piece by piece as it is generated (special tokens left out).
+
+    `seed`, when given, is set right before generating, so the same conversation, settings and seed give the same
+    reply. Generation runs in a thread; closing this iterator early (or an exception while it is being read,
+    Ctrl-C included) stops it after the current token and waits for it.
+    """
+    settings = settings or GenerationSettings.from_model(model)
+    prompt = render(tokenizer, messages, add_generation_prompt=True)
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            model.generate(
+                **inputs,
+                generation_config=settings.generation_config(stop_token_ids(model, tokenizer), tokenizer.pad_token_id),
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+            )
+        except BaseException as error:  # reported in the reading thread; end() unblocks it
+            failure.append(error)
+            streamer.end()
+
+    if seed is not None:
+        set_seed(seed)
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    try:
+        for text in streamer:
+            if text:
+                yield text
+    finally:
+        stop.set()
+        thread.join()
+    if failure:
+        raise failure[0]
 
 
 @torch.no_grad()
@@ -34,8 +232,9 @@ def reply(
     max_new_tokens: int = 64,
     **generation: object,
 ) -> str:
-    """The assistant's next message; greedy unless sampling settings are given."""
+    """The assistant's next message, whole; greedy unless sampling settings are given. Stops at end of turn."""
     prompt = render(tokenizer, messages, add_generation_prompt=True)
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
+    generation.setdefault("eos_token_id", stop_token_ids(model, tokenizer))
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generation)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -302,7 +302,7 @@ def label_spans_many(
                     raise ValueError(f"the chat template does not render assistant turn {i} verbatim")
                 end = start + len(messages[i]["content"])
                 if turn_end is None:
-                    turn_end = _end_of_turn(tokenizer)
+                    turn_end = end_of_turn(tokenizer)
                 if turn_end and text.startswith(turn_end, end):
                     end += len(turn_end)
             spans.append((start, end))
@@ -317,7 +317,7 @@ def template_overhead(tokenizer: PreTrainedTokenizerBase) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False)) - 2
 
 
-def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the template writes after an assistant message's content, e.g. "<|im_end|>" or "<|eot_id|>"."""
     marker = "\u2063end-of-turn-probe\u2063"
     text = render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}])

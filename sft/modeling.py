@@ -85,10 +85,10 @@ def load_model(
     quantization: BitsAndBytesConfig | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    device_map: dict | str | None = None,
 ) -> PreTrainedModel:
     """A causal LM; a quantised one goes on this process's GPU when there is one (bitsandbytes needs that)."""
-    device_map = None
-    if quantization is not None and torch.cuda.is_available():
+    if device_map is None and quantization is not None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     logger.info("Loading %s (%s%s)", path, dtype, f", {quantization.quant_method} quantised" if quantization else "")
     # Passed only when asked for: an explicit None would drop the quantisation of a pre-quantised (GPTQ) model.

@@ -26,3 +26,32 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: str):
     return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def chat_adapter(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A LoRA adapter folder of the tiny model, written by finetune.py (a few steps on the example data)."""
+    import sys
+
+    import finetune
+
+    output = tmp_path_factory.mktemp("chat") / "lora"
+    args = ["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl"]
+    args += ["--output_dir", str(output), "--use_lora", "--lora_r", "8", "--lora_alpha", "16", "--max_steps", "6"]
+    args += ["--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--save_strategy", "no"]
+    args += ["--report_to", "none", "--seed", "0", "--model_max_length", "128", "--dataloader_pin_memory", "false"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["finetune.py", *args])
+        finetune.train()
+    return str(output)
+
+
+@pytest.fixture(scope="session")
+def chat_merged(chat_adapter: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same adapter merged into its base model and saved as a plain model folder, with the tokenizer."""
+    from peft import AutoPeftModelForCausalLM
+
+    output = tmp_path_factory.mktemp("chat") / "merged"
+    AutoPeftModelForCausalLM.from_pretrained(chat_adapter).merge_and_unload().save_pretrained(output)
+    load_tokenizer(chat_adapter).save_pretrained(output)
+    return str(output)

@@ -1,0 +1,120 @@
+"""web_demo.py as a person uses it: started on a free localhost port, driven by a real headless chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import pytest
+
+from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium installed (Debian: apt-get install chromium); scripts/test.sh installs it"
+)
+SCREENSHOT = os.environ.get("WEB_DEMO_SCREENSHOT")  # where to save a picture of the page, if anywhere
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def web_demo(chat_adapter):
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+    command = [sys.executable, "web_demo.py", "-c", chat_adapter, "--server-port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"web_demo.py did not start:\n{server.communicate()[0]}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_browser_gets_streamed_replies_with_history_and_clear_forgets(web_demo, chat_adapter):
+    from playwright.sync_api import expect, sync_playwright
+
+    model, tokenizer = load_for_chat(chat_adapter)
+    settings = GenerationSettings.from_model(model)
+
+    def expected(history: list[dict], query: str) -> str:
+        return "".join(stream_reply(model, tokenizer, conversation(history, query), settings)).strip()
+
+    first_q, second_q = "What is your name?", "Who built you?"
+    first = expected([], first_q)
+    second_fresh = expected([], second_q)
+    second_after_first = expected(
+        [{"role": "user", "content": first_q}, {"role": "assistant", "content": first}], second_q
+    )
+    assert first and second_fresh != second_after_first, "pick questions whose reply depends on the history"
+
+    outside: list[str] = []
+
+    def only_this_server(route) -> None:
+        if urlparse(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        page.route("**/*", only_this_server)
+        page.goto(web_demo)
+        message = page.locator("#message textarea")
+        message.wait_for(timeout=60_000)
+        bot = page.locator("#chatbot .message.bot")
+        # Every text the last reply bubble shows as the page changes: a streamed reply grows piece by piece.
+        page.evaluate(
+            """() => {
+                window.shown = [];
+                new MutationObserver(() => {
+                    const bubbles = document.querySelectorAll('#chatbot .message.bot');
+                    if (bubbles.length) window.shown.push(bubbles[bubbles.length - 1].innerText.trim());
+                }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
+            }"""
+        )
+        message.fill(first_q)
+        page.locator("#send").click()
+        expect(bot.last).to_have_text(first, timeout=60_000)
+        expect(page.locator("#chatbot .message.user").last).to_have_text(first_q)
+        shown = page.evaluate("window.shown")
+        if SCREENSHOT:
+            page.screenshot(path=SCREENSHOT, full_page=True)
+
+        message.fill(second_q)
+        message.press("Enter")
+        expect(bot).to_have_count(2)
+        expect(bot.last).to_have_text(second_after_first, timeout=60_000)  # the history went with it
+
+        page.locator("#clear").click()
+        expect(bot).to_have_count(0)
+        message.fill(second_q)
+        message.press("Enter")
+        expect(bot.last).to_have_text(second_fresh, timeout=60_000)
+        expect(bot).to_have_count(1)
+        browser.close()
+
+    assert outside == [], "the page asked for something beyond this server"
+    growing = [text for text in shown if text and text != first and first.startswith(text)]
+    assert growing, f"no partial reply was ever on screen: {shown}"
