@@ -96,8 +96,13 @@ def test_conf_seed_and_system_apply_to_the_next_reply(chat_adapter, expected):
     sampled = {"temperature": 1.5, "top_p": 1.0, "top_k": 0}
     seven, eight = expected([], question, seed=7, **sampled), expected([], question, seed=8, **sampled)
     assert seven != eight
-    pirate = expected([], question, system="You are a pirate.")
-    assert pirate != full
+    # A system prompt that changes this tiny model's greedy answer, so the check below can fail.
+    system = next(
+        text
+        for text in ("You are a pirate.", "Answer in French.", "你好", "Be brief. Be brief. Be brief.")
+        if expected([], question, system=text) != full
+    )
+    pirate = expected([], question, system=system)
 
     cli = start(chat_adapter)
     assert "max_new_tokens=3" in command(cli, ":conf max_new_tokens=3")
@@ -123,7 +128,7 @@ def test_conf_seed_and_system_apply_to_the_next_reply(chat_adapter, expected):
     command(cli, ":reset-conf")
     command(cli, ":clh")
     assert command(cli, ":system") == "system: (the chat template's default)"
-    assert command(cli, ":system You are a pirate.") == "system: You are a pirate."
+    assert command(cli, f":system {system}") == f"system: {system}"
     assert ask(cli, question) == pirate
     cli.sendline(":q")
     cli.expect_exact("Bye.")
