@@ -23,8 +23,7 @@ from sft.packing import (
     packing_layout,
     prepare_packing,
 )
-
-EXAMPLES = "data/example_chatml.jsonl"
+from tests.test_finetune import EXAMPLES, common_args
 
 
 def causal_attention_ignoring_mask(module, query, key, value, attention_mask, **kwargs):
@@ -158,30 +157,12 @@ def test_packing_refused_where_attention_would_leak(tiny_model):
 
 
 def finetune_args(model: str, output, *extra: str) -> list[str]:
+    # A repeated flag takes its last value: batch 2 here, so that a packed row holds several samples.
     return [
         "finetune.py",
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        str(output),
-        "--max_steps",
-        "6",
+        *common_args(model, output, steps=6),
         "--per_device_train_batch_size",
         "2",
-        "--learning_rate",
-        "5e-3",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--model_max_length",
-        "256",
-        "--dataloader_pin_memory",
-        "false",
         "--packing",
         *extra,
     ]
