@@ -25,13 +25,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.data import DataError, load_conversations, make_collator, template_overhead, tokenize_conversations
 from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
-from sft.outputs import publish
+from sft.outputs import RUN_INFO_FILE, publish
 from sft.packing import PackingError, prepare_packing
 from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, FinetuneTrainer, PreemptionHandler, last_complete_checkpoint
 
 logger = logging.getLogger("finetune")
-
-RUN_INFO_FILE = "finetune_run.json"
 
 
 @dataclass
@@ -286,10 +284,11 @@ def train() -> Trainer:
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.trust_remote_code, training_args.model_max_length
     )
-    if training_args.model_max_length <= template_overhead(tokenizer) + 1:
+    overhead = template_overhead(tokenizer)
+    if training_args.model_max_length <= overhead + 1:
         sys.exit(
             f"error: --model_max_length {training_args.model_max_length} leaves no room for text: the chat "
-            f"template alone takes {template_overhead(tokenizer)} tokens"
+            f"template alone takes {overhead} tokens"
         )
     tokenize_options = dict(
         tokenizer=tokenizer,

@@ -25,12 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from sft.data import Conversation, DataError, load_conversations
 from sft.evaluation import format_size, max_abs_diff, sample_logits, save_chat_files, tokenize_samples, weights_size
-from sft.modeling import DTYPES, load_model, load_tokenizer, quantization_config
-from sft.outputs import check_new_output, replace_folder, staging_folder
+from sft.modeling import DTYPES, load_model, load_tokenizer, quantization_config, tokenizer_folder
+from sft.outputs import RUN_INFO_FILE, check_new_output, replace_folder, staging_folder
 
 logger = logging.getLogger("merge_lora")
 
-RUN_INFO_FILE = "finetune_run.json"  # written next to the adapter by finetune.py
 MERGE_INFO_FILE = "merge_info.json"
 
 # Used for the self-check when neither --data_path nor the adapter's training data is at hand.
@@ -130,9 +129,7 @@ def main() -> None:
     mode = run_info.get("mode", "lora")
     logger.info("Adapter %s (%s) onto base %s", args.adapter, mode, base)
 
-    # finetune.py saves the tokenizer with the adapter: that one (and its chat template) is what was trained on.
-    tokenizer_source = args.adapter if (Path(args.adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(tokenizer_source, args.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_folder(args.adapter, base), args.trust_remote_code)
     samples = tokenize_samples(tokenizer, conversations, args.check_max_length, train_on="all")
     dtype = merge_dtype(args.dtype, base, args.trust_remote_code)
 

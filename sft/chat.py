@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from sft.data import Conversation, end_of_turn, render
-from sft.modeling import load_model, load_tokenizer
+from sft.modeling import load_model, load_tokenizer, tokenizer_folder
 
 
 def pick_device(cpu_only: bool = False) -> torch.device:
@@ -62,8 +62,7 @@ def load_for_chat(
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else path
     device = pick_device(cpu_only)
     dtype = dtype or pick_dtype(device, gptq=_is_gptq(base_path))
-    has_tokenizer = (Path(path) / "tokenizer_config.json").is_file() or not adapter_config.is_file()
-    tokenizer = load_tokenizer(path if has_tokenizer else base_path, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_folder(path, base_path), trust_remote_code)
     model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device})
     if adapter_config.is_file():
         from peft import PeftModel
@@ -79,7 +78,8 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    turn_end = tokenizer.encode(end_of_turn(tokenizer), add_special_tokens=False) if end_of_turn(tokenizer) else []
+    turn_end_text = end_of_turn(tokenizer)
+    turn_end = tokenizer.encode(turn_end_text, add_special_tokens=False) if turn_end_text else []
     if len(turn_end) == 1:
         ids.add(turn_end[0])
     return sorted(ids)

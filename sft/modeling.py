@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -56,6 +57,12 @@ def load_tokenizer(
         # Saved with the outputs, so what was trained on ChatML is served with ChatML.
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def tokenizer_folder(folder: str, base_model: str) -> str:
+    """`folder` when it holds a tokenizer (finetune.py saves one with every adapter: the one trained on), else
+    the base model's."""
+    return folder if (Path(folder) / "tokenizer_config.json").is_file() else base_model
 
 
 def chat_special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -6,6 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
+# What finetune.py writes next to its final model or adapter: mode, base model, data, steps, arguments.
+RUN_INFO_FILE = "finetune_run.json"
+
 # Written last, so that whoever finds one of them finds the weights it points to already in place.
 ENTRY_FILES = ("config.json", "adapter_config.json")
 
