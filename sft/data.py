@@ -259,7 +259,13 @@ def label_spans(
 def label_spans_many(
     tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], train_on: TrainOn = "assistant"
 ) -> list[tuple[str, list[tuple[int, int]]]]:
-    """`label_spans` of many conversations, with all their prefixes rendered in two batched calls."""
+    """`label_spans` of many conversations.
+
+    Rendering every prefix of every conversation costs a render per turn, so the answers are first found in
+    one render with markers around them (`_spans_by_markers`). That shortcut is only taken where it gives the
+    prefix spans exactly: one conversation of each role sequence in the batch is checked against
+    `_spans_by_prefixes`, and any conversation the markers would change takes the prefix path itself.
+    """
     texts = _render_many(tokenizer, conversations)
     if train_on == "all":
         return [(text, [(0, len(text))]) for text in texts]
@@ -267,6 +273,77 @@ def label_spans_many(
     for messages in conversations:
         turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
         turns_of.append(turns[-1:] if train_on == "last_assistant" else turns)
+
+    by_markers = _spans_by_markers(tokenizer, conversations, turns_of, texts)
+    one_of_each_shape = {}
+    for k, (messages, spans) in enumerate(zip(conversations, by_markers)):
+        if spans is not None:
+            one_of_each_shape.setdefault(tuple(message["role"] for message in messages), k)
+    checked = list(one_of_each_shape.values())
+    expected = _spans_by_prefixes(tokenizer, *_pick(checked, conversations, turns_of, texts, by_markers))
+    fast = all(by_markers[k] == spans for k, spans in zip(checked, expected))
+    slow = [k for k, spans in enumerate(by_markers) if spans is None or not fast]
+    spans_of = list(by_markers)
+    for k, spans in zip(slow, _spans_by_prefixes(tokenizer, *_pick(slow, conversations, turns_of, texts, by_markers))):
+        spans_of[k] = spans
+    return list(zip(texts, spans_of))
+
+
+def _pick(indices: list[int], *columns: list) -> list[list]:
+    return [[column[k] for k in indices] for column in columns]
+
+
+# Private-use characters put around each trained answer, so one render shows where the answers are. A
+# conversation that already holds them, or whose text they change, is labelled by rendering prefixes instead.
+ANSWER_OPEN, ANSWER_CLOSE = "\ue000", "\ue001"
+
+
+def _spans_by_markers(
+    tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], turns_of: list[list[int]], texts: list[str]
+) -> list[list[tuple[int, int]] | None]:
+    """Each trained answer's span: from its first character through the end-of-turn marker that follows it,
+    or None for a conversation where the markers do not come out around the unchanged answers."""
+    marked = []
+    for messages, turns in zip(conversations, turns_of):
+        marked_messages = list(messages)
+        for i in turns:
+            marked_messages[i] = {**messages[i], "content": ANSWER_OPEN + messages[i]["content"] + ANSWER_CLOSE}
+        marked.append(marked_messages)
+    turn_end = end_of_turn(tokenizer) if conversations else ""
+    results: list[list[tuple[int, int]] | None] = []
+    for messages, turns, text, marked_text in zip(conversations, turns_of, texts, _render_many(tokenizer, marked)):
+        if marked_text.count(ANSWER_OPEN) != len(turns) or marked_text.count(ANSWER_CLOSE) != len(turns):
+            results.append(None)
+            continue
+        spans, pieces, length, cursor = [], [], 0, 0
+        for i in turns:
+            opening = marked_text.index(ANSWER_OPEN, cursor)
+            closing = marked_text.find(ANSWER_CLOSE, opening)
+            content = marked_text[opening + 1 : closing]
+            if closing < 0 or content != messages[i]["content"]:
+                break
+            pieces += [marked_text[cursor:opening], content]
+            length += opening - cursor
+            start, end = length, length + len(content)
+            length, cursor = end, closing + 1
+            if turn_end and marked_text.startswith(turn_end, cursor):
+                end += len(turn_end)
+            spans.append((start, end))
+        pieces.append(marked_text[cursor:])
+        results.append(spans if len(spans) == len(turns) and "".join(pieces) == text else None)
+    return results
+
+
+def _spans_by_prefixes(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    turns_of: list[list[int]],
+    texts: list[str],
+    by_markers: list[list[tuple[int, int]] | None],
+) -> list[list[tuple[int, int]]]:
+    """Each trained answer's span: from where the generation prompt of its prefix ends to the end of its turn as
+    the template renders it, with all prefixes rendered in two batched calls. Where the template renders a
+    prefix differently (it rewrites earlier turns), the span is the marked answer, or the answer searched for."""
     befores = iter(
         _render_many(
             tokenizer,
@@ -288,14 +365,16 @@ def label_spans_many(
     )
     results = []
     turn_end = None
-    for messages, turns, text in zip(conversations, turns_of, texts):
+    for messages, turns, text, marked in zip(conversations, turns_of, texts, by_markers):
         spans = []
         cursor = 0
-        for i in turns:
+        for n, i in enumerate(turns):
             before = next(befores) if i else ""
             through = (next(throughs) if i + 1 < len(messages) else text).rstrip()
             if text.startswith(before) and text.startswith(through) and len(before) < len(through):
                 start, end = len(before), len(through)
+            elif marked is not None:
+                start, end = marked[n]
             else:
                 start = text.find(messages[i]["content"], cursor)
                 if start < 0:
@@ -307,7 +386,7 @@ def label_spans_many(
                     end += len(turn_end)
             spans.append((start, end))
             cursor = end
-        results.append((text, spans))
+        results.append(spans)
     return results
 
 
@@ -337,6 +416,23 @@ def _labels_from_offsets(
         first = bisect.bisect_right(ends, span_start)  # first token ending after the span starts
         last = bisect.bisect_left(starts, span_end)  # tokens starting before the span ends
         labels[first:last] = input_ids[first:last]
+    return labels
+
+
+def _labels_of_encoding(encoding: Any, input_ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """`_labels_from_offsets` from a Rust `tokenizers.Encoding` of `input_ids`, asking it only for the tokens at
+    the span edges: turning every token's offsets into Python tuples costs more than the encoding itself."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for span_start, span_end in spans:
+        first, last = encoding.char_to_token(span_start), encoding.char_to_token(span_end - 1)
+        if first is None or last is None:  # an edge on a character no token covers (trimmed whitespace)
+            return _labels_from_offsets(input_ids, encoding.offsets, spans)
+        # Byte-level tokens can split one character, so neighbours may share the edge character.
+        while first > 0 and encoding.token_to_chars(first - 1)[1] > span_start:
+            first -= 1
+        while last + 1 < len(input_ids) and encoding.token_to_chars(last + 1)[0] < span_end:
+            last += 1
+        labels[first : last + 1] = input_ids[first : last + 1]
     return labels
 
 
@@ -385,11 +481,17 @@ def tokenize_many(
     tokenizer, encoded in one batched call (the Rust tokenizer spreads it over threads)."""
     rendered = label_spans_many(tokenizer, conversations, train_on)
     if tokenizer.is_fast:
-        encodings = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        pieces = [
-            (input_ids, _labels_from_offsets(input_ids, offsets, spans))
-            for input_ids, offsets, (_, spans) in zip(encodings["input_ids"], encodings["offset_mapping"], rendered)
-        ]
+        backend = tokenizer.backend_tokenizer
+        # The Rust tokenizer keeps the truncation or padding of the last call that set one; we want neither.
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        encodings = backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        pieces = []
+        for encoding, (_, spans) in zip(encodings, rendered):
+            input_ids = encoding.ids  # a new Python list on each access
+            pieces.append((input_ids, _labels_of_encoding(encoding, input_ids, spans)))
     else:
         pieces = [_tokenize_pieces(tokenizer, text, spans) for text, spans in rendered]
     results = []
@@ -400,7 +502,7 @@ def tokenize_many(
                 results.append(Tokenized([], [], "dropped_too_long"))
                 continue
             input_ids, labels, status = input_ids[:max_length], labels[:max_length], "truncated"
-        if all(label == IGNORE_INDEX for label in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             results.append(Tokenized([], [], "dropped_no_label"))
             continue
         results.append(Tokenized(input_ids, labels, status))
@@ -413,8 +515,9 @@ def tokenize_many(
 
 
 def _tokenize_batch(batch: dict, tokenizer, max_length: int, train_on: TrainOn, drop_long: bool) -> dict:
+    conversations = [json.loads(messages) for messages in batch["messages"]]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": []}
-    for tokenized in tokenize_many(tokenizer, batch["messages"], max_length, train_on, drop_long):
+    for tokenized in tokenize_many(tokenizer, conversations, max_length, train_on, drop_long):
         out["input_ids"].append(tokenized.input_ids)
         out["labels"].append(tokenized.labels)
         out["length"].append(len(tokenized.input_ids))
@@ -422,9 +525,10 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int, train_on: TrainOn, 
     return out
 
 
-def _fingerprint(conversations: list[Conversation], tokenizer, max_length: int, train_on: str, drop_long: bool) -> str:
+def _fingerprint(records: list[str], tokenizer, max_length: int, train_on: str, drop_long: bool) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps(conversations, ensure_ascii=False).encode())
+    for record in records:
+        digest.update(record.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     for part in (vocabulary, chat_template_of(tokenizer), type(tokenizer).__name__, max_length, train_on, drop_long):
@@ -450,8 +554,11 @@ def tokenize_conversations(
     """
     cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(conversations, tokenizer, max_length, train_on, drop_long)
-    dataset = datasets.Dataset.from_list([{"messages": messages} for messages in conversations])
+    # Each conversation as one JSON string: Arrow stores and hands back strings far faster than nested lists of
+    # dicts, and the same strings make the cache key.
+    records = [json.dumps(messages, ensure_ascii=False) for messages in conversations]
+    fingerprint = _fingerprint(records, tokenizer, max_length, train_on, drop_long)
+    dataset = datasets.Dataset.from_dict({"messages": records})
     dataset = dataset.map(
         _tokenize_batch,
         batched=True,

@@ -5,11 +5,17 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import generate_conversations
 from sft.data import (
     IGNORE_INDEX,
     DataError,
+    _labels_from_offsets,
+    _labels_of_encoding,
+    _spans_by_markers,
+    _spans_by_prefixes,
     _tokenize_pieces,
     label_spans,
+    label_spans_many,
     load_conversations,
     make_collator,
     tokenize_conversation,
@@ -259,6 +265,60 @@ def test_a_template_that_rewrites_history_still_labels_each_answer(tokenizer):
     )
     text, spans = label_spans(tagged, MULTI_TURN)
     assert [text[start:end] for start, end in spans] == ["Hello!<|im_end|>", "很好。<|im_end|>"]
+
+
+# Like Qwen3's: the last answer gets an (empty) reasoning block the generation prompt does not hold, and an
+# answer's own reasoning is cut out of earlier turns.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1] }}"
+    "{% else %}{{ m['content'] | trim }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ODD_CONVERSATIONS = [
+    MULTI_TURN,
+    [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "ok"}],
+    [{"role": "user", "content": " padded "}, {"role": "assistant", "content": "  spaced answer \n"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "holds \ue000 a marker \ue001"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hmm</think>sure"}],
+]
+
+
+@pytest.mark.parametrize("template", ["own", "llama3", "rewrites_last", "thinking"])
+def test_labelling_by_one_marked_render_equals_rendering_prefixes(tokenizer, template):
+    # The fast path must label exactly what rendering every prefix labels, whatever the template does.
+    templated = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    templated.chat_template = {
+        "own": tokenizer.chat_template,
+        "llama3": LLAMA3_TEMPLATE,
+        "rewrites_last": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}[final] {% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "thinking": THINKING_TEMPLATE,
+    }[template]
+    conversations = ODD_CONVERSATIONS + generate_conversations(60, seed=1, high=200)
+    for train_on in ("assistant", "last_assistant"):
+        rendered = label_spans_many(templated, conversations, train_on)
+        turns_of = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
+        if train_on == "last_assistant":
+            turns_of = [turns[-1:] for turns in turns_of]
+        texts = [text for text, _ in rendered]
+        by_markers = _spans_by_markers(templated, conversations, turns_of, texts)
+        expected = _spans_by_prefixes(templated, conversations, turns_of, texts, by_markers)
+        assert [spans for _, spans in rendered] == expected
+
+
+def test_labels_from_edge_tokens_equal_labels_from_all_offsets(tokenizer):
+    conversations = ODD_CONVERSATIONS + generate_conversations(60, seed=2, high=300)
+    rendered = label_spans_many(tokenizer, conversations)
+    # Edges on characters the byte-level vocabulary splits into several tokens, and on spaces.
+    rendered.append(("a龘𝔘b 你好 世界", [(1, 2), (2, 3), (5, 8)]))
+    rendered.append(("trimmed ,  spaces   here", [(7, 16), (17, 24)]))
+    encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    for encoding, (_, spans) in zip(encodings, rendered):
+        expected = _labels_from_offsets(encoding.ids, encoding.offsets, spans)
+        assert _labels_of_encoding(encoding, encoding.ids, spans) == expected
 
 
 def test_piecewise_tokenisation_matches_offsets(tokenizer):
