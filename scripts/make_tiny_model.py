@@ -166,7 +166,8 @@ def build_tiny_model(
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"tiny model: {parameters:,} parameters, vocab {len(tokenizer)}, pre-training loss {loss:.2f} -> {output}")
+    trained = f"pre-training loss {loss:.2f}" if pretrain_steps else "not pre-trained"
+    print(f"tiny model: {parameters:,} parameters, vocab {len(tokenizer)}, {trained} -> {output}")
     return output
 
 

@@ -583,7 +583,8 @@ def tokenize_conversations(
     )
     if kept == 0:
         raise ValueError(f"no {description} sample is left to train on: {dict(counts)} (raise --model_max_length?)")
-    dataset = dataset.filter(lambda status: status in ("ok", "truncated"), input_columns="status")
+    if kept < len(dataset):
+        dataset = dataset.select([k for k, status in enumerate(dataset["status"]) if status in ("ok", "truncated")])
     return dataset.remove_columns("status"), counts
 
 
