@@ -376,18 +376,51 @@ def _spans_by_prefixes(
             elif marked is not None:
                 start, end = marked[n]
             else:
-                start = text.find(messages[i]["content"], cursor)
-                if start < 0:
-                    raise ValueError(f"the chat template does not render assistant turn {i} verbatim")
-                end = start + len(messages[i]["content"])
                 if turn_end is None:
                     turn_end = end_of_turn(tokenizer)
-                if turn_end and text.startswith(turn_end, end):
-                    end += len(turn_end)
+                start = text.find(messages[i]["content"], cursor)
+                if start >= 0:
+                    end = start + len(messages[i]["content"])
+                    if turn_end and text.startswith(turn_end, end):
+                        end += len(turn_end)
+                else:  # the template rewrote the answer (Qwen3's drops earlier turns' reasoning)
+                    start, end = _rendered_turn(tokenizer, messages, i, text, turn_end)
             spans.append((start, end))
             cursor = end
         results.append(spans)
     return results
+
+
+def _rendered_turn(
+    tokenizer: PreTrainedTokenizerBase, messages: Conversation, i: int, text: str, turn_end: str
+) -> tuple[int, int]:
+    """The span of assistant message `i` as the template rendered it, when it did not render it verbatim: from
+    the end of its assistant header to its end-of-turn marker. Found by counting headers, so it needs as many
+    assistant headers in the text as there are assistant messages."""
+    header = assistant_header(tokenizer)
+    headers = []
+    position = text.find(header) if header else -1
+    while position >= 0:
+        headers.append(position + len(header))
+        position = text.find(header, position + len(header))
+    assistants = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    start = headers[assistants.index(i)] if len(headers) == len(assistants) else -1
+    end = text.find(turn_end, start) if start >= 0 and turn_end else -1
+    if end < 0:
+        between = f"between {header!r} and {turn_end!r}" if header and turn_end else "(no generation prompt)"
+        raise ValueError(
+            f"the chat template renders assistant message {i} ({messages[i]['content'][:60]!r}) neither verbatim "
+            f"nor as a turn of its own {between}, so its tokens cannot be found"
+        )
+    return start, end + len(turn_end)
+
+
+def assistant_header(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the template writes before an assistant answer, e.g. "<|im_start|>assistant\n": the text that the
+    generation prompt adds after a user message."""
+    question = [{"role": "user", "content": "?"}]
+    plain, prompted = render(tokenizer, question), render(tokenizer, question, add_generation_prompt=True)
+    return prompted[len(plain) :] if prompted.startswith(plain) else ""
 
 
 def template_overhead(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -283,6 +283,8 @@ ODD_CONVERSATIONS = [
     [{"role": "user", "content": " padded "}, {"role": "assistant", "content": "  spaced answer \n"}],
     [{"role": "user", "content": "q"}, {"role": "assistant", "content": "holds \ue000 a marker \ue001"}],
     [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hmm</think>sure"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hmm</think>sure"}]
+    + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "<think>so</think>yes"}],
 ]
 
 
@@ -307,6 +309,32 @@ def test_labelling_by_one_marked_render_equals_rendering_prefixes(tokenizer, tem
         by_markers = _spans_by_markers(templated, conversations, turns_of, texts)
         expected = _spans_by_prefixes(templated, conversations, turns_of, texts, by_markers)
         assert [spans for _, spans in rendered] == expected
+
+
+def test_answers_whose_reasoning_the_template_drops_are_labelled_as_rendered(tokenizer):
+    # Qwen3's template drops the reasoning of earlier answers and adds an empty reasoning block to the last one
+    # when it has none: each answer is trained on as the template renders it.
+    thinking = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    thinking.chat_template = THINKING_TEMPLATE
+    conversation = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>hmm</think>sure"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "yes"},
+    ]
+    tokenized = tokenize_conversation(thinking, conversation, max_length=512)
+    assert labelled_runs(thinking, tokenized) == ["sure<|im_end|>", "<think>\n\n</think>\n\nyes<|im_end|>"]
+    assert "hmm" not in thinking.decode(tokenized.input_ids)
+
+    no_headers = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    no_headers.chat_template = (
+        "{% for m in messages %}{{ loop.length }} {{ m['role'] }}: "
+        "{{ m['content'].replace('sure', 'fine') }}\n{% endfor %}"
+    )
+    with pytest.raises(
+        ValueError, match="message 1 \\('<think>hmm</think>sure'\\) neither verbatim nor as a turn of its own \\(no gen"
+    ):
+        tokenize_conversation(no_headers, conversation[:2] + [{"role": "user", "content": "x"}], max_length=512)
 
 
 def test_labels_from_edge_tokens_equal_labels_from_all_offsets(tokenizer):
