@@ -183,11 +183,18 @@ def check_output_dir(output_dir: str, mode: str, start_over: bool) -> str | None
             )
     checkpoint = None if start_over else last_complete_checkpoint(output_dir)
     if checkpoint:
-        holds_adapter = Path(checkpoint, "adapter_config.json").is_file()
-        if holds_adapter != (mode != "full"):
+        checkpoint_info = Path(checkpoint, RUN_INFO_FILE)
+        if checkpoint_info.is_file():
+            checkpoint_mode = json.loads(checkpoint_info.read_text()).get("mode")
+            same_mode = checkpoint_mode == mode
+        else:  # a checkpoint that does not say its mode (another tool's): tell adapters from full models
+            holds_adapter = Path(checkpoint, "adapter_config.json").is_file()
+            checkpoint_mode = "LoRA" if holds_adapter else "full"
+            same_mode = holds_adapter == (mode != "full")
+        if not same_mode:
             raise ValueError(
-                f"{checkpoint} is from a {'LoRA' if holds_adapter else 'full'} run; this run is {mode}: "
-                "choose another --output_dir"
+                f"{checkpoint} is from a {checkpoint_mode} run; this run is {mode}: choose another --output_dir, "
+                "or pass --start_over to train from scratch there"
             )
     return checkpoint
 
@@ -366,6 +373,7 @@ def train() -> Trainer:
         data_collator=data_collator,
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
+        run_mode=mode,
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         sys.exit("error: --fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")

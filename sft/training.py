@@ -24,6 +24,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from sft.outputs import RUN_INFO_FILE
+
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerun the same command to resume
@@ -97,9 +99,10 @@ def _collective_device() -> torch.device:
 class FinetuneTrainer(Trainer):
     """transformers.Trainer with atomic checkpoints and a NaN/inf guard."""
 
-    def __init__(self, *args, max_nonfinite_steps: int = 1, **kwargs):
+    def __init__(self, *args, max_nonfinite_steps: int = 1, run_mode: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.run_mode = run_mode  # written into each checkpoint, so a resume in another mode is refused
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_stop_step: int | None = None
         self._loss_nonfinite = False
@@ -160,6 +163,9 @@ class FinetuneTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
+            if self.run_mode is not None:
+                with open(os.path.join(staged, RUN_INFO_FILE), "w") as file:
+                    json.dump({"mode": self.run_mode}, file)
             if os.path.exists(final):
                 replaced = os.path.join(staging_root, f"replaced-{name}")
                 os.replace(final, replaced)

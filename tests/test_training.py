@@ -154,6 +154,14 @@ def test_output_dir_of_another_mode_is_refused_before_loading(tiny_model, tmp_pa
     run_finetune(monkeypatch, *common_args(tiny_model, checkpoints_only, steps=2), "--use_lora",
                  "--save_strategy", "steps", "--save_steps", "2")  # fmt: skip
     (checkpoints_only / "finetune_run.json").unlink()
+    with pytest.raises(SystemExit, match="checkpoint-2 is from a lora run; this run is full"):
+        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
+    # Resuming LoRA checkpoints as Q-LoRA would silently train on a quantised base: refused as well.
+    with pytest.raises(SystemExit, match="checkpoint-2 is from a lora run; this run is qlora-4bit"):
+        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2),
+                     "--use_lora", "--q_lora")  # fmt: skip
+    # A checkpoint that does not say its mode is still told apart by its files.
+    (checkpoints_only / "checkpoint-2" / "finetune_run.json").unlink()
     with pytest.raises(SystemExit, match="checkpoint-2 is from a LoRA run; this run is full"):
         run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
 
