@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import finetune
 import run_gptq
 from scripts.make_tiny_model import ENGLISH_OBJECTS, ENGLISH_SUBJECTS, ENGLISH_VERBS
-from sft.chat import load_for_chat, reply
+from sft.chat import GenerationSettings, load_for_chat, reply, stream_reply
 from sft.data import load_conversations
 from sft.evaluation import perplexity, tokenize_samples
 
@@ -106,6 +106,11 @@ def test_gptq_output_reloads_with_plain_transformers_and_generates(quantized, fi
     chat_model, chat_tokenizer = load_for_chat(str(quantized[bits]))
     assert isinstance(chat_model.model.layers[0].self_attn.q_proj, BaseQuantLinear)
     assert reply(chat_model, chat_tokenizer, question, max_new_tokens=12) == answer
+    # The demos stream from it (generation in a thread, text handed over piece by piece): same answer.
+    greedy = GenerationSettings(max_new_tokens=12, temperature=0)
+    pieces = list(stream_reply(chat_model, chat_tokenizer, question, greedy))
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == answer
 
 
 def test_4bit_perplexity_on_held_out_data_stays_close_to_the_original(quantized, fine_tuned):
