@@ -6,8 +6,8 @@ memory is its own. Prints real (non-pad) tokens per second, measured after the f
 memory during training.
 
     pip install -r bench/requirements.txt   # trl, for the fourth row
-    python bench/bench_training.py                  # ~5 min on 2 CPU cores
-    python bench/bench_training.py --steps 4 --conversations 400   # quicker
+    python -m bench.bench_training                  # ~2 min on 2 idle CPU cores
+    python -m bench.bench_training --steps 4 --conversations 400   # quicker
 """
 
 from __future__ import annotations

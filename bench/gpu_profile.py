@@ -6,10 +6,10 @@ once to --work_dir and loaded through sft.modeling, the same path finetune.py ta
 --steps optimizer steps of batch 1 and gradient accumulation 8 on random tokens of one sequence length, after
 a warm-up step, and reports the peak GPU memory allocated and the seconds per optimizer step.
 
-    python bench/gpu_profile.py --model qwen2.5-1.5b                      # all modes, 256..8192
-    python bench/gpu_profile.py --model qwen2-7b --modes lora qlora --attn_implementation flash_attention_2
-    python bench/gpu_profile.py --model qwen2-7b --use_liger_kernel      # pip install liger-kernel
-    python bench/gpu_profile.py --tiny --device cpu                       # a smoke run anywhere (tests use it)
+    python -m bench.gpu_profile --model qwen2.5-1.5b                      # all modes, 256..8192
+    python -m bench.gpu_profile --model qwen2-7b --modes lora qlora --attn_implementation flash_attention_2
+    python -m bench.gpu_profile --model qwen2-7b --use_liger_kernel      # pip install liger-kernel
+    python -m bench.gpu_profile --tiny --device cpu                       # a smoke run anywhere (tests use it)
 """
 
 from __future__ import annotations

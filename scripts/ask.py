@@ -2,7 +2,7 @@
 
 Each sample's last assistant turn is the expected answer; everything before it is the prompt.
 
-    python scripts/ask.py --model output --data data/example_chatml.jsonl
+    python -m scripts.ask --model output --data data/example_chatml.jsonl
 """
 
 from __future__ import annotations

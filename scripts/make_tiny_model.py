@@ -5,7 +5,7 @@ generated here, given the ChatML special tokens and chat template, and a Qwen2Fo
 thousand parameters is briefly pre-trained on the same kind of text (plain text only, like a base model: the
 ChatML tokens stay untrained). Deterministic for a given seed.
 
-    python scripts/make_tiny_model.py --output tiny-qwen2
+    python -m scripts.make_tiny_model --output tiny-qwen2
 """
 
 from __future__ import annotations
