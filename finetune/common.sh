@@ -14,8 +14,12 @@
 #   NODE_RANK      this node's rank, 0..NNODES-1 (default 0)
 #   MASTER_ADDR    address of node 0 (default localhost)
 #   MASTER_PORT    a free port on node 0 (default 6001)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives its workers after a SIGTERM/SIGINT before killing
+#                  them (default here 300; torchrun's own is 30, too short to save a large model's checkpoint)
 
 set -euo pipefail
+
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -35,7 +39,7 @@ Every other argument goes to finetune.py and overrides this launcher's defaults,
   --num_train_epochs 1 --learning_rate 1e-4 --model_max_length 1024   (python finetune.py --help lists them)
 
 Environment (torchrun): GPUS_PER_NODE (default: visible GPUs, 1 on a CPU), NNODES (1), NODE_RANK (0),
-MASTER_ADDR (localhost), MASTER_PORT (6001).
+MASTER_ADDR (localhost), MASTER_PORT (6001); TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300: seconds to save on SIGTERM).
 Defaults: ${MODE_ARGS[*]}
 USAGE
 }

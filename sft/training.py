@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -51,12 +52,19 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+# A second signal this soon after the first is the same stop request arriving twice: Ctrl-C or a scheduler
+# signals torchrun and its workers alike, and torchrun then passes the signal on to the workers again.
+REPEATED_SIGNAL_WINDOW_S = 2.0
+
+
 class PreemptionHandler(TrainerCallback):
-    """Turns SIGTERM / SIGINT into 'finish this step, save a checkpoint, stop'."""
+    """Turns SIGTERM / SIGINT into 'finish this step, save a checkpoint, stop'; a second signal, sent more than
+    REPEATED_SIGNAL_WINDOW_S after the first, exits at once."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self.stopped_at_step: int | None = None
+        self._signalled_at: float | None = None
         self._previous = {signum: signal.signal(signum, self._handle) for signum in signals}
 
     def restore(self) -> None:
@@ -65,13 +73,19 @@ class PreemptionHandler(TrainerCallback):
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested:
+        now = time.monotonic()
+        if self._signalled_at is not None:
+            if now - self._signalled_at < REPEATED_SIGNAL_WINDOW_S:
+                return
             logger.warning("Second %s: exiting now, without saving", signal.Signals(signum).name)
             os._exit(128 + signum)
+        self._signalled_at = now
         self.requested = True
         logger.warning(
-            "%s received: finishing this step, saving a checkpoint, then exiting (send it again to exit now)",
+            "%s received: finishing this step, saving a checkpoint, then exiting (send it again, %.0f s or more "
+            "from now, to exit at once without saving)",
             signal.Signals(signum).name,
+            REPEATED_SIGNAL_WINDOW_S,
         )
 
     def _requested_anywhere(self) -> bool:

@@ -74,6 +74,28 @@ def test_sigterm_saves_and_a_rerun_reaches_the_uninterrupted_result(tiny_model, 
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+def test_a_repeated_signal_is_one_request_and_a_later_one_exits_at_once():
+    # Ctrl-C or a scheduler signals torchrun and its workers, and torchrun passes the signal on: a worker gets it
+    # twice within milliseconds, and must still save. A second signal sent later means "stop now".
+    script = (
+        "import os, signal, sys, time\n"
+        "from sft.training import PreemptionHandler, REPEATED_SIGNAL_WINDOW_S\n"
+        "handler = PreemptionHandler()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('still running, requested:', handler.requested, flush=True)\n"
+        "time.sleep(REPEATED_SIGNAL_WINDOW_S + 0.5)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "print('not reached', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "still running, requested: True" in done.stdout, done.stderr
+    assert "not reached" not in done.stdout
+    assert done.returncode == 128 + signal.SIGTERM
+    assert "Second SIGTERM: exiting now, without saving" in done.stderr
+
+
 def test_sigkill_while_saving_leaves_a_resumable_checkpoint(tiny_model, tmp_path):
     output = tmp_path / "killed"
     args = [*common_args(tiny_model, output, steps=150), "--use_lora", "--save_strategy", "steps", "--save_steps", "1",
