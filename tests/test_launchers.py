@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -187,6 +188,43 @@ def test_qlora_launchers_one_process_zero2_and_zero3_agree(tiny_model, tmp_path)
         assert_same_tensors(
             load_file(output / "adapter_model.safetensors"), load_file(single_output / "adapter_model.safetensors")
         )
+
+
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_the_rerun_resumes(tiny_model, tmp_path):
+    # Ctrl-C signals the whole process group: torchrun and both workers get SIGINT, and torchrun passes it on to
+    # the workers again. Each worker must take the two as one request: finish the step, save, stop. (Whether the
+    # copy lands before a worker has handled the first is a race; test_training checks that rule on its own.)
+    output = tmp_path / "out"
+    env = {**os.environ, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    command = ["bash", "finetune/finetune_lora_single_gpu.sh", "-m", tiny_model, "-d", EXAMPLES, "-o", str(output)]
+    command += [*PASSTHROUGH, "--per_device_train_batch_size", "2", "--max_steps", "500"]
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # fmt: skip
+    lines, losses = [], 0
+    for line in run.stdout:
+        lines.append(line)
+        losses += "'loss'" in line
+        if losses == 3:
+            os.killpg(run.pid, signal.SIGINT)
+            break
+    log = "".join(lines) + run.communicate(timeout=600)[0]
+    assert log.count("SIGINT received: finishing this step") == 2, log[-4000:]  # one per worker
+    assert "Second SIGINT" not in log
+    assert "Stopped on request after step" in log
+    checkpoints = sorted(output.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, log[-4000:]
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 3 <= stopped_at < 500
+    assert {path.name for path in checkpoints[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (output / "adapter_model.safetensors").exists()
+
+    env["MASTER_PORT"] = str(free_port())
+    resumed = subprocess.run([*command, "--max_steps", str(stopped_at + 2)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert f"Resuming from {checkpoints[0]}" in resumed.stdout + resumed.stderr
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == stopped_at + 2
+    AutoPeftModelForCausalLM.from_pretrained(output)
 
 
 def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
