@@ -9,7 +9,6 @@ from the last checkpoint in --output_dir (--start_over ignores them).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.data import DataError, load_conversations, make_collator, template_overhead, tokenize_conversations
 from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
-from sft.outputs import RUN_INFO_FILE, publish
+from sft.outputs import publish, read_run_info, write_run_info
 from sft.packing import PackingError, prepare_packing
 from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, FinetuneTrainer, PreemptionHandler, last_complete_checkpoint
 
@@ -173,19 +172,17 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
 
 def check_output_dir(output_dir: str, mode: str, start_over: bool) -> str | None:
     """The checkpoint to resume from, if any; refuses an output_dir that holds a run of another mode."""
-    run_info = Path(output_dir, RUN_INFO_FILE)
-    if run_info.is_file():
-        finished_mode = json.loads(run_info.read_text()).get("mode")
-        if finished_mode != mode:
-            raise ValueError(
-                f"--output_dir {output_dir} holds a finished {finished_mode} run; this run is {mode}: "
-                "choose another --output_dir"
-            )
+    finished = read_run_info(output_dir)
+    if finished is not None and finished.get("mode") != mode:
+        raise ValueError(
+            f"--output_dir {output_dir} holds a finished {finished.get('mode')} run; this run is {mode}: "
+            "choose another --output_dir"
+        )
     checkpoint = None if start_over else last_complete_checkpoint(output_dir)
     if checkpoint:
-        checkpoint_info = Path(checkpoint, RUN_INFO_FILE)
-        if checkpoint_info.is_file():
-            checkpoint_mode = json.loads(checkpoint_info.read_text()).get("mode")
+        recorded = read_run_info(checkpoint)
+        if recorded is not None:
+            checkpoint_mode = recorded.get("mode")
             same_mode = checkpoint_mode == mode
         else:  # a checkpoint that does not say its mode (another tool's): tell adapters from full models
             holds_adapter = Path(checkpoint, "adapter_config.json").is_file()
@@ -257,7 +254,7 @@ def save_final(trainer: Trainer, tokenizer, output_dir: str, run_info: dict) -> 
     trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
-        (staging / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2, default=str))
+        write_run_info(staging, run_info)
         publish(staging, output_dir)
         logger.info("Saved the final %s to %s", "adapter" if run_info["mode"] != "full" else "model", output_dir)
 

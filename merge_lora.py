@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from sft.data import Conversation, DataError, load_conversations
 from sft.evaluation import format_size, max_abs_diff, sample_logits, save_chat_files, tokenize_samples, weights_size
 from sft.modeling import DTYPES, load_model, load_tokenizer, quantization_config, tokenizer_folder
-from sft.outputs import RUN_INFO_FILE, check_new_output, replace_folder, staging_folder
+from sft.outputs import check_new_output, read_run_info, replace_folder, staging_folder
 
 logger = logging.getLogger("merge_lora")
 
@@ -83,9 +83,7 @@ def read_adapter(adapter: str) -> tuple[dict, dict]:
         hint = " (it holds a full model: nothing to merge)" if (Path(adapter) / "config.json").is_file() else ""
         raise FileNotFoundError(f"{adapter}: no adapter_config.json, not a LoRA adapter folder{hint}")
     config = json.loads(config_file.read_text())
-    run_info_file = Path(adapter) / RUN_INFO_FILE
-    run_info = json.loads(run_info_file.read_text()) if run_info_file.is_file() else {}
-    return config, run_info
+    return config, read_run_info(adapter) or {}
 
 
 def check_base_model(base: str | None, adapter: str) -> str:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 # What finetune.py writes next to its final model or adapter: mode, base model, data, steps, arguments.
 RUN_INFO_FILE = "finetune_run.json"
+
+
+def read_run_info(folder: str | os.PathLike) -> dict | None:
+    """What finetune.py recorded in `folder` (a final output or a checkpoint), or None where it recorded nothing."""
+    path = Path(folder, RUN_INFO_FILE)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_run_info(folder: str | os.PathLike, run_info: dict) -> None:
+    Path(folder, RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2, default=str))
+
 
 # Written last, so that whoever finds one of them finds the weights it points to already in place.
 ENTRY_FILES = ("config.json", "adapter_config.json")

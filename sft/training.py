@@ -25,7 +25,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from sft.outputs import RUN_INFO_FILE
+from sft.outputs import write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ class FinetuneTrainer(Trainer):
         if self.args.should_save:
             final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
             if self.run_mode is not None:
-                with open(os.path.join(staged, RUN_INFO_FILE), "w") as file:
-                    json.dump({"mode": self.run_mode}, file)
+                write_run_info(staged, {"mode": self.run_mode})
             if os.path.exists(final):
                 replaced = os.path.join(staging_root, f"replaced-{name}")
                 os.replace(final, replaced)

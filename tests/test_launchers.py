@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import finetune
+from sft.outputs import RUN_INFO_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = "data/example_chatml.jsonl"
@@ -134,7 +135,7 @@ def test_lora_deepspeed_two_processes_match_one_process(tiny_model, tmp_path, lo
     extra = [] if config == "zero2" else ["--deepspeed", "ds_configs/zero3.json"]  # zero2 is the default
     state = launched("finetune_lora_ds.sh", tiny_model, output, 2, *extra)
 
-    run_info = json.loads((output / finetune.RUN_INFO_FILE).read_text())
+    run_info = json.loads((output / RUN_INFO_FILE).read_text())
     assert run_info["mode"] == "lora"
     # 2 processes x 2 samples follow 1 process x 4 samples, step by step.
     assert losses(state) == pytest.approx(losses(reference), rel=1e-4)
@@ -179,7 +180,7 @@ def test_qlora_launchers_one_process_zero2_and_zero3_agree(tiny_model, tmp_path)
     ]:
         output = tmp_path / name
         runs[name] = (output, launched(script, tiny_model, output, processes, *extra))
-        assert json.loads((output / finetune.RUN_INFO_FILE).read_text())["mode"] == "qlora-4bit"
+        assert json.loads((output / RUN_INFO_FILE).read_text())["mode"] == "qlora-4bit"
         AutoPeftModelForCausalLM.from_pretrained(output)
     single_output, single = runs["single"]
     for name in ("zero2", "zero3"):
