@@ -364,7 +364,7 @@ def _spans_by_prefixes(
         )
     )
     results = []
-    turn_end = None
+    turn_end = header = None  # rendered once, on first need
     for messages, turns, text, marked in zip(conversations, turns_of, texts, by_markers):
         spans = []
         cursor = 0
@@ -384,20 +384,19 @@ def _spans_by_prefixes(
                     if turn_end and text.startswith(turn_end, end):
                         end += len(turn_end)
                 else:  # the template rewrote the answer (Qwen3's drops earlier turns' reasoning)
-                    start, end = _rendered_turn(tokenizer, messages, i, text, turn_end)
+                    if header is None:
+                        header = assistant_header(tokenizer)
+                    start, end = _rendered_turn(messages, i, text, header, turn_end)
             spans.append((start, end))
             cursor = end
         results.append(spans)
     return results
 
 
-def _rendered_turn(
-    tokenizer: PreTrainedTokenizerBase, messages: Conversation, i: int, text: str, turn_end: str
-) -> tuple[int, int]:
+def _rendered_turn(messages: Conversation, i: int, text: str, header: str, turn_end: str) -> tuple[int, int]:
     """The span of assistant message `i` as the template rendered it, when it did not render it verbatim: from
-    the end of its assistant header to its end-of-turn marker. Found by counting headers, so it needs as many
+    the end of its assistant `header` to its end-of-turn marker. Found by counting headers, so it needs as many
     assistant headers in the text as there are assistant messages."""
-    header = assistant_header(tokenizer)
     headers = []
     position = text.find(header) if header else -1
     while position >= 0:
