@@ -87,12 +87,23 @@ def write_known_data(path: Path) -> list[list[dict]]:
         {"conversations": [{"from": "user", "value": "Hello?"}, {"from": "assistant", "value": short}]},
         {"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": short}]},
         {"instruction": "Say it.", "input": "", "output": short},
-        {"messages": [{"role": "system", "content": "Be long."}, {"role": "user", "content": "Write."},
-                      {"role": "assistant", "content": long}]},  # fmt: skip
+        {
+            "messages": [
+                {"role": "system", "content": "Be long."},
+                {"role": "user", "content": "Write."},
+                {"role": "assistant", "content": long},
+            ]
+        },
         {"instruction": "Write more.", "output": long},
         {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": short}]},
-        {"conversations": [{"from": "human", "value": "One?"}, {"from": "gpt", "value": short},
-                           {"from": "human", "value": "Two?"}, {"from": "gpt", "value": long}]},  # fmt: skip
+        {
+            "conversations": [
+                {"from": "human", "value": "One?"},
+                {"from": "gpt", "value": short},
+                {"from": "human", "value": "Two?"},
+                {"from": "gpt", "value": long},
+            ]
+        },
     ]
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return load_conversations(path)
