@@ -323,7 +323,8 @@ def render_row(
                 out.append("]]")
                 in_trained = False
             out.append(f"\n{'-' * 20} next packed sample {'-' * 20}\n")
-        trained = any(label != IGNORE_INDEX for label in labels[start:end])
+        # A row's first label is never trained (the model shifts labels by one), whatever it holds.
+        trained = any(labels[i] != IGNORE_INDEX for i in range(max(start, 1), end))
         shown = text.replace("\n", "↵\n")
         if color:
             shade = (TRAINED_SHADES if trained else PLAIN_SHADES)[n % 2]
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> Inspection:
     for where, row in zip(inspection.where, shown):
         trained = trained_count(row["labels"])
         print(f"===== {where}: {len(row['input_ids'])} tokens, {trained} trained =====")
-        print(render_row(tokenizer, row["input_ids"], row["labels"], row.get("position_ids"), color))
+        print(render_row(tokenizer, row["input_ids"], row["labels"], row.get("position_ids"), color).rstrip("\n"))
         print()
     print(format_report(inspection.report))
     for path in write_report(inspection, report_dir):

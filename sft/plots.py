@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only: no display needed, and none is opened on a 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TRAINING_CURVES_FILE = "training_curves.png"
 PLOTTED_KEY = "Plotted data"
@@ -75,6 +76,7 @@ def length_histogram_figure(
     axes.axvline(max_length, color="tab:red", linestyle="--", label=f"--model_max_length {max_length}")
     axes.set_xlabel("tokens per sample (before truncation)")
     axes.set_ylabel("samples")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title(title)
     axes.legend()
     axes.grid(alpha=0.3, axis="y")
