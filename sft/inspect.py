@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import numpy as np
 from transformers import HfArgumentParser, PreTrainedTokenizerBase
 
@@ -121,17 +122,64 @@ def trained_count(labels: list[int]) -> int:
     return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
-def sample_fate(full_ids: list[int], full_labels: list[int], full_status: str, max_length: int, drop_long: bool) -> str:
+@dataclass
+class SampleStats:
+    """One sample untruncated: its length, its trained tokens, and those within the first max_length tokens."""
+
+    length: int
+    trained: int
+    trained_within: int
+    labelled_within: bool  # any label within the first max_length tokens (the first one included)
+    status: str  # tokenize_many's status untruncated: "ok", or "dropped_no_label" for no label at all
+
+
+def sample_stats(input_ids: list[int], labels: list[int], status: str, max_length: int) -> SampleStats:
+    mask = np.asarray(labels, dtype=np.int64) != IGNORE_INDEX
+    return SampleStats(
+        len(input_ids), int(mask[1:].sum()), int(mask[1:max_length].sum()), bool(mask[:max_length].any()), status
+    )
+
+
+def sample_fate(stats: SampleStats, max_length: int, drop_long: bool) -> str:
     """What training does with a sample, from its untruncated tokens: the rule `tokenize_many` applies (checked
     against the counts `tokenize_conversations` returns, in `inspect_data`)."""
-    if full_status == "dropped_no_label":
+    if stats.status == "dropped_no_label":
         return "dropped_no_label"
-    if len(full_ids) <= max_length:
+    if stats.length <= max_length:
         return "ok"
     if drop_long:
         return "dropped_too_long"
-    kept = full_labels[:max_length]
-    return "truncated" if any(label != IGNORE_INDEX for label in kept) else "dropped_no_label"
+    return "truncated" if stats.labelled_within else "dropped_no_label"
+
+
+def untruncated_stats(
+    conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, max_length: int
+) -> list[SampleStats]:
+    """Each sample tokenised whole by `tokenize_conversations` (cached: rerunning with another --model_max_length
+    does not tokenise again), read in batches so that no whole data set of token lists is held in memory."""
+    options = dict(tokenizer=tokenizer, train_on=data_args.train_on, drop_long=False)
+    try:
+        whole, _ = tokenize_conversations(
+            conversations,
+            max_length=sys.maxsize,
+            num_proc=data_args.preprocessing_num_workers,
+            cache_dir=data_args.preprocessing_cache_dir,
+            description="untruncated",
+            **options,
+        )
+    except ValueError:  # not one sample with a label
+        whole = None
+    stats = []
+    if whole is not None and len(whole) == len(conversations):
+        for batch in whole.iter(batch_size=1000):
+            pairs = zip(batch["input_ids"], batch["labels"])
+            stats += [sample_stats(input_ids, labels, "ok", max_length) for input_ids, labels in pairs]
+        return stats
+    # Some sample has no label at all (it is dropped whatever its length): one by one, to know which.
+    for start in range(0, len(conversations), 1000):
+        for t in tokenize_many(conversations=conversations[start : start + 1000], max_length=sys.maxsize, **options):
+            stats.append(sample_stats(t.input_ids, t.labels, t.status, max_length))
+    return stats
 
 
 def percentile_table(values: list[int]) -> dict[str, float]:
@@ -151,7 +199,7 @@ def steps_per_epoch(rows: int, per_device: int, accumulation: int, world_size: i
 @dataclass
 class Inspection:
     report: dict
-    rows: list[dict]  # the training rows: input_ids, labels (and position_ids when packed)
+    dataset: datasets.Dataset | None  # the training rows: input_ids, labels (and position_ids when packed)
     where: list[str]  # each training row's origin (sample's line or index; "packed row" when packed)
     lengths_by_fate: dict[str, list[int]]
     tokenizer: PreTrainedTokenizerBase
@@ -192,50 +240,42 @@ def inspect_data(
     except ValueError:  # nothing left to train on: the report below says why
         dataset, counts = None, None
 
-    # Each sample untruncated, for its full length and for what truncation cuts off.
-    full = []
-    for start in range(0, len(conversations), 1000):
-        full += tokenize_many(
-            tokenizer, conversations[start : start + 1000], sys.maxsize, train_on=data_args.train_on, drop_long=False
-        )
-    fates = [sample_fate(t.input_ids, t.labels, t.status, max_length, data_args.drop_long_samples) for t in full]
+    stats = untruncated_stats(conversations, tokenizer, data_args, max_length)
+    fates = [sample_fate(sample, max_length, data_args.drop_long_samples) for sample in stats]
     fate_counts = Counter(fates)
     if counts is not None and +fate_counts != +counts:
         raise RuntimeError(f"sft.inspect disagrees with sft.data on the samples' fates: {fate_counts} != {counts}")
     kept = [k for k, fate in enumerate(fates) if fate in ("ok", "truncated")]
 
-    rows = []
+    tokens = trained = 0
     if dataset is not None:
-        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
-    full_lengths = [len(t.input_ids) for t in full]
-    tokens = sum(len(row["input_ids"]) for row in rows)
-    trained = sum(trained_count(row["labels"]) for row in rows)
-    trained_untruncated = sum(trained_count(full[k].labels) for k in kept)
-    lengths_by_fate = {FATES[fate]: [full_lengths[k] for k, f in enumerate(fates) if f == fate] for fate in FATES}
+        tokens = sum(dataset["length"])
+        for batch in dataset.iter(batch_size=1000):
+            trained += sum(trained_count(labels) for labels in batch["labels"])
+    lengths = [sample.length for sample in stats]
+    lengths_by_fate = {FATES[fate]: [lengths[k] for k, f in enumerate(fates) if f == fate] for fate in FATES}
 
     packing = None
     where = [f"sample {k} ({origins[k][0]})" for k in kept]
     if data_args.packing and dataset is not None:
-        packed = pack_dataset(dataset, max_length)
-        rows = [
-            {"input_ids": ids, "labels": labels, "position_ids": positions}
-            for ids, labels, positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"])
-        ]
+        dataset = pack_dataset(dataset, max_length)
         packing = {
-            "rows": len(rows),
-            "samples_per_row": len(kept) / max(1, len(rows)),
-            "efficiency": tokens / max(1, len(rows) * max_length),
+            "rows": len(dataset),
+            "samples_per_row": len(kept) / max(1, len(dataset)),
+            "efficiency": tokens / max(1, len(dataset) * max_length),
         }
-        where = [f"packed row {k}" for k in range(len(rows))]
+        where = [f"packed row {k}" for k in range(len(dataset))]
+    rows = len(dataset) if dataset is not None else 0
 
     per_device = training_args.per_device_train_batch_size
     accumulation = training_args.gradient_accumulation_steps
-    epoch_steps = steps_per_epoch(len(rows), per_device, accumulation, world_size, training_args.dataloader_drop_last)
+    epoch_steps = steps_per_epoch(rows, per_device, accumulation, world_size, training_args.dataloader_drop_last)
     if training_args.max_steps > 0:
         total_steps = training_args.max_steps
     else:
         total_steps = math.ceil(training_args.num_train_epochs * epoch_steps)
 
+    truncated = [stats[k] for k, fate in enumerate(fates) if fate == "truncated"]
     report = {
         "data_path": data_args.data_path,
         "model": model_args.model_name_or_path,
@@ -247,17 +287,16 @@ def inspect_data(
         "formats": dict(Counter(record_format(record) for _, record in origins)),
         "messages": sum(len(messages) for messages in conversations),
         "assistant_turns": sum(_assistant_turns(messages) for messages in conversations),
-        "length_percentiles": percentile_table(full_lengths),
-        "length_mean": float(np.mean(full_lengths)) if full_lengths else 0.0,
+        "length_percentiles": percentile_table(lengths),
+        "length_mean": float(np.mean(lengths)) if lengths else 0.0,
         "fates": {fate: fate_counts[fate] for fate in FATES},
         "kept_samples": len(kept),
         "tokens": tokens,
         "trained_tokens": trained,
-        "tokens_cut_by_truncation": sum(full_lengths[k] - max_length for k, f in enumerate(fates) if f == "truncated"),
-        "trained_tokens_cut_by_truncation": trained_untruncated
-        - sum(trained_count(full[k].labels[:max_length]) for k in kept),
+        "tokens_cut_by_truncation": sum(sample.length - max_length for sample in truncated),
+        "trained_tokens_cut_by_truncation": sum(sample.trained - sample.trained_within for sample in truncated),
         "packing": packing,
-        "training_rows": len(rows),
+        "training_rows": rows,
         "per_device_train_batch_size": per_device,
         "gradient_accumulation_steps": accumulation,
         "world_size": world_size,
@@ -267,7 +306,7 @@ def inspect_data(
         "num_train_epochs": training_args.num_train_epochs,
         "max_steps": training_args.max_steps,
     }
-    return Inspection(report, rows, where, lengths_by_fate, tokenizer)
+    return Inspection(report, dataset, where, lengths_by_fate, tokenizer)
 
 
 def _assistant_turns(messages: Conversation) -> int:
@@ -423,11 +462,14 @@ def main(argv: list[str] | None = None) -> Inspection:
         inspection = inspect_data(model_args, data_args, training_args, world_size)
     except (DataError, ValueError) as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # no tokenizer at --model_name_or_path
+        sys.exit(f"error: cannot load the tokenizer of {model_args.model_name_or_path}: {error}")
 
     color = use_color(inspect_args.color)
     tokenizer = inspection.tokenizer
-    shown = inspection.rows[: max(0, inspect_args.show)]
-    if shown:
+    dataset = inspection.dataset
+    shown = dataset.select(range(min(len(dataset), max(0, inspect_args.show)))) if dataset is not None else []
+    if len(shown):
         legend = "highlighted" if color else "between [[ and ]]"
         print(f"Training rows as the model sees them; the tokens that carry the loss are {legend}.\n")
     for where, row in zip(inspection.where, shown):

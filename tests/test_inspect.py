@@ -36,8 +36,8 @@ def test_inspected_rows_are_the_training_rows(tiny_model, tokenizer, tmp_path, d
     dataset, _ = tokenize_conversations(conversations, tokenizer, 64, train_on="last_assistant")
     if packing:
         dataset = pack_dataset(dataset, 64)
-    assert len(inspection.rows) == len(dataset)
-    for row, expected in zip(inspection.rows, dataset):
+    assert len(inspection.dataset) == len(dataset)
+    for row, expected in zip(inspection.dataset, dataset):
         assert row["input_ids"] == expected["input_ids"]
         assert row["labels"] == expected["labels"]
         if packing:
@@ -51,7 +51,7 @@ def test_inspected_rows_are_the_training_rows(tiny_model, tokenizer, tmp_path, d
 def test_rendered_row_brackets_exactly_the_trained_tokens(tiny_model, tokenizer):
     model_args, data_args, training_args, _ = inspect_args(tiny_model, "data/example_qwen.json", "--packing")
     inspection = inspect_data(model_args, data_args, training_args)
-    for row in inspection.rows:
+    for row in inspection.dataset:
         shown = render_row(tokenizer, row["input_ids"], row["labels"], row["position_ids"], color=False)
         separator = f"\n{'-' * 20} next packed sample {'-' * 20}\n"
         assert shown.count(separator) == row["position_ids"].count(0) - 1
