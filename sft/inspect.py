@@ -256,7 +256,8 @@ def inspect_data(
     lengths_by_fate = {FATES[fate]: [lengths[k] for k, f in enumerate(fates) if f == fate] for fate in FATES}
 
     packing = None
-    where = [f"sample {k} ({origins[k][0]})" for k in kept]
+    # JSONL samples are found by their line; a JSON list's by their index, which is k itself.
+    where = [f"sample {k} ({origins[k][0]})" if origins[k][0].startswith("line") else f"sample {k}" for k in kept]
     if data_args.packing and dataset is not None:
         dataset = pack_dataset(dataset, max_length)
         packing = {
