@@ -420,7 +420,7 @@ def format_report(report: dict) -> str:
         f"x {r['world_size']} process(es) = {r['rows_per_step']} {unit} per optimizer step"
     )
     total = (
-        f"--max_steps {r['max_steps']}"
+        f"--max_steps {r['max_steps']} ({r['max_steps'] / r['steps_per_epoch']:.1f} epochs)"
         if r["max_steps"] > 0
         else f"{r['total_steps']} steps in {r['num_train_epochs']:g} epoch(s)"
     )
