@@ -215,7 +215,7 @@ def _short(value) -> str:
 # ------------------------------------------------------------------------------------------ environment
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DEVICE_NAME = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
+DEVICE_NAME = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({os.cpu_count()} cores)"
 
 
 def versions() -> dict[str, str | None]:
@@ -276,7 +276,10 @@ class Budget:
 
     def spent(self) -> str | None:
         if self.seconds and time.monotonic() - self.start > self.seconds:
-            return f"time budget spent (--budget_s {self.seconds:g}): rerun this phase alone"
+            return (
+                f"time budget spent (--budget_s {self.seconds:g}): run the rest in another call "
+                "(--checks, --seq_lengths)"
+            )
         return None
 
 
