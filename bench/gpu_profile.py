@@ -28,8 +28,22 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from sft.modeling import add_lora, load_model, quantization_config  # noqa: E402
 
-# From the released config.json files (Qwen/Qwen2.5-1.5B-Instruct, Qwen/Qwen2-7B-Instruct).
+# From the released config.json files (Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen2.5-1.5B-Instruct, Qwen/Qwen2-7B-Instruct).
 CONFIGS = {
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+    ),
     "qwen2.5-1.5b": dict(
         model_type="qwen2",
         vocab_size=151936,
@@ -155,19 +169,33 @@ def build(path: Path, mode: str, args: argparse.Namespace):
 
 
 def measure(model, seq_length: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(peak memory GiB, seconds per optimizer step) for one sequence length."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+    """(peak memory GiB, seconds per optimizer step) for one sequence length, on rows of random tokens."""
     vocabulary = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seq_length)
+    batches = []
+    for _ in range((args.steps + 1) * args.gradient_accumulation_steps):
+        input_ids = torch.randint(0, vocabulary, (1, seq_length), generator=generator)
+        batches.append({"input_ids": input_ids, "labels": input_ids})
+    peak, step_seconds = measure_batches(model, batches, args)
+    return peak, sum(step_seconds) / len(step_seconds)
+
+
+def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tuple[float, list[float]]:
+    """Trains on `batches`, args.gradient_accumulation_steps micro-batches per optimizer step; the first step is a
+    warm-up. Returns the peak memory (GiB) and the seconds of each optimizer step after the warm-up."""
+    if len(batches) < 2 * args.gradient_accumulation_steps:
+        raise ValueError("measure_batches needs micro-batches for at least two optimizer steps (one is warm-up)")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     peak_memory_reset(args.device)
     times = []
-    for _ in range(args.steps + 1):  # the first optimizer step is warm-up
+    steps = len(batches) // args.gradient_accumulation_steps
+    for step in range(steps):
         start = time.perf_counter()
-        for _ in range(args.gradient_accumulation_steps):
-            input_ids = torch.randint(0, vocabulary, (1, seq_length), generator=generator).to(args.device)
-            loss = model(input_ids=input_ids, labels=input_ids).loss / args.gradient_accumulation_steps
+        for index in range(step * args.gradient_accumulation_steps, (step + 1) * args.gradient_accumulation_steps):
+            batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batches[index].items()}
+            loss = model(**batch, use_cache=False).loss / args.gradient_accumulation_steps
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -175,7 +203,7 @@ def measure(model, seq_length: int, args: argparse.Namespace) -> tuple[float, fl
         times.append(time.perf_counter() - start)
     peak = peak_memory_gib(args.device)
     del optimizer
-    return peak, sum(times[1:]) / len(times[1:])
+    return peak, times[1:]
 
 
 def profile(args: argparse.Namespace) -> dict[tuple[str, int], str]:

@@ -1,0 +1,66 @@
+"""bench/gpu_suite.py's CPU smoke run: every check and profile cell lands in one report, GPU-only ones skipped
+with their reason, and split runs merge into the same files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.gpu_suite import CHECKS, REPORT_JSON, REPORT_MD, main
+
+GPU_ONLY_CHECKS = ("train-qlora-4bit", "train-qlora-8bit", "packing-flash-varlen")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run's expectations are those of a CPU")
+def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    # resume-sigterm starts two finetune.py processes: tests/test_training.py covers it; here it must still be
+    # listed, as not selected.
+    cpu_checks = ["train-lora", "train-full", "packing-sdpa", "merge-reload", "chat-stream"]
+    main(["--phase", "check", "--smoke", "--out", str(out), "--work_dir", str(work),
+          "--checks", *cpu_checks, *GPU_ONLY_CHECKS])  # fmt: skip
+    main(["--phase", "profile", "--smoke", "--out", str(out), "--work_dir", str(work), "--seq_lengths", "32"])
+
+    report = json.loads((out / REPORT_JSON).read_text())
+    assert [run["phase"] for run in report["runs"]] == ["check --smoke", "profile --smoke"]
+    checks = report["checks"]
+    assert set(checks) == set(CHECKS)  # none silently missing
+    for name in cpu_checks:
+        assert checks[name]["status"] == "pass", (name, checks[name])
+    for name in GPU_ONLY_CHECKS:
+        assert checks[name]["status"] == "skip" and "CUDA" in checks[name]["reason"], (name, checks[name])
+    assert checks["resume-sigterm"]["status"] == "skip" and "not selected" in checks["resume-sigterm"]["reason"]
+    assert (
+        checks["merge-reload"]["figures"]["merge_logit_diff"]
+        <= checks["merge-reload"]["figures"]["adapter_logit_effect"]
+    )
+
+    cells = report["profile"]["cells"]
+    assert set(cells) == {
+        f"{mode}/{recipe}/32" for mode in ("lora", "qlora", "full") for recipe in ("ours", "official")
+    }
+    for mode in ("lora", "full"):
+        for recipe in ("ours", "official"):
+            cell = cells[f"{mode}/{recipe}/32"]
+            assert cell["status"] == "ok", cell
+            assert cell["s_per_it"] > 0 and cell["tokens_per_s"] > 0 and cell["mfu"] is None
+            # Padding is processed but not counted as real tokens; packed rows hold only real tokens.
+            assert cell["processed_tokens"] >= cell["real_tokens"] > 0
+        assert cells[f"{mode}/ours/32"]["attention"] == "sdpa"
+        assert cells[f"{mode}/official/32"]["attention"] == "eager"
+    for recipe in ("ours", "official"):
+        assert cells[f"qlora/{recipe}/32"]["status"] == "skip" and "CUDA" in cells[f"qlora/{recipe}/32"]["reason"]
+    assert "MFU not computed" in report["profile"]["settings"]["peak"]
+
+    markdown = (out / REPORT_MD).read_text()
+    for name in CHECKS:
+        assert f"| {name} | **{checks[name]['status']}** |" in markdown
+    assert "| Model Size | Method | Recipe | Sequence Length 32 |" in markdown
+    assert "| tiny | Q-LoRA | ours | skip: CUDA bitsandbytes kernels" in markdown
+
+    # Reports of separate calls (separate machines) merge into one.
+    merged = tmp_path / "merged"
+    main(["--phase", "report", "--out", str(merged), "--merge", str(out / REPORT_JSON)])
+    assert json.loads((merged / REPORT_JSON).read_text()) == report
