@@ -4,6 +4,7 @@ Python files that raise if anything runs them)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file, save_file
 from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
@@ -44,7 +47,7 @@ TEXTS = [
     "你好，世界！今天北京的天气怎么样？我想去长城。",
     "The quick brown fox jumps over the lazy dog. It's 2023-09-25, isn't it? 1234567 apples",
     'def add(a: int, b: int) -> int:\n    """Sum."""\n    return a + b  # 加法\n\n\n\tif x:\r\n  pass',
-    "emoji 😀👍🏽🇨🇳👨‍👩‍👧 and symbols ∑∫√ ©®™ ｆｕｌｌｗｉｄｔｈ ﬁ é vs é",
+    "emoji 😀👍🏽🇨🇳👨‍👩‍👧 and symbols ∑∫√ ©®™ ｆｕｌｌｗｉｄｔｈ ﬁ, composed \u00e9 and decomposed e\u0301 n\u0303",
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|endoftext|>"
     "<|extra_0|><|extra_204|>",
     "   leading spaces, trailing spaces   \n\n\n  ",
@@ -63,10 +66,15 @@ def tiktoken_encoding(tiktoken_file: str | Path) -> tiktoken.Encoding:
     return tiktoken.Encoding("qwen", pat_str=QWEN1_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-def test_tokenizer_ids_equal_tiktoken(qwen1_folder):
+def test_tokenizer_ids_equal_tiktoken(qwen1_folder, native):
     encoding = tiktoken_encoding(Path(qwen1_folder) / "qwen.tiktoken")
-    tokenizer = load_tokenizer(qwen1_folder, trust_remote_code=True)  # the folder's own tokenizer code never runs
+    # The converted tokenizer.json itself: the same ids on any text.
+    backend = Tokenizer.from_file(str(Path(native) / "tokenizer.json"))
     for text in TEXTS:
+        assert backend.encode(text, add_special_tokens=False).ids == encoding.encode(text, allowed_special="all")
+    # As transformers loads it: its Qwen2Tokenizer adds Qwen2's NFC normalisation, so text is compared in NFC.
+    tokenizer = load_tokenizer(qwen1_folder, trust_remote_code=True)  # the folder's own tokenizer code never runs
+    for text in map(functools.partial(unicodedata.normalize, "NFC"), TEXTS):
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert ids == encoding.encode(text, allowed_special="all"), text
         assert tokenizer.decode(ids) == text
