@@ -408,15 +408,12 @@ def resolve_model_path(path: str) -> str:
         if (output / CONVERSION_FILE).is_file():
             logger.info("Qwen-1 model %s: using its native Qwen2 conversion %s", path, output)
         else:
-            shutil.rmtree(output, ignore_errors=True)  # an unfinished conversion (no CONVERSION_FILE)
+            # What a killed conversion left (no CONVERSION_FILE); no one else converts this source: we hold the lock.
+            for unfinished in [output, *output.parent.glob(f"{output.name}.partial-*")]:
+                shutil.rmtree(unfinished, ignore_errors=True)
             convert_qwen1(source, output)
             logger.info("Qwen-1 model %s converted to the native Qwen2 folder %s (kept for later runs)", path, output)
     return str(output)
-
-
-def is_qwen1(path: str) -> bool:
-    """Whether `path` is a Qwen-1 model (resolve_model_path converts it)."""
-    return _qwen1_folder(path) is not None
 
 
 def native_lora_targets(targets: list[str]) -> list[str]:
