@@ -367,7 +367,10 @@ def native_folder(source: Path) -> Path:
         if file.is_file():  # size and time: a changed file makes a new conversion, without reading 100+ GB
             stat = file.stat()
             digest.update(f"\n{file.name} {stat.st_size} {stat.st_mtime_ns}".encode())
-    return cache_folder() / f"{source.resolve().name}-{digest.hexdigest()[:12]}"
+    name = source.resolve().name
+    if source.resolve().parent.name == "snapshots":  # the hub cache: models--Qwen--Qwen-7B-Chat/snapshots/<commit>
+        name = source.resolve().parent.parent.name.rsplit("--", 1)[-1]
+    return cache_folder() / f"{name}-{digest.hexdigest()[:12]}"
 
 
 def _qwen1_folder(path: str) -> Path | None:

@@ -164,6 +164,10 @@ def test_native_folder_is_a_plain_qwen2_folder_converted_once(qwen1_folder, nati
         96,  # Qwen-1's intermediate_size 192 counts w1 and w2 together
     )
     assert config["rope_parameters"]["rope_theta"] == 10000 and config["max_position_embeddings"] == 2048
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(index.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert index["model.layers.0.self_attn.k_proj.bias"] == "model-00001-of-00002.safetensors"  # shard by shard
+    assert len(index) == 3 + 2 * 12
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [151645, 151643] and generation["top_p"] == 0.8
     assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 2048
