@@ -285,6 +285,10 @@ def convert_qwen1(source: str | os.PathLike, output: str | os.PathLike) -> Path:
     tiktoken_file = source / "qwen.tiktoken"
     if not tiktoken_file.is_file():
         raise Qwen1Error(f"{source}: no qwen.tiktoken, Qwen-1's vocabulary: copy it from the model's release")
+    with open(tiktoken_file, "rb") as lines:  # checked now: the tokenizer is converted after the weights
+        ranks = sum(1 for line in lines if line.strip())
+    if ranks != QWEN1_RANKS:
+        raise Qwen1Error(f"{tiktoken_file} has {ranks} BPE ranks, Qwen-1's qwen.tiktoken has {QWEN1_RANKS}")
     files = weight_files(source)
     shapes, dtype = tensor_shapes(files)
     native = native_config(config, shapes, dtype, source)
@@ -302,10 +306,12 @@ def convert_qwen1(source: str | os.PathLike, output: str | os.PathLike) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
+        # Weights first: the tokenizer's memory (a quarter of a GiB) is not all given back to the system, the
+        # shards' is, so this order keeps the peak at the larger of the two rather than their sum.
+        _convert_weights(files, staging)
         tokenizer = qwen_fast_tokenizer(tiktoken_file)
         tokenizer.model_max_length = native.max_position_embeddings
         tokenizer.save_pretrained(staging)
-        _convert_weights(files, staging)
         native.save_pretrained(staging)
         _generation_config(source).save_pretrained(staging)
         for notice in [*source.glob("LICENSE*"), *source.glob("NOTICE*")]:  # a published conversion keeps them

@@ -206,6 +206,7 @@ def broken_copy(qwen1_folder: str, destination: Path, config_changes: dict | Non
     "change, message",
     [
         ("no_tiktoken", "no qwen.tiktoken, Qwen-1's vocabulary"),
+        ("short_tiktoken", "qwen.tiktoken has 100 BPE ranks, Qwen-1's qwen.tiktoken has 151643"),
         ({"rotary_pct": 0.5}, "rotary_pct 0.5"),
         ({"intermediate_size": 128}, "intermediate_size 128, but the MLP weights are 96 wide"),
         ({"num_hidden_layers": 3}, "the weights have no transformer.h.2.ln_1.weight"),
@@ -219,6 +220,10 @@ def test_unconvertible_folders_stop_finetune_with_a_clear_message(
     folder = broken_copy(qwen1_folder, tmp_path / "Qwen-broken", change if isinstance(change, dict) else None)
     if change == "no_tiktoken":
         (folder / "qwen.tiktoken").unlink()
+    if change == "short_tiktoken":
+        lines = (folder / "qwen.tiktoken").read_text().splitlines()[:100]
+        (folder / "qwen.tiktoken").unlink()
+        (folder / "qwen.tiktoken").write_text("\n".join(lines) + "\n")
     if change == "extra_tensor":
         save_file({"transformer.h.0.attn.extra.weight": torch.zeros(2)}, folder / "extra.safetensors")
         index = json.loads((folder / "model.safetensors.index.json").read_text())
