@@ -26,6 +26,7 @@ from sft.data import DataError, load_conversations, make_collator, template_over
 from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
 from sft.outputs import publish, read_run_info, write_run_info
 from sft.packing import PackingError, prepare_packing
+from sft.plots import save_training_curves
 from sft.qwen1 import Qwen1Error, native_lora_targets, resolve_model_path
 from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, FinetuneTrainer, PreemptionHandler, last_complete_checkpoint
 
@@ -392,6 +393,8 @@ def train() -> Trainer:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         preemption.restore()
+    if trainer.is_world_process_zero():  # also after a stop: the curves up to it
+        logger.info("Wrote %s", save_training_curves(trainer.state.log_history, training_args.output_dir))
     if preemption.requested:
         logger.warning(
             "Stopped on request after step %d; checkpoint saved. Rerun the same command to resume.",
@@ -414,6 +417,7 @@ def train() -> Trainer:
         "data_path": os.path.abspath(data_args.data_path),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
+        **trainer.throughput(result.metrics["train_runtime"]),  # trained tokens and tokens per second
         "arguments": {**asdict(model_args), **asdict(data_args), **asdict(lora_args)},
     }
     if qwen1_source:

@@ -200,6 +200,19 @@ def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversati
     return messages
 
 
+def record_format(record: Any) -> str:
+    """Which format `parse_record` reads `record` as: "qwen" ('conversations'), "chatml" ('messages'), "alpaca",
+    or "unknown" (for reports such as sft.inspect's; parse_record tests the same keys in the same order)."""
+    if isinstance(record, dict):
+        if "conversations" in record:
+            return "qwen"
+        if "messages" in record:
+            return "chatml"
+        if any(key in record for key in ALPACA_KEYS):
+            return "alpaca"
+    return "unknown"
+
+
 def load_conversations(path: str | os.PathLike, default_system: str | None = None) -> list[Conversation]:
     """Reads and checks a whole data file; a sample without a system message gets `default_system`."""
     conversations = [parse_record(record, path, where) for where, record in read_records(path)]

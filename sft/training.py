@@ -7,6 +7,8 @@
   torchrun every rank stops at the same step.
 - A loss or gradient norm that is not finite skips that optimizer step (its gradients are dropped);
   `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint.
+- Tokens are counted as they are trained on (`token_counts`, `throughput`), across resumes: each checkpoint's
+  finetune_run.json records the counts so far.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from sft.outputs import write_run_info
+from sft.data import IGNORE_INDEX
+from sft.outputs import read_run_info, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +124,71 @@ class FinetuneTrainer(Trainer):
         self.nonfinite_stop_step: int | None = None
         self._loss_nonfinite = False
         self._staging_root: str | None = None
+        self._session_counts: torch.Tensor | None = None  # this process's [trained, non-padding] tokens so far
+        self._resumed_counts = {"trained_tokens": 0, "tokens": 0}  # all processes', before this session
+
+    # ---- token counts ----
+
+    def _count_tokens(self, inputs) -> None:
+        """Adds a micro-batch's trained tokens (labels the loss sees: the model shifts labels by one, so a row's
+        first never counts) and non-padding tokens, on the batch's device: no synchronisation per step."""
+        labels, input_ids = inputs.get("labels"), inputs.get("input_ids")
+        if labels is None or input_ids is None:
+            return
+        if "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        else:  # packed rows: the padding is pad tokens (flat packed batches have none)
+            pad_token_id = getattr(self.processing_class, "pad_token_id", None)
+            tokens = input_ids.ne(pad_token_id).sum() if pad_token_id is not None else torch.tensor(input_ids.numel())
+        counts = torch.stack([labels[..., 1:].ne(IGNORE_INDEX).sum(), tokens.to(labels.device)])
+        self._session_counts = (
+            counts if self._session_counts is None else self._session_counts + counts.to(self._session_counts.device)
+        )
+
+    def _session_token_counts(self) -> tuple[int, int]:
+        """(trained, non-padding) tokens of this session, summed over all processes: every process must call it."""
+        counts = self._session_counts if self._session_counts is not None else torch.zeros(2, dtype=torch.long)
+        gathered = self.accelerator.gather(counts.to(self.args.device).reshape(1, 2)).reshape(-1, 2).sum(0)
+        return int(gathered[0]), int(gathered[1])
+
+    def token_counts(self) -> dict[str, int]:
+        """Trained and non-padding tokens of the whole run, resumed sessions included (every process calls it)."""
+        trained, tokens = self._session_token_counts()
+        return {
+            "trained_tokens": self._resumed_counts["trained_tokens"] + trained,
+            "tokens": self._resumed_counts["tokens"] + tokens,
+        }
+
+    def throughput(self, train_runtime: float) -> dict[str, float]:
+        """Run totals and this session's tokens per second of `train_runtime`, for finetune_run.json (every
+        process calls it)."""
+        trained, tokens = self._session_token_counts()
+        totals = self.token_counts()
+        seconds = max(train_runtime, 1e-9)
+        result = {
+            **totals,
+            "trained_tokens_per_second": round(trained / seconds, 1),
+            "tokens_per_second": round(tokens / seconds, 1),
+        }
+        logger.info(
+            "Trained on %d tokens (%d with loss): %.0f tokens/s, %.0f trained tokens/s",
+            totals["tokens"],
+            totals["trained_tokens"],
+            result["tokens_per_second"],
+            result["trained_tokens_per_second"],
+        )
+        return result
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            recorded = read_run_info(resume_from_checkpoint) or {}
+            self._resumed_counts = {key: int(recorded.get(key, 0)) for key in self._resumed_counts}
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- NaN / inf guard ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._count_tokens(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             self._loss_nonfinite = True
@@ -168,6 +232,7 @@ class FinetuneTrainer(Trainer):
         staging_root = os.path.join(run_dir, STAGING_DIR)
         if self.args.should_save and os.path.exists(staging_root):
             shutil.rmtree(staging_root)  # what a killed save left behind
+        counts = self.token_counts()  # a collective: before the rank-0-only writing below
         self.accelerator.wait_for_everyone()
         self._staging_root = staging_root
         try:
@@ -178,7 +243,7 @@ class FinetuneTrainer(Trainer):
         if self.args.should_save:
             final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
             if self.run_mode is not None:
-                write_run_info(staged, {"mode": self.run_mode})
+                write_run_info(staged, {"mode": self.run_mode, **counts})
             if os.path.exists(final):
                 replaced = os.path.join(staging_root, f"replaced-{name}")
                 os.replace(final, replaced)
