@@ -113,7 +113,10 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise Qwen1Error(f"{index}: not a weights index (JSON with a weight_map)") from None
             missing = [name for name in names if not (folder / name).is_file()]
             if missing:
                 raise Qwen1Error(f"{index} names weight files that are not there: {', '.join(missing[:3])}")
@@ -138,19 +141,22 @@ def tensor_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], torch.
     shapes: dict[str, tuple[int, ...]] = {}
     dtype = None
     for file in files:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(file, framework="pt") as reader:
-                for name in reader.keys():
-                    shapes[name] = tuple(reader.get_slice(name).get_shape())
+                with safe_open(file, framework="pt") as reader:
+                    for name in reader.keys():
+                        shapes[name] = tuple(reader.get_slice(name).get_shape())
+                        if name == "transformer.wte.weight":
+                            dtype = reader.get_slice(name).get_dtype()
+            else:
+                for name, tensor in load_shard(file).items():
+                    shapes[name] = tuple(tensor.shape)
                     if name == "transformer.wte.weight":
-                        dtype = reader.get_slice(name).get_dtype()
-        else:
-            for name, tensor in load_shard(file).items():
-                shapes[name] = tuple(tensor.shape)
-                if name == "transformer.wte.weight":
-                    dtype = tensor.dtype
+                        dtype = tensor.dtype
+        except Exception as error:  # a truncated download, or a .bin holding more than tensors
+            raise Qwen1Error(f"{file}: cannot read its weights ({type(error).__name__}: {error})") from None
     if isinstance(dtype, str):  # safetensors names them: BF16, F16, F32
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(dtype)
     return shapes, dtype or torch.float32

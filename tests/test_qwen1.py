@@ -212,6 +212,7 @@ def broken_copy(qwen1_folder: str, destination: Path, config_changes: dict | Non
         ({"num_hidden_layers": 3}, "the weights have no transformer.h.2.ln_1.weight"),
         ({"quantization_config": {"bits": 4}}, "a quantised Qwen-1 release (Int4/Int8) cannot be converted"),
         ("extra_tensor", "its weights have tensors Qwen-1 has not, e.g. transformer.h.0.attn.extra.weight"),
+        ("truncated_shard", "model-00002-of-00002.safetensors: cannot read its weights"),
     ],
 )
 def test_unconvertible_folders_stop_finetune_with_a_clear_message(
@@ -220,6 +221,11 @@ def test_unconvertible_folders_stop_finetune_with_a_clear_message(
     folder = broken_copy(qwen1_folder, tmp_path / "Qwen-broken", change if isinstance(change, dict) else None)
     if change == "no_tiktoken":
         (folder / "qwen.tiktoken").unlink()
+    if change == "truncated_shard":
+        shard = folder / "model-00002-of-00002.safetensors"
+        content = shard.read_bytes()
+        shard.unlink()
+        shard.write_bytes(content[: len(content) // 2])
     if change == "short_tiktoken":
         lines = (folder / "qwen.tiktoken").read_text().splitlines()[:100]
         (folder / "qwen.tiktoken").unlink()
