@@ -83,6 +83,16 @@ def test_tokenizer_ids_equal_tiktoken(qwen1_folder, native):
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
     assert tokenizer.convert_tokens_to_ids(["<|extra_0|>", "<|extra_204|>"]) == [151646, 151850]
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    # A conversation gets the ids Qwen-1 builds turn by turn: <|im_start|>, role, "\n", content, <|im_end|>, "\n".
+    turns = [("user", " 你好, what is 1+1?\n"), ("assistant", "2\n\n"), ("user", "def f():\n  pass")]
+    messages = [{"role": role, "content": content} for role, content in turns]
+    qwen1_ids = []
+    for role, content in [("system", "You are a helpful assistant."), *turns, ("assistant", None)]:
+        qwen1_ids += [151644] + encoding.encode(role) + encoding.encode("\n")
+        if content is not None:
+            qwen1_ids += encoding.encode(content) + [151645] + encoding.encode("\n")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.encode(rendered, add_special_tokens=False) == qwen1_ids
     # Qwen-1's chat format: ChatML with its default system prompt.
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
