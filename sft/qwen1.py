@@ -385,25 +385,29 @@ def native_folder(source: Path) -> Path:
     return cache_folder() / f"{name}-{digest.hexdigest()[:12]}"
 
 
-def _qwen1_folder(path: str) -> Path | None:
+def local_qwen1_folder(path: str) -> Path | None:
     """The local folder of `path` when it is a Qwen-1 model (a folder, or a hub id, downloaded), else None."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local if read_qwen1_config(local) is not None else None
     if path.count("/") != 1 or path.startswith((".", "/", "~")):
         return None
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
-        if read_qwen1_config(Path(hf_hub_download(path, "config.json")).parent) is None:
-            return None
-        files = ["*.json", "qwen.tiktoken", "LICENSE*", "NOTICE*"]
+    try:
+        config_file = Path(hf_hub_download(path, "config.json"))
+    except Exception:  # not a hub model, or no network: transformers says so when it loads `path`
+        return None
+    if read_qwen1_config(config_file.parent) is None:
+        return None
+    files = ["*.json", "qwen.tiktoken", "LICENSE*", "NOTICE*"]
+    try:
         folder = Path(snapshot_download(path, allow_patterns=[*files, "*.safetensors"]))
         if not list(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(path, allow_patterns=[*files, "*.bin"]))
-        return folder
-    except Exception:  # not a hub model, or no network: transformers says so when it loads `path`
-        return None
+    except Exception as error:
+        raise Qwen1Error(f"{path}: downloading the Qwen-1 model failed ({type(error).__name__}: {error})") from None
+    return folder
 
 
 def resolve_model_path(path: str) -> str:
@@ -412,7 +416,7 @@ def resolve_model_path(path: str) -> str:
     Processes started together (torchrun) wait for one conversion under a file lock. Raises Qwen1Error when a
     Qwen-1 model cannot be converted.
     """
-    source = _qwen1_folder(path)
+    source = local_qwen1_folder(path)
     if source is None:
         return path
     from filelock import FileLock

@@ -37,6 +37,8 @@ from sft.qwen1 import (
     QWEN1_PATTERN,
     QWEN1_SPECIAL_TOKENS,
     convert_qwen1,
+    local_qwen1_folder,
+    native_folder,
     native_lora_targets,
     resolve_model_path,
 )
@@ -370,3 +372,21 @@ def test_cli_demo_query_answers_as_sft_chat_does(qwen1_folder, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", [*argv, "--max_new_tokens", "6", "--temperature", "0"])
     cli_demo.main()
     assert capsys.readouterr().out.strip().endswith(expected)
+
+
+def test_a_hub_id_is_read_through_the_hub_cache(qwen1_folder, tmp_path, monkeypatch):
+    """A hub id of a Qwen-1 model resolves to its downloaded snapshot (here: offline, from a prepared cache)."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--Qwen--Qwen-tiny-Chat"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for file in Path(qwen1_folder).iterdir():
+        os.symlink(file, snapshot / file.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert local_qwen1_folder("Qwen/Qwen-tiny-Chat") == snapshot
+    assert native_folder(snapshot).name.startswith("Qwen-tiny-Chat-")  # named after the repository
+    assert local_qwen1_folder("Qwen/Qwen2-not-cached") is None  # left to transformers, which reports it
