@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
 from sft.data import Conversation
+from sft.qwen1 import Qwen1Error
 
 HELP = """Commands:
   :help            :h     show this help
@@ -184,7 +185,10 @@ def main() -> None:
     except ImportError:
         pass
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar in the chat
-    model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
+    try:
+        model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
+    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
+        sys.exit(f"cli_demo.py: error: {error}")
     try:
         settings = GenerationSettings.from_model(model, **_overrides(args))
     except ValueError as error:  # a flag that does not fit the model's own settings, e.g. --min_new_tokens

@@ -27,6 +27,7 @@ from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, l
 from sft.outputs import publish, read_run_info, write_run_info
 from sft.packing import PackingError, prepare_packing
 from sft.plots import save_training_curves
+from sft.qwen1 import Qwen1Error, native_lora_targets, resolve_model_path
 from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, FinetuneTrainer, PreemptionHandler, last_complete_checkpoint
 
 logger = logging.getLogger("finetune")
@@ -285,6 +286,15 @@ def train() -> Trainer:
     if os.path.isdir(model_args.model_name_or_path):
         # Adapters record the base model's path: make it one that works from anywhere.
         model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
+    qwen1_source = None
+    try:
+        native = resolve_model_path(model_args.model_name_or_path)
+    except Qwen1Error as error:
+        sys.exit(f"error: {error}")
+    if native != model_args.model_name_or_path:
+        # A Qwen-1 model trains as its native conversion, recorded as the base: the adapter loads without it.
+        qwen1_source, model_args.model_name_or_path = model_args.model_name_or_path, native
+        lora_args.lora_target_modules = native_lora_targets(lora_args.lora_target_modules)
 
     tokenizer = load_tokenizer(
         model_args.model_name_or_path, model_args.trust_remote_code, training_args.model_max_length
@@ -410,6 +420,8 @@ def train() -> Trainer:
         **trainer.throughput(result.metrics["train_runtime"]),  # trained tokens and tokens per second
         "arguments": {**asdict(model_args), **asdict(data_args), **asdict(lora_args)},
     }
+    if qwen1_source:
+        run_info["qwen1_source"] = qwen1_source
     save_final(trainer, tokenizer, training_args.output_dir, run_info)
     return trainer
 

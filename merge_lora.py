@@ -27,6 +27,7 @@ from sft.data import Conversation, DataError, load_conversations
 from sft.evaluation import format_size, max_abs_diff, sample_logits, save_chat_files, tokenize_samples, weights_size
 from sft.modeling import DTYPES, load_model, load_tokenizer, quantization_config, tokenizer_folder
 from sft.outputs import check_new_output, read_run_info, replace_folder, staging_folder
+from sft.qwen1 import resolve_model_path
 
 logger = logging.getLogger("merge_lora")
 
@@ -122,6 +123,7 @@ def main() -> None:
         base = check_base_model(args.base_model or adapter_config.get("base_model_name_or_path"), args.adapter)
         check_new_output(args.output, args.overwrite, inputs=(args.adapter, base))
         conversations = check_conversations(args, run_info)
+        base = resolve_model_path(base)  # a Qwen-1 base (Qwen1Error is a ValueError): its native conversion
     except (DataError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     mode = run_info.get("mode", "lora")

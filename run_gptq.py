@@ -26,6 +26,7 @@ from sft.data import Conversation, DataError, load_conversations
 from sft.evaluation import format_size, perplexity, save_chat_files, split_held_out, tokenize_samples, weights_size
 from sft.modeling import DTYPES, load_model, load_tokenizer
 from sft.outputs import check_new_output, replace_folder, staging_folder
+from sft.qwen1 import resolve_model_path
 
 logger = logging.getLogger("run_gptq")
 
@@ -128,6 +129,8 @@ def main() -> None:
             raise ValueError(f"--bits must be 4 or 8, got {args.bits}")
         check_new_output(args.out_path, args.overwrite, inputs=(args.model_name_or_path,))
         calibration_conversations, held_out_conversations = read_data(args)
+        # A Qwen-1 model is quantised as its native conversion (Qwen1Error is a ValueError).
+        args.model_name_or_path = resolve_model_path(args.model_name_or_path)
         check_model(args)
     except (DataError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
 from sft.data import Conversation
+from sft.qwen1 import Qwen1Error
 
 # What the page shows for a state: the visible turns, without the system prompt.
 ChatUpdate = tuple[str, Conversation, Conversation]
@@ -100,7 +102,10 @@ def build_demo(
 def main() -> None:
     args = parse_args()
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar in the chat
-    model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
+    try:
+        model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
+    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
+        sys.exit(f"web_demo.py: error: {error}")
     settings = GenerationSettings.from_model(model)
     demo = build_demo(model, tokenizer, settings, os.path.basename(os.path.normpath(args.checkpoint_path)), args.system)
     # One reply at a time: the model is shared by every browser tab.

@@ -8,9 +8,11 @@ Each sample's last assistant turn is the expected answer; everything before it i
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sft.chat import load_for_chat, reply
 from sft.data import load_conversations
+from sft.qwen1 import Qwen1Error
 
 
 def main() -> None:
@@ -21,7 +23,10 @@ def main() -> None:
     args = parser.parse_args()
 
     conversations = load_conversations(args.data)
-    model, tokenizer = load_for_chat(args.model)
+    try:
+        model, tokenizer = load_for_chat(args.model)
+    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
+        sys.exit(f"error: {error}")
     correct = 0
     for messages in conversations:
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")

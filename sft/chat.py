@@ -28,6 +28,7 @@ from transformers import (
 
 from sft.data import Conversation, end_of_turn, render
 from sft.modeling import load_model, load_tokenizer, tokenizer_folder
+from sft.qwen1 import resolve_model_path
 
 
 def pick_device(cpu_only: bool = False) -> torch.device:
@@ -60,6 +61,9 @@ def load_for_chat(
     """
     adapter_config = Path(path) / "adapter_config.json"
     base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else path
+    base_path = resolve_model_path(base_path)  # a Qwen-1 model: its native conversion (raises Qwen1Error)
+    if not adapter_config.is_file():
+        path = base_path
     device = pick_device(cpu_only)
     dtype = dtype or pick_dtype(device, gptq=_is_gptq(base_path))
     tokenizer = load_tokenizer(tokenizer_folder(path, base_path), trust_remote_code)

