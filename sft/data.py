@@ -475,6 +475,16 @@ def _render_for_training(
                     )
             raise TemplateRefusal(k, f"the chat template refuses this conversation: {error}")
     for k, (messages, text) in enumerate(zip(conversations, texts)):
+        for i, message in enumerate(messages):
+            # Some templates (vision models') render only content given as a list of parts, and leave a plain
+            # answer out: nothing of it would be trained. Its end is checked, which reasoning a template drops
+            # from earlier answers (Qwen3) leaves in place.
+            if message["role"] == "assistant" and message["content"].strip()[-32:] not in text:
+                raise TemplateRefusal(
+                    k,
+                    f"the chat template leaves out the text of assistant message {i} "
+                    f"({message['content'][:40]!r}): does it take content only as a list of parts?",
+                )
         if messages[0]["role"] == TOOLS_ROLE or any("tool_calls" in message for message in messages):
             missing = _missing_tool_text(messages, text)
             if missing:
@@ -544,12 +554,31 @@ def _label_many(
     spans_of = list(by_markers)
     for k, spans in zip(slow, _spans_of(tokenizer, slow, conversations, turns_of, texts, by_markers)):
         spans_of[k] = spans
+        for i, (start, end) in zip(turns_of[k], spans):
+            repeated = _repeated_prompt(conversations[k], i, texts[k][start:end])
+            if repeated is not None:
+                raise TemplateRefusal(
+                    k,
+                    f"the chat template writes the text of message {repeated} into assistant message {i}'s turn, "
+                    "so that text would be trained on as the answer",
+                )
     eos = tokenizer.eos_token or ""
     results = []
     for messages, turns, text, spans, was_folded in zip(conversations, turns_of, texts, spans_of, folded):
         text, spans = _add_stops(messages, turns, text, spans, turn_end, eos)
         results.append((text, spans, was_folded))
     return results
+
+
+def _repeated_prompt(messages: Conversation, i: int, trained: str) -> int | None:
+    """The index of a system or user message whose text (of 8 characters or more) a template repeats inside the
+    turn of assistant message `i` (some write the system prompt before every turn), or None."""
+    trained = trained.replace(messages[i]["content"], "", 1)
+    for k, message in enumerate(messages):
+        if message["role"] in ("system", "user") and len(message["content"].strip()) >= 8:
+            if message["content"].strip() in trained:
+                return k
+    return None
 
 
 def _add_stops(

