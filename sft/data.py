@@ -307,6 +307,14 @@ def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversati
     return messages
 
 
+def load_tools(path: str | os.PathLike) -> list[dict]:
+    """Tool schemas from a JSON file holding a list of them (OpenAI form or bare functions), checked."""
+    records = read_records(path)
+    if len(records) == 1 and isinstance(records[0][1], list):
+        return _tools(records[0][1], Path(path), "")
+    return _tools([record for _, record in records], Path(path), "")
+
+
 class Conversations(list):
     """The conversations of one data file, with where each came from (`path`, `wheres`), so that problems found
     later, when the chat template renders them, are reported at their place in the file too."""
