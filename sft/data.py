@@ -486,8 +486,10 @@ def _render_for_training(
         for i, message in enumerate(messages):
             # Some templates (vision models') render only content given as a list of parts, and leave a plain
             # answer out: nothing of it would be trained. Its end is checked, which reasoning a template drops
-            # from earlier answers (Qwen3) leaves in place.
-            if message["role"] == "assistant" and message["content"].strip()[-32:] not in text:
+            # from earlier answers (Qwen3) leaves in place. Text beside tool calls may be dropped (Llama 3.1's).
+            if message["role"] != "assistant" or "tool_calls" in message:
+                continue
+            if message["content"].strip()[-32:] not in text:
                 raise TemplateRefusal(
                     k,
                     f"the chat template leaves out the text of assistant message {i} "
@@ -571,9 +573,13 @@ def _label_many(
                     "so that text would be trained on as the answer",
                 )
     eos = tokenizer.eos_token or ""
+    # A tool-call turn may end with a marker of its own (Llama 3.1's <|eom_id|>): any special token counts.
+    call_ends: tuple[str, ...] = ()
+    if any("tool_calls" in messages[i] for messages, turns in zip(conversations, turns_of) for i in turns):
+        call_ends = tuple(str(token) for token in tokenizer.added_tokens_decoder.values() if token.special)
     results = []
     for messages, turns, text, spans, was_folded in zip(conversations, turns_of, texts, spans_of, folded):
-        text, spans = _add_stops(messages, turns, text, spans, turn_end, eos)
+        text, spans = _add_stops(messages, turns, text, spans, turn_end, eos, call_ends)
         results.append((text, spans, was_folded))
     return results
 
@@ -590,17 +596,26 @@ def _repeated_prompt(messages: Conversation, i: int, trained: str) -> int | None
 
 
 def _add_stops(
-    messages: Conversation, turns: list[int], text: str, spans: list[tuple[int, int]], turn_end: str, eos: str
+    messages: Conversation,
+    turns: list[int],
+    text: str,
+    spans: list[tuple[int, int]],
+    turn_end: str,
+    eos: str,
+    call_ends: tuple[str, ...] = (),
 ) -> tuple[str, list[tuple[int, int]]]:
     """The text and spans with `eos` inserted and trained after each answer that the template ends with nothing
-    (its span ends with the answer's own text, or a tool call's without an end-of-turn marker): a model trained
-    on such text never learns to stop. Answers followed by the template's end-of-turn marker are left alone."""
+    (its span ends with the answer's own text, or a tool call's with no end-of-turn marker or other special token
+    in `call_ends`): a model trained on such text never learns to stop. Answers followed by the template's
+    end-of-turn marker are left alone."""
     if not eos:
         return text, spans
     pieces, new_spans, shift, cursor = [], [], 0, 0
     for i, (start, end) in zip(turns, spans):
         trained = text[start:end].rstrip()
         stopped = (turn_end and trained.endswith(turn_end)) or trained.endswith(eos)
+        if "tool_calls" in messages[i]:
+            stopped = stopped or trained.endswith(call_ends)
         if not stopped and ("tool_calls" in messages[i] or trained.endswith(messages[i]["content"].rstrip())):
             pieces += [text[cursor:end], eos]
             new_spans.append((start + shift, end + shift + len(eos)))
