@@ -443,18 +443,11 @@ def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, t
     model_dir = tmp_path / "tools-model"
     shutil.copytree(tiny_model, model_dir)
     (model_dir / "chat_template.jinja").write_text(QWEN25_STYLE)
-    tools = [{**WEATHER, "function": {**WEATHER["function"], "name": "lookup_forecast"}}]
+    tools = [{"type": "function", "function": {"name": "lookup_forecast", "parameters": {"type": "object"}}}]
     question = {"role": "user", "content": "Is it raining in Quito?"}
     expected = '<tool_call>\n{"name": "lookup_forecast", "arguments": {"city": "Quito"}}\n</tool_call>'
-    sample = {
-        "tools": tools,
-        "messages": [
-            question,
-            {"role": "assistant", "content": "", "tool_calls": [call("lookup_forecast", {"city": "Quito"}, "c1")]},
-            {"role": "tool", "content": "light rain"},
-            {"role": "assistant", "content": "Yes, light rain."},
-        ],
-    }
+    call_turn = {"role": "assistant", "content": "", "tool_calls": [call("lookup_forecast", {"city": "Quito"}, "c1")]}
+    sample = {"tools": tools, "messages": [question, call_turn]}
     data = write_jsonl(tmp_path / "tools.jsonl", [sample] * 8)
     prompt = with_tools([question], tools)
 
@@ -463,11 +456,24 @@ def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, t
 
     output = tmp_path / "lora"
     args = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(output)]
-    args += ["--use_lora", "--lora_r", "16", "--lora_alpha", "32", "--max_steps", "60", "--learning_rate", "1e-2"]
+    # The tiny model's output layer has barely seen "<", "_" or "{": LoRA on it too, or it cannot learn the call.
+    args += ["--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    args += [
+        "lm_head",
+        "--use_lora",
+        "--lora_r",
+        "32",
+        "--lora_alpha",
+        "32",
+        "--max_steps",
+        "60",
+        "--learning_rate",
+        "1e-2",
+    ]
     args += ["--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none", "--seed", "0"]
-    args += ["--model_max_length", "256", "--dataloader_pin_memory", "false", "--lora_dropout", "0"]
+    args += ["--model_max_length", "512", "--dataloader_pin_memory", "false", "--lora_dropout", "0"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["finetune.py", *args])
         finetune.train()
     model, tokenizer = load_for_chat(str(output), cpu_only=True)
-    assert reply(model, tokenizer, prompt, max_new_tokens=40) == expected
+    assert reply(model, tokenizer, prompt, max_new_tokens=100) == expected
