@@ -485,15 +485,17 @@ def _render_for_training(
     for k, (messages, text) in enumerate(zip(conversations, texts)):
         for i, message in enumerate(messages):
             # Some templates (vision models') render only content given as a list of parts, and leave a plain
-            # answer out: nothing of it would be trained. Its end is checked, which reasoning a template drops
-            # from earlier answers (Qwen3) leaves in place. Text beside tool calls may be dropped (Llama 3.1's).
+            # answer out: nothing of it would be trained. Its end is checked (after any closing tag: Qwen3's drops
+            # the reasoning of earlier answers). Text beside tool calls may be dropped (Llama 3.1's).
             if message["role"] != "assistant" or "tool_calls" in message:
                 continue
-            if message["content"].strip()[-32:] not in text:
+            end = message["content"].rsplit(">", 1)[-1].strip()[-32:]
+            if end not in text:
                 raise TemplateRefusal(
                     k,
-                    f"the chat template leaves out the text of assistant message {i} "
-                    f"({message['content'][:40]!r}): does it take content only as a list of parts?",
+                    f"the chat template does not write assistant message {i} ({message['content'][:40]!r}) as given: "
+                    f"its end {end!r} is not in the text, so its tokens cannot be found (does the template take "
+                    "content only as a list of parts?)",
                 )
         if messages[0]["role"] == TOOLS_ROLE or any("tool_calls" in message for message in messages):
             missing = _missing_tool_text(messages, text)
