@@ -952,13 +952,19 @@ def _tokenize_batch(
     return out
 
 
+# Part of every cache key: raised when what tokenisation writes changes (2: eos after unmarked answers, the
+# "folded" column), so that no older cache file is read as a new one.
+CACHE_FORMAT = 2
+
+
 def _fingerprint(records: list[str], tokenizer, max_length: int, train_on: str, drop_long: bool, *more: Any) -> str:
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = (vocabulary, chat_template_of(tokenizer), type(tokenizer).__name__, max_length, train_on, drop_long, *more)
+    parts = (CACHE_FORMAT, vocabulary, chat_template_of(tokenizer), type(tokenizer).__name__, max_length, train_on)
+    parts += (drop_long, *more)
     for part in parts:
         digest.update(str(part).encode())
     return digest.hexdigest()[:24]
