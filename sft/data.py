@@ -211,7 +211,7 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
             raise DataError(path, where, f"{field}.{role_key}", f"missing (keys found: {found})")
         role = _role(turn[role_key], path, where, f"{field}.{role_key}")
         message: Message = {"role": role}
-        if role == "assistant" and turn[role_key] == "function_call":  # ShareGPT: the value is the call(s)
+        if role == "assistant" and turn[role_key].lower() == "function_call":  # ShareGPT: the value is the call(s)
             value = _json_value(
                 turn.get(content_key), path, where, f"{field}.{content_key}", (dict, list), "a JSON call or list"
             )
@@ -221,7 +221,7 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
                 _tool_call(call, path, where, f"{field}.{content_key}" + (f"[{n}]" if isinstance(value, list) else ""))
                 for n, call in enumerate(calls)
             ]
-        elif role == "assistant" and turn.get("tool_calls") is not None:
+        elif role == "assistant" and turn.get("tool_calls") not in (None, []):  # [] as some writers put
             calls = turn["tool_calls"]
             if not isinstance(calls, list) or not calls:
                 raise DataError(path, where, f"{field}.tool_calls", "expected a non-empty list of calls")
