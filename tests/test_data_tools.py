@@ -477,3 +477,25 @@ def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, t
         finetune.train()
     model, tokenizer = load_for_chat(str(output), cpu_only=True)
     assert reply(model, tokenizer, prompt, max_new_tokens=100) == expected
+
+
+def test_finetune_reports_a_template_refusal_before_loading_the_model(tiny_model, tmp_path, monkeypatch):
+    import finetune
+
+    model_dir = tmp_path / "gemma-like"
+    shutil.copytree(tiny_model, model_dir)
+    (model_dir / "chat_template.jinja").write_text(GEMMA2_STYLE)
+    data = write_jsonl(tmp_path / "d.jsonl", SYSTEM_SAMPLES[::-1])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data error")
+
+    monkeypatch.setattr(finetune, "load_model", no_model)
+    args = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    args += ["--fold_system_prompt", "false", "--report_to", "none", "--preprocessing_cache_dir", str(tmp_path / "c")]
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *args])
+    with pytest.raises(SystemExit) as caught:
+        finetune.train()
+    assert f"error: {data}, line 2: the chat template refuses this conversation: System role not supported" in str(
+        caught.value
+    )
