@@ -20,7 +20,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
-from sft.data import Conversation
+from sft.data import Conversation, load_tools
 from sft.qwen1 import Qwen1Error
 
 HELP = """Commands:
@@ -49,6 +49,7 @@ class Session:
     seed: int
     system: str | None = None
     history: Conversation = field(default_factory=list)
+    tools: list[dict] | None = None
     initial_settings: GenerationSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "-c", "--checkpoint-path", required=True, help="adapter, merged, full fine-tune or GPTQ output folder"
     )
     parser.add_argument("--system", default=None, help="system prompt (default: the chat template's own, if any)")
+    parser.add_argument("--tools", default=None, help="JSON file with a list of tool schemas the model may call")
     parser.add_argument("-s", "--seed", type=int, default=1234, help="random seed, set before every reply")
     parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when there is a GPU")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model folder's own code")
@@ -77,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--checkpoint-path {args.checkpoint_path}: no such folder")
     try:  # bad values fail here, before the model is loaded
         GenerationSettings(**_overrides(args)).checked()
-    except ValueError as error:
+        args.tools = load_tools(args.tools) if args.tools else None
+    except ValueError as error:  # DataError included
         parser.error(str(error))
     return args
 
@@ -89,7 +92,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def answer(session: Session, query: str) -> None:
     """Streams the reply to the terminal and adds the exchange to the history; Ctrl-C keeps what was said so far."""
-    messages = conversation(session.history, query, session.system)
+    messages = conversation(session.history, query, session.system, session.tools)
     print(ASSISTANT_PREFIX, end="", flush=True)
     pieces: list[str] = []
     stream = stream_reply(session.model, session.tokenizer, messages, session.settings, session.seed)
@@ -193,10 +196,12 @@ def main() -> None:
         settings = GenerationSettings.from_model(model, **_overrides(args))
     except ValueError as error:  # a flag that does not fit the model's own settings, e.g. --min_new_tokens
         sys.exit(f"cli_demo.py: error: {error}")
-    session = Session(model, tokenizer, settings, args.seed, args.system)
+    session = Session(model, tokenizer, settings, args.seed, args.system, tools=args.tools)
     if args.query is not None:
         try:
-            for piece in stream_reply(model, tokenizer, conversation([], args.query, args.system), settings, args.seed):
+            for piece in stream_reply(
+                model, tokenizer, conversation([], args.query, args.system, args.tools), settings, args.seed
+            ):
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             sys.exit(130)

@@ -80,6 +80,13 @@ class DataArguments:
     drop_long_samples: bool = field(
         default=False, metadata={"help": "Drop samples longer than model_max_length instead of truncating them."}
     )
+    fold_system_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Where the chat template refuses a system message (Gemma-2), put its text at the start of the "
+            "first user message; false: such a sample is an error."
+        },
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenisation (datasets.map num_proc)."}
     )
@@ -312,12 +319,16 @@ def train() -> Trainer:
         drop_long=data_args.drop_long_samples,
         num_proc=data_args.preprocessing_num_workers,
         cache_dir=data_args.preprocessing_cache_dir,
+        fold_system=data_args.fold_system_prompt,
     )
     with training_args.main_process_first(desc="tokenising"):
-        train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
-        eval_dataset = None
-        if eval_conversations:
-            eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
+        try:  # the chat template's refusals, still before the model loads
+            train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
+            eval_dataset = None
+            if eval_conversations:
+                eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
+        except DataError as error:
+            sys.exit(f"error: {error}")
 
     if model_args.model_dtype:
         dtype = DTYPES[model_args.model_dtype]

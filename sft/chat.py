@@ -26,7 +26,7 @@ from transformers import (
     set_seed,
 )
 
-from sft.data import Conversation, end_of_turn, render
+from sft.data import Conversation, end_of_turn, render, with_tools
 from sft.modeling import load_model, load_tokenizer, tokenizer_folder
 from sft.qwen1 import resolve_model_path
 
@@ -168,9 +168,15 @@ class GenerationSettings:
         )
 
 
-def conversation(history: Conversation, query: str, system: str | None = None) -> Conversation:
-    """The messages for the next reply: an optional system prompt, the earlier turns, the new user message."""
-    return ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": query}]
+def conversation(
+    history: Conversation, query: str, system: str | None = None, tools: list[dict] | None = None
+) -> Conversation:
+    """The messages for the next reply: an optional system prompt, the earlier turns, the new user message, and
+    the tool schemas the model may call (rendered by the chat template, as in training)."""
+    messages = (
+        ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": query}]
+    )
+    return with_tools(messages, tools)
 
 
 class _StopWhenSet(StoppingCriteria):

