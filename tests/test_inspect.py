@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,23 @@ from PIL import Image
 
 from sft.data import IGNORE_INDEX, load_conversations, tokenize_conversations
 from sft.inspect import inspect_data, main, parse_arguments, render_row
+from sft.modeling import load_tokenizer
 from sft.packing import pack_dataset
 from sft.plots import plotted_data
 
 EXAMPLES = sorted(str(path) for path in Path("data").glob("example_*.json*"))
+# The tiny model's ChatML template has no tool syntax: tool data is inspected with a Qwen2.5-style template.
+TOOL_EXAMPLES = {"data/example_tools.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def tool_model(tiny_model, tmp_path_factory) -> str:
+    from test_data_tools import QWEN25_STYLE
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-tools"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text(QWEN25_STYLE)
+    return str(folder)
 
 
 def inspect_args(tiny_model: str, data: str, *extra: str):
@@ -25,17 +39,20 @@ def inspect_args(tiny_model: str, data: str, *extra: str):
 
 @pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("data", EXAMPLES)
-def test_inspected_rows_are_the_training_rows(tiny_model, tokenizer, tmp_path, data, packing):
-    extra = ["--model_max_length", "64", "--train_on", "last_assistant", "--system_prompt", "Be brief."]
+def test_inspected_rows_are_the_training_rows(tiny_model, tool_model, tmp_path, data, packing):
+    model = tool_model if data in TOOL_EXAMPLES else tiny_model
+    tokenizer = load_tokenizer(model)
+    max_length = 512 if data in TOOL_EXAMPLES else 64  # tool schemas alone are longer than 64 tokens
+    extra = ["--model_max_length", str(max_length), "--train_on", "last_assistant", "--system_prompt", "Be brief."]
     extra += ["--packing"] if packing else []
-    model_args, data_args, training_args, _ = inspect_args(tiny_model, data, *extra)
+    model_args, data_args, training_args, _ = inspect_args(model, data, *extra)
     inspection = inspect_data(model_args, data_args, training_args)
 
     # What finetune.py does with the same options.
     conversations = load_conversations(data, "Be brief.")
-    dataset, _ = tokenize_conversations(conversations, tokenizer, 64, train_on="last_assistant")
+    dataset, _ = tokenize_conversations(conversations, tokenizer, max_length, train_on="last_assistant")
     if packing:
-        dataset = pack_dataset(dataset, 64)
+        dataset = pack_dataset(dataset, max_length)
     assert len(inspection.dataset) == len(dataset)
     for row, expected in zip(inspection.dataset, dataset):
         assert row["input_ids"] == expected["input_ids"]
