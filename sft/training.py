@@ -153,7 +153,9 @@ class FinetuneTrainer(Trainer):
 
     def token_counts(self) -> dict[str, int]:
         """Trained and non-padding tokens of the whole run, resumed sessions included (every process calls it)."""
-        trained, tokens = self._session_token_counts()
+        return self._run_totals(*self._session_token_counts())
+
+    def _run_totals(self, trained: int, tokens: int) -> dict[str, int]:
         return {
             "trained_tokens": self._resumed_counts["trained_tokens"] + trained,
             "tokens": self._resumed_counts["tokens"] + tokens,
@@ -163,7 +165,7 @@ class FinetuneTrainer(Trainer):
         """Run totals and this session's tokens per second of `train_runtime`, for finetune_run.json (every
         process calls it)."""
         trained, tokens = self._session_token_counts()
-        totals = self.token_counts()
+        totals = self._run_totals(trained, tokens)
         seconds = max(train_runtime, 1e-9)
         result = {
             **totals,
