@@ -55,3 +55,17 @@ def chat_merged(chat_adapter: str, tmp_path_factory: pytest.TempPathFactory) -> 
     AutoPeftModelForCausalLM.from_pretrained(chat_adapter).merge_and_unload().save_pretrained(output)
     load_tokenizer(chat_adapter).save_pretrained(output)
     return str(output)
+
+
+@pytest.fixture(scope="session")
+def assert_streamed():
+    """A check that a reply was handed over piece by piece, not whole.
+
+    The streamer hands text over up to its last space, so a reply of one "word" (which a tiny model may happen to
+    give) comes whole: only a reply with a space inside must have come in pieces.
+    """
+
+    def check(pieces: list[str]) -> None:
+        assert len(pieces) > 1 or " " not in "".join(pieces).strip(), pieces
+
+    return check
