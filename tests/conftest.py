@@ -15,6 +15,10 @@ from scripts.make_tiny_model import build_tiny_model  # noqa: E402
 from sft.modeling import load_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# SFT_TEST_DETERMINISTIC=1: the in-process tests run with torch's deterministic algorithms only (a check that no test
+# leans on a non-deterministic kernel; the scripts the tests start as subprocesses are not affected).
+if os.environ.get("SFT_TEST_DETERMINISTIC") == "1":
+    torch.use_deterministic_algorithms(True)
 
 
 @pytest.fixture(scope="session")
