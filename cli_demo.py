@@ -10,6 +10,9 @@ GPTQ model. The conversation is rendered with the same chat template code as tra
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import os
 import signal

@@ -9,6 +9,9 @@ from the last checkpoint in --output_dir (--start_over ignores them).
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import logging
 import os
 import shutil

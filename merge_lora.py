@@ -12,6 +12,9 @@ rendered samples are compared with those of base + adapter, and the largest diff
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import json
 import logging
 import os

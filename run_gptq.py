@@ -12,6 +12,9 @@ quantised model on held-out samples of the data is printed, with the size of eac
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import json
 import logging
 import sys

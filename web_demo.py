@@ -9,6 +9,9 @@ Takes the same folders as cli_demo.py (adapter, merged, full fine-tune, GPTQ). G
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import os
 import sys

@@ -14,6 +14,9 @@ fair comparison.
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import json
 import os

@@ -12,6 +12,9 @@ memory during training.
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import json
 import os

@@ -10,6 +10,9 @@ ChatML tokens stay untrained). Deterministic for a given seed.
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import random
 from pathlib import Path

@@ -167,7 +167,8 @@ def add_lora(
             f"--lora_target_modules {target_modules} match no module of this model; its linear modules are: "
             f"{', '.join(linear)} (or use all-linear)"
         ) from None
-    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %s of %s parameters trainable (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 
 

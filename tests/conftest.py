@@ -18,6 +18,10 @@ from scripts.make_tiny_model import build_tiny_model  # noqa: E402
 from sft.modeling import load_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# SFT_TEST_DETERMINISTIC=1: the in-process tests run with torch's deterministic algorithms only (a check that no test
+# leans on a non-deterministic kernel; the scripts the tests start as subprocesses are not affected).
+if os.environ.get("SFT_TEST_DETERMINISTIC") == "1":
+    torch.use_deterministic_algorithms(True)
 
 
 @pytest.fixture(scope="session")
@@ -205,3 +209,17 @@ def qwen_vocab_tokenizer():
     from sft.qwen1 import packaged_qwen_tiktoken, qwen_fast_tokenizer
 
     return qwen_fast_tokenizer(packaged_qwen_tiktoken())
+
+
+@pytest.fixture(scope="session")
+def assert_streamed():
+    """A check that a reply was handed over piece by piece, not whole.
+
+    The streamer hands text over up to its last space, so a reply of one "word" (which a tiny model may happen to
+    give) comes whole: only a reply with a space inside must have come in pieces.
+    """
+
+    def check(pieces: list[str]) -> None:
+        assert len(pieces) > 1 or " " not in "".join(pieces).strip(), pieces
+
+    return check

@@ -1,7 +1,9 @@
 """cli_demo.py as a person uses it: a real pseudo-terminal, typed lines, Ctrl-C and Ctrl-D.
 
 What the demo prints is compared with what sft.chat (tested against plain `generate` in test_chat.py) replies to
-the conversation the demo should be holding, so each check fails if the demo loses or keeps the wrong context.
+the conversation the demo should be holding, computed on the same machine. Whether the right conversation, settings
+and seed reach the model is checked in-process by watching the real `generate` calls (the tests in the middle), not
+by hoping that a tiny model answers differently when they change.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import replace
 
 import pexpect
 import pytest
+import torch
 
 import cli_demo
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
+from sft.data import render
 
 PROMPT = cli_demo.USER_PROMPT
 TIMEOUT = 60  # loading on a busy machine; a reply of the tiny model takes well under a second
@@ -64,8 +68,7 @@ def test_answers_keeps_history_and_forgets_on_clh(chat_adapter, expected):
     first_q, second_q = "What is your name?", "Who built you?"
     first = expected([], first_q)
     with_history = expected(turns((first_q, first)), second_q)
-    fresh = expected([], second_q)
-    assert with_history != fresh, "pick questions whose reply depends on the history"
+    fresh = expected([], second_q)  # may equal with_history: what reaches the model is checked in-process below
 
     cli = start(chat_adapter)
     assert ask(cli, first_q) == first
@@ -89,50 +92,108 @@ def test_answers_keeps_history_and_forgets_on_clh(chat_adapter, expected):
     assert cli.exitstatus == 0
 
 
-def test_conf_seed_and_system_apply_to_the_next_reply(chat_adapter, expected):
+@pytest.fixture
+def session(chat_adapter) -> cli_demo.Session:
+    model, tokenizer = load_for_chat(chat_adapter)
+    return cli_demo.Session(model, tokenizer, GenerationSettings.from_model(model), seed=1234)
+
+
+@pytest.fixture
+def generate_calls(session, monkeypatch) -> list[dict]:
+    """What each reply hands to the model's real `generate` (which still runs): prompt ids, config, RNG state."""
+    calls: list[dict] = []
+    real_generate = session.model.generate
+
+    def observed(*args, **kwargs):
+        calls.append(
+            {
+                "ids": kwargs["input_ids"][0].tolist(),
+                "config": kwargs["generation_config"],
+                "seed": torch.initial_seed(),
+                "rng": torch.get_rng_state(),
+            }
+        )
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(session.model, "generate", observed)
+    return calls
+
+
+def prompt_ids(session: cli_demo.Session, messages: list[dict]) -> list[int]:
+    """The ids of the conversation as sft.data renders it for the next reply (the template training used)."""
+    return session.tokenizer(render(session.tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
+def run(session: cli_demo.Session, line: str, capsys) -> str:
+    """A typed line carried out as the demo's loop does: a :command, else a message to the model; what it printed."""
+    if line.startswith(":"):
+        assert cli_demo.run_command(session, line)
+    else:
+        cli_demo.answer(session, line)
+    return capsys.readouterr().out.strip()
+
+
+# In-process, watching the real generate calls: what the demo decides (prompt, settings, seed) is checked, not what
+# a tiny model happens to answer, so this holds on any CPU, BLAS and thread count.
+def test_conf_seed_and_system_apply_to_the_next_reply(session, generate_calls, capsys):
     question = "What color is the sky on Mars?"
-    full, short = expected([], question), expected([], question, max_new_tokens=3)
-    assert short != full
-    sampled = {"temperature": 1.5, "top_p": 1.0, "top_k": 0}
-    seven, eight = expected([], question, seed=7, **sampled), expected([], question, seed=8, **sampled)
-    assert seven != eight
-    # A system prompt that changes this tiny model's greedy answer, so the check below can fail.
-    system = next(
-        text
-        for text in ("You are a pirate.", "Answer in French.", "你好", "Be brief. Be brief. Be brief.")
-        if expected([], question, system=text) != full
-    )
-    pirate = expected([], question, system=system)
+    assert "max_new_tokens=3" in run(session, ":conf max_new_tokens=3", capsys)
+    run(session, question, capsys)
+    assert generate_calls[-1]["config"].max_new_tokens == 3
+    assert "Settings unchanged" in run(session, ":conf max_new_tokens=3 top_k=eval('1')", capsys)
+    assert "max_new_tokens=3 " in run(session, ":conf", capsys)
+    assert "max_new_tokens=64" in run(session, ":reset-conf", capsys)
+    run(session, ":clh", capsys)
+    run(session, question, capsys)
+    config = generate_calls[-1]["config"]
+    assert (config.max_new_tokens, config.do_sample) == (64, False)  # the tiny model's generation_config: greedy
 
-    cli = start(chat_adapter)
-    assert "max_new_tokens=3" in command(cli, ":conf max_new_tokens=3")
-    assert ask(cli, question) == short
-    assert "Settings unchanged" in command(cli, ":conf max_new_tokens=3 top_k=eval('1')")
-    assert "max_new_tokens=3 " in command(cli, ":conf")
-    assert "max_new_tokens=64" in command(cli, ":reset-conf")
-    command(cli, ":clh")
-    assert ask(cli, question) == full
+    run(session, ":clh", capsys)
+    assert run(session, ":conf temperature=1.5 top_p=1.0 top_k=0", capsys).startswith("max_new_tokens=64")
+    assert run(session, ":seed", capsys) == "seed=1234"
+    assert run(session, ":seed 7", capsys) == "seed=7"
+    for _ in range(2):
+        run(session, ":clh", capsys)
+        run(session, question, capsys)
+        config = generate_calls[-1]["config"]
+        assert (config.do_sample, config.temperature, config.top_p, config.top_k) == (True, 1.5, 1.0, 0)
+        assert generate_calls[-1]["seed"] == 7
+    # The seed is set again before every reply: the second reply starts from the same random state as the first,
+    # although the first one drew random numbers while sampling.
+    assert torch.equal(generate_calls[-1]["rng"], generate_calls[-2]["rng"])
+    assert run(session, ":seed 8", capsys) == "seed=8"
+    run(session, question, capsys)
+    assert generate_calls[-1]["seed"] == 8 and not torch.equal(generate_calls[-1]["rng"], generate_calls[-2]["rng"])
+    assert "Not an integer" in run(session, ":seed x", capsys)
+    assert session.seed == 8
 
-    command(cli, ":clh")
-    assert command(cli, ":conf temperature=1.5 top_p=1.0 top_k=0").startswith("max_new_tokens=64")
-    assert command(cli, ":seed") == "seed=1234"
-    assert command(cli, ":seed 7") == "seed=7"
-    assert ask(cli, question) == seven
-    command(cli, ":clh")
-    assert ask(cli, question) == seven  # the seed is set again before every reply
-    command(cli, ":clh")
-    command(cli, ":seed 8")
-    assert ask(cli, question) == eight
-    assert "Not an integer" in command(cli, ":seed x")
+    run(session, ":reset-conf", capsys)
+    run(session, ":clh", capsys)
+    assert run(session, ":system", capsys) == "system: (the chat template's default)"
+    run(session, question, capsys)
+    assert generate_calls[-1]["ids"] == prompt_ids(session, conversation([], question))
+    system = "You are a pirate."
+    assert run(session, f":system {system}", capsys) == f"system: {system}"
+    run(session, ":clh", capsys)
+    run(session, question, capsys)
+    assert generate_calls[-1]["ids"] == prompt_ids(session, conversation([], question, system))
+    assert system in session.tokenizer.decode(generate_calls[-1]["ids"])
 
-    command(cli, ":reset-conf")
-    command(cli, ":clh")
-    assert command(cli, ":system") == "system: (the chat template's default)"
-    assert command(cli, f":system {system}") == f"system: {system}"
-    assert ask(cli, question) == pirate
-    cli.sendline(":q")
-    cli.expect_exact("Bye.")
-    cli.expect(pexpect.EOF)
+
+def test_each_reply_is_generated_from_the_history_and_joins_it(session, generate_calls, capsys):
+    first_q, second_q = "What is your name?", "Who built you?"
+    shown = run(session, first_q, capsys)
+    first = session.history[-1]["content"]
+    assert session.history == turns((first_q, first))
+    assert shown.removeprefix(cli_demo.ASSISTANT_PREFIX.strip()).strip() == first  # what was shown is kept
+    run(session, second_q, capsys)
+    assert generate_calls[-1]["ids"] == prompt_ids(session, conversation(turns((first_q, first)), second_q))
+    assert [message["content"] for message in session.history[::2]] == [first_q, second_q]
+    run(session, ":clh", capsys)
+    run(session, second_q, capsys)
+    assert generate_calls[-1]["ids"] == prompt_ids(session, conversation([], second_q))
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_session(chat_adapter, expected):

@@ -1,0 +1,92 @@
+"""Keeps other libraries' known-harmless chatter out of what our scripts print. Imported first by every entry point.
+
+Each message silenced here is named precisely (a logger and the start of the message, or a warning's text and
+category); everything else, our own errors and the libraries' other warnings included, gets through. Nothing is
+redirected. What is silenced, and why it is harmless:
+
+- torchao, when imported by transformers, fails to load its CUDA-only `.so` files on a CPU-only torch
+  ("Failed to load ... .so") and registers two enums with torch's pytree ("... is an Enum subclass and is now
+  natively supported by torch.compile ..."); neither changes what we run.
+- GPT-QModel prints a banner and sets `PYTORCH_ALLOC_CONF` and `CUDA_DEVICE_ORDER` when imported, and warns that the
+  GIL is enabled. peft imports it for every layer it wraps with LoRA merely to ask whether the layer is a GPT-QModel
+  layer; a layer can only be one once gptqmodel is imported, so until then peft is told that gptqmodel is absent:
+  only GPTQ paths (run_gptq.py, loading a GPTQ model) import it. Its GIL warning is turned off with its own
+  GPTQMODEL_DISABLE_GIL_WARNING variable.
+- DeepSpeed, imported by accelerate, logs "Setting accelerator to CPU" when torch sees no GPU (silenced only then).
+- bitsandbytes logs that its optional `kernels` package is missing on the CPU and falls back to its own code.
+- FutureWarning "`is_gradient_checkpointing` is deprecated" (peft asks transformers for it) and torch's
+  "'pin_memory' argument is set as true but no accelerator is found" UserWarning on the CPU.
+
+`--verbose` on any script's command line (taken off before the script parses its arguments) or SFT_VERBOSE=1 lets
+all of it through; so does a library's own variable for its own messages (TORCH_LOGS for torch's loggers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+VERBOSE = os.environ.get("SFT_VERBOSE", "0") not in ("", "0") or "--verbose" in sys.argv[1:]
+if "--verbose" in sys.argv[1:]:
+    sys.argv = [sys.argv[0], *(argument for argument in sys.argv[1:] if argument != "--verbose")]
+
+
+class _DropMessages(logging.Filter):
+    """Drops a logger's records whose message starts with one of `starts` (and contains `contains`, if given)."""
+
+    def __init__(self, *starts: str, contains: str = ""):
+        super().__init__()
+        self.starts, self.contains = starts, contains
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.starts) and self.contains in message)
+
+
+def _silence_known_chatter() -> None:
+    # Filters, not levels: the libraries set their loggers' levels themselves on import, and other messages of the
+    # same loggers should still get through.
+    logging.getLogger("torchao").addFilter(_DropMessages("Failed to load ", contains=".so"))
+    if "TORCH_LOGS" not in os.environ:
+        logging.getLogger("torch.utils._pytree").addFilter(
+            _DropMessages("<enum ", contains="is an Enum subclass and is now natively supported by torch.compile")
+        )
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community")
+    )
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"'pin_memory' argument is set as true but no accelerator is found", category=UserWarning
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU."))
+
+
+def _gptqmodel_only_once_imported() -> None:
+    """peft asks `is_gptqmodel_available()` before looking for GPT-QModel layers, and then imports gptqmodel."""
+    import importlib
+
+    for name in ("peft.utils.other", "peft.tuners.lora.gptq", "peft.tuners.lora.awq", "peft.utils.quantization_utils"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another peft version: nothing to do there
+            continue
+        available = getattr(module, "is_gptqmodel_available", None)
+        if available is None or getattr(available, "_sft_gated", False):
+            continue
+
+        def gated(available=available) -> bool:
+            return "gptqmodel" in sys.modules and available()
+
+        gated._sft_gated = True  # type: ignore[attr-defined]
+        module.is_gptqmodel_available = gated
+
+
+if not VERBOSE:
+    _silence_known_chatter()
+_gptqmodel_only_once_imported()

@@ -1,0 +1,80 @@
+"""What a user reads: the scripts print our own lines, progress bars and metrics, not other libraries' chatter."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sft.quiet
+
+REPO = Path(__file__).resolve().parents[1]
+OUR_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+PROGRESS_BAR = r"(\s*[\w ]+:)?\s*\d+%\|[^|]*\|[^\[]*(\[[^\]]*\])?"  # tqdm: "Loading weights: 100%|███| 27/27 [00:00]"
+BAR_OR_METRICS = re.compile(rf"({PROGRESS_BAR})?\s*(\{{'[\w/]+': .*\}})?\s*")  # the Trainer logs its metrics dicts
+
+
+def foreign_lines(output: str, own_prints: tuple[str, ...] = ()) -> list[str]:
+    """The lines (and carriage-return segments, where progress bars redraw) that are none of ours."""
+    foreign = []
+    for segment in re.split(r"[\r\n]", output):
+        if OUR_LOG_LINE.match(segment) or segment.startswith(own_prints) or BAR_OR_METRICS.fullmatch(segment):
+            continue
+        foreign.append(segment)
+    return foreign
+
+
+def run_script(*command: str) -> str:
+    # As a user runs it: Python's default warning filters (pytest's own filters do not reach a subprocess).
+    unset = ("SFT_VERBOSE", "TORCH_LOGS", "PYTHONWARNINGS")
+    env = {key: value for key, value in os.environ.items() if key not in unset}
+    done = subprocess.run(
+        [sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_a_lora_run_and_its_merge_print_only_our_lines_bars_and_metrics(tiny_model, tmp_path):
+    adapter = tmp_path / "lora"
+    args = ["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl", "--output_dir", adapter]
+    args += ["--use_lora", "--lora_r", "8", "--max_steps", "4", "--logging_steps", "2", "--report_to", "none"]
+    args += ["--per_device_train_batch_size", "4", "--model_max_length", "128"]
+    output = run_script("finetune.py", *map(str, args))
+    assert "'loss'" in output and "Saved the final adapter" in output  # what it must print is there
+    assert foreign_lines(output) == []
+
+    merged = run_script("merge_lora.py", "--adapter", str(adapter), "--output", str(tmp_path / "merged"))
+    assert foreign_lines(merged, own_prints=("merged vs ", "merged model: ")) == []
+
+
+def test_verbose_is_taken_off_the_command_line_and_lets_everything_through():
+    command = "import sys; sys.argv = ['x.py', '--verbose', '-a']; import sft.quiet; print(sft.quiet.VERBOSE, sys.argv)"
+    shown = subprocess.run([sys.executable, "-c", command], cwd=REPO, capture_output=True, text=True, check=True)
+    assert shown.stdout.split("\n")[-2] == "True ['x.py', '-a']"
+
+
+@pytest.mark.skipif(sft.quiet.VERBOSE, reason="the tests run with SFT_VERBOSE set")
+def test_only_the_named_messages_are_dropped():
+    def logged(name: str, message: str) -> bool:
+        """Whether the message reaches the logger's handlers (the libraries' loggers need not propagate to root)."""
+        seen: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = seen.append
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            logger.warning(message)
+        finally:
+            logger.removeHandler(handler)
+        return bool(seen)
+
+    assert not logged("torchao", "Failed to load /x/_C_mxfp8.so: Could not load this library")
+    assert logged("torchao", "Failed to import something else")
+    assert logged("torch.utils._pytree", "<enum 'X'> is registered twice")
+    assert logged("DeepSpeed", "Setting accelerator to CUDA.") and logged("DeepSpeed", "ZeRO stage 3 failed")
