@@ -31,6 +31,9 @@ after each check and cell: split runs, even on different machines, give one repo
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import contextlib
 import datetime

@@ -20,6 +20,9 @@ are kept unless --overwrite_report is given.
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import json
 import logging
 import math

@@ -10,6 +10,9 @@ identical ids, ChatML template, generation config) kept in a cache, and works on
 
 from __future__ import annotations
 
+import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+
+# isort: split
 import argparse
 import hashlib
 import json
