@@ -30,6 +30,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", hidden_size=64))
 
 
+@pytest.fixture(scope="module")
+def eager_gptq_kernels():
+    """GPTQModel torch.compile()s its CPU kernels on first use: minutes on 2 cores, for nothing a test checks.
+
+    torch's own config patch, not monkeypatch: pytest 9.2 undoes a setattr on torch's config module by deleting
+    the option, which breaks every later test that touches it.
+    """
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: str):
     return load_tokenizer(tiny_model)

@@ -353,8 +353,8 @@ def test_merge_onto_the_original_qwen1_folder(qwen1_adapter, qwen1_folder, tmp_p
     assert json.loads((output / "config.json").read_text())["model_type"] == "qwen2"
 
 
+@pytest.mark.usefixtures("eager_gptq_kernels")
 def test_gptq_quantises_the_qwen1_folder(qwen1_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # as in test_run_gptq: no kernel compilation
     output = tmp_path / "gptq"
     args = ["--model_name_or_path", qwen1_folder, "--data_path", EXAMPLES, "--out_path", str(output)]
     args += ["--bits", "4", "--group_size", "32", "--num_samples", "4", "--num_eval_samples", "2", "--max_len", "64"]

@@ -18,13 +18,7 @@ from sft.chat import GenerationSettings, load_for_chat, reply, stream_reply
 from sft.data import load_conversations
 from sft.evaluation import perplexity, tokenize_samples
 
-
-@pytest.fixture(scope="module", autouse=True)
-def eager_gptq_kernels():
-    """GPTQModel torch.compile()s its CPU kernels on first use: minutes on 2 cores, for nothing a test checks."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch._dynamo.config, "disable", True)
-        yield
+pytestmark = pytest.mark.usefixtures("eager_gptq_kernels")
 
 
 def write_data(folder: Path) -> tuple[Path, Path]:
