@@ -11,11 +11,10 @@ import sft.quiet  # noqa: F401  (first: it silences known chatter of the librari
 
 # isort: split
 import argparse
-import sys
 
 from sft.chat import load_for_chat, reply
 from sft.data import load_conversations
-from sft.qwen1 import Qwen1Error
+from sft.errors import run_main
 
 
 def main() -> None:
@@ -26,10 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     conversations = load_conversations(args.data)
-    try:
-        model, tokenizer = load_for_chat(args.model)
-    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
-        sys.exit(f"error: {error}")
+    model, tokenizer = load_for_chat(args.model)
     correct = 0
     for messages in conversations:
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
@@ -41,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
