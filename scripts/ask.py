@@ -12,8 +12,8 @@ import sft.quiet  # noqa: F401  (first: it silences known chatter of the librari
 # isort: split
 import argparse
 
-from sft.chat import load_for_chat, reply
-from sft.data import load_conversations
+from sft.chat import ChatTemplateError, load_for_chat, reply
+from sft.data import DataError, load_conversations
 from sft.errors import run_main
 
 
@@ -27,10 +27,13 @@ def main() -> None:
     conversations = load_conversations(args.data)
     model, tokenizer = load_for_chat(args.model)
     correct = 0
-    for messages in conversations:
+    for messages, where in zip(conversations, conversations.wheres):
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
         expected = messages[last]["content"]
-        answer = reply(model, tokenizer, messages[:last], max_new_tokens=args.max_new_tokens)
+        try:
+            answer = reply(model, tokenizer, messages[:last], max_new_tokens=args.max_new_tokens)
+        except ChatTemplateError as error:  # named by its place in the data file
+            raise DataError(args.data, where, None, str(error)) from None
         correct += answer == expected
         print(f"Q: {messages[last - 1]['content']}\n   expected: {expected}\n   answer:   {answer}")
     print(f"{correct}/{len(conversations)} answers match exactly")
