@@ -37,6 +37,16 @@ class ModelPathError(UserError, FileNotFoundError):
     """A model or adapter path that holds no model (a typo, a folder of something else); names the path."""
 
 
+def _unloadable(path: str, what: str, error: OSError) -> ModelPathError:
+    """The error for a path transformers could not load `what` from: one line, naming the path."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(path).expanduser().exists():
+        return ModelPathError(f"{path}: cannot load {what} from it ({reason})")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not a hub id
+        return ModelPathError(f"{path}: no such folder")
+    return ModelPathError(f"{path}: no such folder, nor a hub model ({reason})")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The dtype policy. Described, not looked up: `cuda_bf16` is None where the model runs on the CPU, True or False
 # on a GPU with or without native bfloat16, so that every branch can be tested on a CPU.
@@ -123,7 +133,7 @@ def load_tokenizer(
             path, trust_remote_code=trust_remote_code, padding_side="right", **kwargs
         )
     except OSError as error:  # no such folder or hub model, or one without a tokenizer
-        raise ModelPathError(f"{path}: cannot load a tokenizer from it ({error})") from None
+        raise _unloadable(path, "a tokenizer", error) from None
     if tokenizer.pad_token_id is None:
         if "<|endoftext|>" in tokenizer.get_vocab():
             tokenizer.pad_token = "<|endoftext|>"
@@ -140,7 +150,7 @@ def load_config(path: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:  # no such folder or hub model, or no config.json in it
-        raise ModelPathError(f"{path}: not a model folder or hub model ({error})") from None
+        raise _unloadable(path, "its config", error) from None
 
 
 def tokenizer_folder(folder: str, base_model: str) -> str:
@@ -195,7 +205,7 @@ def load_model(
             **extra,
         )
     except OSError as error:  # no such folder or hub model, or one without weights
-        raise ModelPathError(f"{path}: cannot load a model from it ({error})") from None
+        raise _unloadable(path, "a model", error) from None
 
 
 def add_lora(
