@@ -66,11 +66,9 @@ def _is_gptq(path: str) -> bool:
 
 def check_model_folder(path: str) -> None:
     """A local folder must hold a model (config.json) or an adapter (adapter_config.json): a clear error early,
-    rather than a library's about a missing tokenizer file."""
+    rather than a library's about a missing tokenizer file. (A path that is not there fails at loading.)"""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not a hub id
-            raise ModelPathError(f"{path}: no such folder")
         return
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise ModelPathError(
