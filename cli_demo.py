@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
+from sft.chat import ChatTemplateError, GenerationSettings, conversation, load_for_chat, stream_reply
 from sft.data import Conversation, load_tools
-from sft.qwen1 import Qwen1Error
+from sft.errors import run_main
+from sft.modeling import ModelPathError
 
 HELP = """Commands:
   :help            :h     show this help
@@ -79,12 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     generation.add_argument("--min_new_tokens", type=int, default=None, help="generate at least this many tokens")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint_path):
-        parser.error(f"--checkpoint-path {args.checkpoint_path}: no such folder")
-    try:  # bad values fail here, before the model is loaded
-        GenerationSettings(**_overrides(args)).checked()
-        args.tools = load_tools(args.tools) if args.tools else None
-    except ValueError as error:  # DataError included
-        parser.error(str(error))
+        raise ModelPathError(f"--checkpoint-path {args.checkpoint_path}: no such folder")
+    # Bad values fail here, before the model is loaded (ConfigurationError, DataError).
+    GenerationSettings(**_overrides(args)).checked()
+    args.tools = load_tools(args.tools) if args.tools else None
     return args
 
 
@@ -94,11 +93,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def answer(session: Session, query: str) -> None:
-    """Streams the reply to the terminal and adds the exchange to the history; Ctrl-C keeps what was said so far."""
+    """Streams the reply to the terminal and adds the exchange to the history; Ctrl-C keeps what was said so far.
+
+    A message the chat template refuses (a role or tools it does not support) is reported and left out of the
+    history: the session goes on as before it, so the user can rephrase or change the system prompt."""
     messages = conversation(session.history, query, session.system, session.tools)
+    try:
+        stream = stream_reply(session.model, session.tokenizer, messages, session.settings, session.seed)
+    except ChatTemplateError as error:
+        print(f"error: {error} (the message was not added to the conversation)", file=sys.stderr, flush=True)
+        return
     print(ASSISTANT_PREFIX, end="", flush=True)
     pieces: list[str] = []
-    stream = stream_reply(session.model, session.tokenizer, messages, session.settings, session.seed)
     try:
         for piece in stream:
             pieces.append(piece)
@@ -191,23 +197,15 @@ def main() -> None:
     except ImportError:
         pass
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar in the chat
-    try:
-        model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
-    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
-        sys.exit(f"cli_demo.py: error: {error}")
-    try:
-        settings = GenerationSettings.from_model(model, **_overrides(args))
-    except ValueError as error:  # a flag that does not fit the model's own settings, e.g. --min_new_tokens
-        sys.exit(f"cli_demo.py: error: {error}")
+    model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
+    # A flag that does not fit the model's own settings (e.g. --min_new_tokens) is a ConfigurationError.
+    settings = GenerationSettings.from_model(model, **_overrides(args))
     session = Session(model, tokenizer, settings, args.seed, args.system, tools=args.tools)
     if args.query is not None:
-        try:
-            for piece in stream_reply(
-                model, tokenizer, conversation([], args.query, args.system, args.tools), settings, args.seed
-            ):
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            sys.exit(130)
+        for piece in stream_reply(
+            model, tokenizer, conversation([], args.query, args.system, args.tools), settings, args.seed
+        ):
+            print(piece, end="", flush=True)
         print()
         return
     print(f"Model: {args.checkpoint_path} on {model.device}. Settings: {settings.describe()}")
@@ -216,4 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,7 +26,15 @@ from transformers import HfArgumentParser, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.data import DataError, load_conversations, make_collator, template_overhead, tokenize_conversations
-from sft.modeling import DTYPES, add_lora, chat_special_token_ids, load_model, load_tokenizer, quantization_config
+from sft.modeling import (
+    add_lora,
+    chat_special_token_ids,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    training_dtype,
+    training_weights_dtype,
+)
 from sft.outputs import publish, read_run_info, write_run_info
 from sft.packing import PackingError, prepare_packing
 from sft.plots import save_training_curves
@@ -250,11 +258,7 @@ def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) ->
 
 
 def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
-    if training_args.bf16:
-        return torch.bfloat16
-    if training_args.fp16:
-        return torch.float16
-    return torch.float32
+    return training_dtype(training_args.bf16, training_args.fp16)
 
 
 def save_final(trainer: Trainer, tokenizer, output_dir: str, run_info: dict) -> None:
@@ -333,10 +337,9 @@ def train() -> Trainer:
         except DataError as error:
             sys.exit(f"error: {error}")
 
-    if model_args.model_dtype:
-        dtype = DTYPES[model_args.model_dtype]
-    else:
-        dtype = compute_dtype(training_args) if training_args.use_lora else torch.float32
+    dtype = training_weights_dtype(
+        model_args.model_dtype, training_args.bf16, training_args.fp16, training_args.use_lora
+    )
     quantization = (
         quantization_config(
             lora_args.bits, compute_dtype(training_args), lora_args.bnb_4bit_quant_type, lora_args.double_quant

@@ -18,17 +18,33 @@ import sft.quiet  # noqa: F401  (first: it silences known chatter of the librari
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from sft.data import Conversation, DataError, load_conversations
-from sft.evaluation import format_size, max_abs_diff, sample_logits, save_chat_files, tokenize_samples, weights_size
-from sft.modeling import DTYPES, load_model, load_tokenizer, quantization_config, tokenizer_folder
+from sft.chat import adapter_base_model
+from sft.data import Conversation, load_conversations
+from sft.errors import run_main
+from sft.evaluation import (
+    format_size,
+    head,
+    max_abs_diff,
+    sample_logits,
+    save_chat_files,
+    tokenize_samples,
+    weights_size,
+)
+from sft.modeling import (
+    ModelPathError,
+    load_config,
+    load_model,
+    load_tokenizer,
+    merge_dtype,
+    quantization_config,
+    tokenizer_folder,
+)
 from sft.outputs import check_new_output, read_run_info, replace_folder, staging_folder
 from sft.qwen1 import resolve_model_path
 
@@ -78,63 +94,47 @@ class MergeArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model's own code (Qwen-1 needs it)."})
 
 
-def read_adapter(adapter: str) -> tuple[dict, dict]:
-    """The adapter's peft config and finetune.py's run info (empty if the adapter was made elsewhere)."""
-    config_file = Path(adapter) / "adapter_config.json"
+def check_adapter(adapter: str) -> dict:
+    """finetune.py's run info of the adapter (empty if the adapter was made elsewhere)."""
     if not Path(adapter).is_dir():
-        raise FileNotFoundError(f"{adapter}: no such adapter folder")
-    if not config_file.is_file():
+        raise ModelPathError(f"{adapter}: no such adapter folder")
+    if not (Path(adapter) / "adapter_config.json").is_file():
         hint = " (it holds a full model: nothing to merge)" if (Path(adapter) / "config.json").is_file() else ""
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json, not a LoRA adapter folder{hint}")
-    config = json.loads(config_file.read_text())
-    return config, read_run_info(adapter) or {}
+        raise ModelPathError(f"{adapter}: no adapter_config.json, not a LoRA adapter folder{hint}")
+    return read_run_info(adapter) or {}
 
 
-def check_base_model(base: str | None, adapter: str) -> str:
+def check_base_model(base: str) -> str:
     """The base model's path or hub id; a local path must hold a model."""
-    if not base:
-        raise ValueError(f"{adapter}/adapter_config.json names no base model: pass --base_model")
     looks_local = os.path.isabs(base) or base.startswith((".", "~")) or base.count("/") > 1 or os.path.exists(base)
     if looks_local and not (Path(base).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"base model {base} not found (no config.json there): pass --base_model PATH")
+        raise ModelPathError(f"base model {base} not found (no config.json there): pass --base_model PATH")
     return base
 
 
 def check_conversations(args: MergeArguments, run_info: dict) -> list[Conversation]:
     if args.data_path:
-        return load_conversations(args.data_path)[: args.num_check_samples]
+        return head(load_conversations(args.data_path), args.num_check_samples)
     trained_on = run_info.get("data_path")
     if trained_on and Path(trained_on).is_file():
-        return load_conversations(trained_on)[: args.num_check_samples]
+        return head(load_conversations(trained_on), args.num_check_samples)
     return FALLBACK_CHECK_CONVERSATIONS[: args.num_check_samples]
-
-
-def merge_dtype(name: str, base: str, trust_remote_code: bool) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    from transformers import AutoConfig
-
-    saved = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).get_text_config().dtype
-    return DTYPES.get(str(saved).removeprefix("torch."), torch.float32) if saved else torch.float32
 
 
 def main() -> None:
     (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        adapter_config, run_info = read_adapter(args.adapter)
-        base = check_base_model(args.base_model or adapter_config.get("base_model_name_or_path"), args.adapter)
-        check_new_output(args.output, args.overwrite, inputs=(args.adapter, base))
-        conversations = check_conversations(args, run_info)
-        base = resolve_model_path(base)  # a Qwen-1 base (Qwen1Error is a ValueError): its native conversion
-    except (DataError, ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+    run_info = check_adapter(args.adapter)
+    base = check_base_model(args.base_model or adapter_base_model(args.adapter, ", or pass --base_model"))
+    check_new_output(args.output, args.overwrite, inputs=(args.adapter, base))
+    conversations = check_conversations(args, run_info)
+    base = resolve_model_path(base)  # a Qwen-1 base: its native conversion
     mode = run_info.get("mode", "lora")
     logger.info("Adapter %s (%s) onto base %s", args.adapter, mode, base)
 
     tokenizer = load_tokenizer(tokenizer_folder(args.adapter, base), args.trust_remote_code)
     samples = tokenize_samples(tokenizer, conversations, args.check_max_length, train_on="all")
-    dtype = merge_dtype(args.dtype, base, args.trust_remote_code)
+    dtype = merge_dtype(args.dtype, load_config(base, args.trust_remote_code).get_text_config().dtype)
 
     from peft import PeftModel
 
@@ -185,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,17 +17,25 @@ import sft.quiet  # noqa: F401  (first: it silences known chatter of the librari
 # isort: split
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig, HfArgumentParser
+from transformers import AutoModelForCausalLM, GPTQConfig, HfArgumentParser
 
 from sft.data import Conversation, DataError, load_conversations
-from sft.evaluation import format_size, perplexity, save_chat_files, split_held_out, tokenize_samples, weights_size
-from sft.modeling import DTYPES, load_model, load_tokenizer
+from sft.errors import ConfigurationError, run_main
+from sft.evaluation import (
+    format_size,
+    head,
+    perplexity,
+    save_chat_files,
+    split_held_out,
+    tokenize_samples,
+    weights_size,
+)
+from sft.modeling import ModelPathError, gpu_bf16, inference_dtype, load_config, load_model, load_tokenizer
 from sft.outputs import check_new_output, replace_folder, staging_folder
 from sft.qwen1 import resolve_model_path
 
@@ -71,7 +79,7 @@ class GptqArguments:
         default="auto",
         metadata={
             "help": "dtype of the unquantised parts (and of the original for the report); auto: bf16 on a "
-            "GPU, fp32 on the CPU."
+            "GPU that has it (fp16 on older ones), fp32 on the CPU."
         },
     )
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard."})
@@ -85,21 +93,21 @@ def check_model(args: GptqArguments) -> None:
     path = Path(args.model_name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         hint = " (an adapter: merge it first with merge_lora.py)" if (path / "adapter_config.json").is_file() else ""
-        raise FileNotFoundError(f"{path}: no config.json, not a model folder{hint}")
-    config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        raise ModelPathError(f"{path}: no config.json, not a model folder{hint}")
+    config = load_config(args.model_name_or_path, args.trust_remote_code)
     if getattr(config, "quantization_config", None):
-        raise ValueError(f"{path} is already quantised ({config.quantization_config.get('quant_method')})")
+        raise ConfigurationError(f"{path} is already quantised ({config.quantization_config.get('quant_method')})")
     if args.group_size == -1:
         return
     if args.group_size <= 0:
-        raise ValueError(f"--group_size must be positive or -1, got {args.group_size}")
+        raise ConfigurationError(f"--group_size must be positive or -1, got {args.group_size}")
     # A model built on the meta device costs no memory and gives every layer's real shape.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
     output_layer = skeleton.get_output_embeddings()
     for name, module in skeleton.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not output_layer and module.in_features % args.group_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"--group_size {args.group_size} does not divide the {module.in_features} in-features of {name}: "
                 "choose a divisor (e.g. 32, 64, 128) or -1"
             )
@@ -109,35 +117,28 @@ def read_data(args: GptqArguments) -> tuple[list[Conversation], list[Conversatio
     """(calibration, held-out) conversations."""
     conversations = load_conversations(args.data_path)
     if args.eval_data_path:
-        return conversations[: args.num_samples], load_conversations(args.eval_data_path)[: args.num_eval_samples]
+        return head(conversations, args.num_samples), head(
+            load_conversations(args.eval_data_path), args.num_eval_samples
+        )
     if len(conversations) < 2:
         raise DataError(args.data_path, "", None, "one sample only: need more to hold some out, or --eval_data_path")
     calibration, held_out = split_held_out(
         conversations, max(1, min(args.num_eval_samples, len(conversations) // 4)), args.seed
     )
-    return calibration[: args.num_samples], held_out
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return head(calibration, args.num_samples), held_out
 
 
 def main() -> None:
     (args,) = HfArgumentParser(GptqArguments).parse_args_into_dataclasses()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        if args.bits not in (4, 8):
-            raise ValueError(f"--bits must be 4 or 8, got {args.bits}")
-        check_new_output(args.out_path, args.overwrite, inputs=(args.model_name_or_path,))
-        calibration_conversations, held_out_conversations = read_data(args)
-        # A Qwen-1 model is quantised as its native conversion (Qwen1Error is a ValueError).
-        args.model_name_or_path = resolve_model_path(args.model_name_or_path)
-        check_model(args)
-    except (DataError, ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
-    dtype = resolve_dtype(args.dtype)
+    if args.bits not in (4, 8):
+        raise ConfigurationError(f"--bits must be 4 or 8, got {args.bits}")
+    check_new_output(args.out_path, args.overwrite, inputs=(args.model_name_or_path,))
+    calibration_conversations, held_out_conversations = read_data(args)
+    # A Qwen-1 model is quantised as its native conversion.
+    args.model_name_or_path = resolve_model_path(args.model_name_or_path)
+    check_model(args)
+    dtype = inference_dtype(args.dtype, gpu_bf16("cuda" if torch.cuda.is_available() else "cpu"))
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     calibration = tokenize_samples(tokenizer, calibration_conversations, args.max_len, train_on="all")
@@ -210,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

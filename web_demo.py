@@ -14,7 +14,6 @@ import sft.quiet  # noqa: F401  (first: it silences known chatter of the librari
 # isort: split
 import argparse
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
@@ -23,9 +22,10 @@ import gradio as gr
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
+from sft.chat import ChatTemplateError, GenerationSettings, conversation, load_for_chat, stream_reply
 from sft.data import Conversation
-from sft.qwen1 import Qwen1Error
+from sft.errors import run_main
+from sft.modeling import ModelPathError
 
 # What the page shows for a state: the visible turns, without the system prompt.
 ChatUpdate = tuple[str, Conversation, Conversation]
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
     args = parser.parse_args()
     if not os.path.isdir(args.checkpoint_path):
-        parser.error(f"--checkpoint-path {args.checkpoint_path}: no such folder")
+        raise ModelPathError(f"--checkpoint-path {args.checkpoint_path}: no such folder")
     return args
 
 
@@ -62,9 +62,13 @@ def build_demo(
             settings, temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens)
         ).checked()
         messages = conversation(history, query, system.strip() or None)
+        try:
+            stream = stream_reply(model, tokenizer, messages, reply_settings)
+        except ChatTemplateError as error:  # shown on the page; the message stays in the box to be rephrased
+            raise gr.Error(str(error)) from None
         shown = history + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         yield "", shown, shown
-        with closing(stream_reply(model, tokenizer, messages, reply_settings)) as stream:  # Stop closes it
+        with closing(stream) as stream:  # Stop closes it
             for piece in stream:
                 shown[-1] = {"role": "assistant", "content": shown[-1]["content"] + piece}
                 yield "", shown, shown
@@ -105,10 +109,7 @@ def build_demo(
 def main() -> None:
     args = parse_args()
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar in the chat
-    try:
-        model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
-    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
-        sys.exit(f"web_demo.py: error: {error}")
+    model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
     settings = GenerationSettings.from_model(model)
     demo = build_demo(model, tokenizer, settings, os.path.basename(os.path.normpath(args.checkpoint_path)), args.system)
     # One reply at a time: the model is shared by every browser tab.
@@ -119,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,11 +11,10 @@ import sft.quiet  # noqa: F401  (first: it silences known chatter of the librari
 
 # isort: split
 import argparse
-import sys
 
-from sft.chat import load_for_chat, reply
-from sft.data import load_conversations
-from sft.qwen1 import Qwen1Error
+from sft.chat import ChatTemplateError, load_for_chat, reply
+from sft.data import DataError, load_conversations
+from sft.errors import run_main
 
 
 def main() -> None:
@@ -26,19 +25,19 @@ def main() -> None:
     args = parser.parse_args()
 
     conversations = load_conversations(args.data)
-    try:
-        model, tokenizer = load_for_chat(args.model)
-    except Qwen1Error as error:  # a Qwen-1 folder that cannot run natively
-        sys.exit(f"error: {error}")
+    model, tokenizer = load_for_chat(args.model)
     correct = 0
-    for messages in conversations:
+    for messages, where in zip(conversations, conversations.wheres):
         last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
         expected = messages[last]["content"]
-        answer = reply(model, tokenizer, messages[:last], max_new_tokens=args.max_new_tokens)
+        try:
+            answer = reply(model, tokenizer, messages[:last], max_new_tokens=args.max_new_tokens)
+        except ChatTemplateError as error:  # named by its place in the data file
+            raise DataError(args.data, where, None, str(error)) from None
         correct += answer == expected
         print(f"Q: {messages[last - 1]['content']}\n   expected: {expected}\n   answer:   {answer}")
     print(f"{correct}/{len(conversations)} answers match exactly")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,8 +27,23 @@ from transformers import (
 )
 
 from sft.data import Conversation, end_of_turn, render, with_tools
-from sft.modeling import load_model, load_tokenizer, tokenizer_folder
+from sft.errors import ConfigurationError, UserError
+from sft.modeling import ModelPathError, gpu_bf16, inference_dtype, load_model, load_tokenizer, tokenizer_folder
 from sft.qwen1 import resolve_model_path
+
+
+class ChatTemplateError(UserError):
+    """The chat template refuses the conversation (a role, a system prompt or tools it does not support)."""
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> str:
+    """The conversation rendered up to the assistant's turn; ChatTemplateError where the template refuses it."""
+    try:
+        return render(tokenizer, messages, add_generation_prompt=True)
+    except Exception as error:  # a template raises whatever its author wrote (TemplateError, TypeError, ...)
+        raise ChatTemplateError(
+            f"the chat template refuses this conversation: {error or type(error).__name__}"
+        ) from None
 
 
 def pick_device(cpu_only: bool = False) -> torch.device:
@@ -36,12 +51,9 @@ def pick_device(cpu_only: bool = False) -> torch.device:
 
 
 def pick_dtype(device: torch.device, gptq: bool = False) -> torch.dtype:
-    """bfloat16 on GPUs that have it (float16 on older ones and for GPTQ kernels), float32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    if gptq or not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """The policy of sft.modeling for this machine: bfloat16 on GPUs that have it (float16 on older ones and for
+    GPTQ kernels), float32 on the CPU."""
+    return inference_dtype("auto", gpu_bf16(device), gptq)
 
 
 def _is_gptq(path: str) -> bool:
@@ -52,15 +64,46 @@ def _is_gptq(path: str) -> bool:
     return quantization.get("quant_method") == "gptq"
 
 
+def check_model_folder(path: str) -> None:
+    """A local folder must hold a model (config.json) or an adapter (adapter_config.json): a clear error early,
+    rather than a library's about a missing tokenizer file. (A path that is not there fails at loading.)"""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise ModelPathError(
+            f"{path}: not a model folder (no config.json) nor an adapter folder (no adapter_config.json)"
+        )
+
+
+def adapter_base_model(adapter: str, hint: str = "") -> str:
+    """The base model an adapter folder records (peft writes it into adapter_config.json); `hint` ends the error
+    where it records none (another way to name the base)."""
+    config_file = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelPathError(f"{config_file}: cannot read it ({error})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not base:
+        raise ModelPathError(
+            f"{config_file} names no base model (base_model_name_or_path): set it to the base model's folder or "
+            f"hub id{hint}"
+        )
+    return base
+
+
 def load_for_chat(
     path: str, trust_remote_code: bool = False, cpu_only: bool = False, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A base model, full fine-tune, merged or GPTQ model; or, for an adapter folder, its base model with the adapter.
 
     The tokenizer comes from `path` (finetune.py saves it with every output), else from the adapter's base model.
+    A path that holds no model is a ModelPathError.
     """
+    check_model_folder(path)
     adapter_config = Path(path) / "adapter_config.json"
-    base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.is_file() else path
+    base_path = adapter_base_model(path) if adapter_config.is_file() else path
     base_path = resolve_model_path(base_path)  # a Qwen-1 model: its native conversion (raises Qwen1Error)
     if not adapter_config.is_file():
         path = base_path
@@ -130,7 +173,7 @@ class GenerationSettings:
         if self.repetition_penalty <= 0:
             problems.append("repetition_penalty must be positive")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigurationError("; ".join(problems))
         return self
 
     def updated(self, assignments: list[str]) -> GenerationSettings:
@@ -141,14 +184,14 @@ class GenerationSettings:
             key, equals, text = assignment.partition("=")
             key = key.strip()
             if not equals or not text.strip():
-                raise ValueError(f"'{assignment}': expected key=value")
+                raise ConfigurationError(f"'{assignment}': expected key=value")
             if key not in types:
-                raise ValueError(f"unknown setting '{key}'; settings: {', '.join(types)}")
+                raise ConfigurationError(f"unknown setting '{key}'; settings: {', '.join(types)}")
             try:
                 values[key] = int(text) if types[key] == "int" else float(text)
             except ValueError:
                 kind = "an integer" if types[key] == "int" else "a number"
-                raise ValueError(f"'{assignment}': {key} takes {kind}") from None
+                raise ConfigurationError(f"'{assignment}': {key} takes {kind}") from None
         return replace(self, **values).checked()
 
     def describe(self) -> str:
@@ -196,12 +239,22 @@ def stream_reply(
 ) -> Iterator[str]:
     """Yields the assistant's next message piece by piece as it is generated (special tokens left out).
 
-    `seed`, when given, is set right before generating, so the same conversation, settings and seed give the same
-    reply. Generation runs in a thread; closing this iterator early (or an exception while it is being read,
-    Ctrl-C included) stops it after the current token and waits for it.
+    The conversation is rendered at once: a template refusal is a ChatTemplateError raised by this call, before
+    anything is generated. `seed`, when given, is set right before generating, so the same conversation, settings
+    and seed give the same reply. Generation runs in a thread; closing this iterator early (or an exception while
+    it is being read, Ctrl-C included) stops it after the current token and waits for it.
     """
     settings = settings or GenerationSettings.from_model(model)
-    prompt = render(tokenizer, messages, add_generation_prompt=True)
+    return _stream(model, tokenizer, chat_prompt(tokenizer, messages), settings, seed)
+
+
+def _stream(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    settings: GenerationSettings,
+    seed: int | None,
+) -> Iterator[str]:
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
@@ -243,7 +296,7 @@ def reply(
     **generation: object,
 ) -> str:
     """The assistant's next message, whole; greedy unless sampling settings are given. Stops at end of turn."""
-    prompt = render(tokenizer, messages, add_generation_prompt=True)
+    prompt = chat_prompt(tokenizer, messages)
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
     generation.setdefault("eos_token_id", stop_token_ids(model, tokenizer))
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **generation)

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from sft.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -67,7 +69,7 @@ ROLE_NAMES = {
 ALPACA_KEYS = ("instruction", "input", "output", "system")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in a data file, with where it is: file, line or sample, and field."""
 
     def __init__(self, path: str | os.PathLike, where: str, field: str | None, message: str):

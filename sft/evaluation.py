@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from sft.data import IGNORE_INDEX, Conversation, Tokenized, TrainOn, tokenize_conversation
+from sft.data import (
+    IGNORE_INDEX,
+    Conversation,
+    Conversations,
+    DataError,
+    TemplateRefusal,
+    Tokenized,
+    TrainOn,
+    tokenize_conversation,
+)
 
 
 def tokenize_samples(
@@ -26,9 +35,39 @@ def tokenize_samples(
     train_on: TrainOn = "assistant",
 ) -> list[Tokenized]:
     """Each conversation rendered and tokenised as for training (truncated to max_length); samples left with no
-    labelled token are skipped."""
-    samples = [tokenize_conversation(tokenizer, messages, max_length, train_on) for messages in conversations]
+    labelled token are skipped.
+
+    A conversation the chat template refuses is a DataError naming its file and line (or sample) when the
+    conversations come from `load_conversations` (or `take`), else its index among `conversations`."""
+    samples = []
+    for k, messages in enumerate(conversations):
+        try:
+            samples.append(tokenize_conversation(tokenizer, messages, max_length, train_on))
+        except TemplateRefusal as refusal:
+            raise DataError(*where(conversations, k), None, refusal.message) from None
     return [sample for sample in samples if sample.input_ids]
+
+
+def where(conversations: list[Conversation], k: int) -> tuple[str, str]:
+    """(file, line or sample) of conversation k, for a DataError: its place in its data file when known."""
+    wheres = getattr(conversations, "wheres", None)
+    if wheres:
+        return conversations.path, wheres[k]
+    return getattr(conversations, "path", "built-in samples"), f"sample {k + 1}"
+
+
+def take(conversations: list[Conversation], indices: list[int] | range) -> list[Conversation]:
+    """The conversations at `indices`, still knowing the file and line each came from (a plain slice forgets)."""
+    if isinstance(conversations, Conversations):
+        return Conversations(
+            [conversations[i] for i in indices], conversations.path, [conversations.wheres[i] for i in indices]
+        )
+    return [conversations[i] for i in indices]
+
+
+def head(conversations: list[Conversation], count: int) -> list[Conversation]:
+    """The first `count` conversations, as `take` keeps them."""
+    return take(conversations, range(min(count, len(conversations))))
 
 
 def split_held_out(
@@ -38,8 +77,8 @@ def split_held_out(
     if not 0 < num_held_out < len(conversations):
         raise ValueError(f"cannot hold out {num_held_out} of {len(conversations)} samples and keep some")
     held = set(random.Random(seed).sample(range(len(conversations)), num_held_out))
-    kept = [messages for i, messages in enumerate(conversations) if i not in held]
-    return kept, [conversations[i] for i in sorted(held)]
+    kept = [i for i in range(len(conversations)) if i not in held]
+    return take(conversations, kept), take(conversations, sorted(held))
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Loading tokenizers and models for training and inference: full precision, LoRA and Q-LoRA (bitsandbytes)."""
+"""Loading tokenizers and models for training and inference: full precision, LoRA and Q-LoRA (bitsandbytes); and
+the one dtype policy every script follows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -16,6 +18,7 @@ from transformers import (
 )
 
 from sft.data import CHATML_TEMPLATE
+from sft.errors import ConfigurationError, UserError
 from sft.qwen1 import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,82 @@ DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
 }
+
+
+class ModelPathError(UserError, FileNotFoundError):
+    """A model or adapter path that holds no model (a typo, a folder of something else); names the path."""
+
+
+def _unloadable(path: str, what: str, error: OSError) -> ModelPathError:
+    """The error for a path transformers could not load `what` from: one line, naming the path."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(path).expanduser().exists():
+        return ModelPathError(f"{path}: cannot load {what} from it ({reason})")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not a hub id
+        return ModelPathError(f"{path}: no such folder")
+    return ModelPathError(f"{path}: no such folder, nor a hub model ({reason})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dtype policy. Described, not looked up: `cuda_bf16` is None where the model runs on the CPU, True or False
+# on a GPU with or without native bfloat16, so that every branch can be tested on a CPU.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gpu_bf16(device: torch.device | str) -> bool | None:
+    """This machine, as the policy wants it: None on the CPU, else whether the GPU computes in bfloat16 natively
+    (emulated bfloat16 on an older GPU runs, but slower than float16)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def named_dtype(name: str) -> torch.dtype:
+    """The dtype a command line names (bf16, bfloat16, fp16, float16, fp32, float32)."""
+    if name not in DTYPES:
+        raise ConfigurationError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def training_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    """The compute dtype of a training run: the Trainer's mixed precision flags (--bf16, --fp16), else float32."""
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    return torch.float32
+
+
+def training_weights_dtype(requested: str | None, bf16: bool, fp16: bool, lora: bool) -> torch.dtype:
+    """The dtype the weights are loaded in for training: `requested` when given; else a LoRA run's frozen base in
+    the compute dtype (it is only read), and a full fine-tune's in float32 (the optimizer updates them; mixed
+    precision casts for the forward pass)."""
+    if requested:
+        return named_dtype(requested)
+    return training_dtype(bf16, fp16) if lora else torch.float32
+
+
+def inference_dtype(requested: str | None = "auto", cuda_bf16: bool | None = None, gptq: bool = False) -> torch.dtype:
+    """The dtype to run a model in: `requested` unless "auto" or None; else float32 on the CPU (half precision is
+    slow or unsupported there), float16 for GPTQ kernels and on GPUs without bfloat16, bfloat16 on the others."""
+    if requested and requested != "auto":
+        return named_dtype(requested)
+    if cuda_bf16 is None:
+        return torch.float32
+    if gptq or not cuda_bf16:
+        return torch.float16
+    return torch.bfloat16
+
+
+def merge_dtype(requested: str | None, saved: torch.dtype | str | None) -> torch.dtype:
+    """The dtype of merged weights: `requested` unless "auto" or None; else the dtype the base model was saved in
+    (`saved`, from its config), float32 where it records none, so merging neither loses nor invents precision."""
+    if requested and requested != "auto":
+        return named_dtype(requested)
+    if saved is None:
+        return torch.float32
+    return DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
+
 
 # Tokens a ChatML-style template adds around every turn: the rows a base model has never trained.
 CHAT_SPECIAL_TOKENS = (
@@ -49,7 +128,12 @@ def load_tokenizer(
     A Qwen-1 model's comes from its native conversion (sft.qwen1), as does its model in load_model."""
     path = resolve_model_path(path)
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, padding_side="right", **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, padding_side="right", **kwargs
+        )
+    except OSError as error:  # no such folder or hub model, or one without a tokenizer
+        raise _unloadable(path, "a tokenizer", error) from None
     if tokenizer.pad_token_id is None:
         if "<|endoftext|>" in tokenizer.get_vocab():
             tokenizer.pad_token = "<|endoftext|>"
@@ -59,6 +143,14 @@ def load_tokenizer(
         # Saved with the outputs, so what was trained on ChatML is served with ChatML.
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    """The model's config (the text model's for a multimodal one is `.get_text_config()`)."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:  # no such folder or hub model, or no config.json in it
+        raise _unloadable(path, "its config", error) from None
 
 
 def tokenizer_folder(folder: str, base_model: str) -> str:
@@ -103,14 +195,17 @@ def load_model(
     logger.info("Loading %s (%s%s)", path, dtype, f", {quantization.quant_method} quantised" if quantization else "")
     # Passed only when asked for: an explicit None would drop the quantisation of a pre-quantised (GPTQ) model.
     extra = {"quantization_config": quantization} if quantization is not None else {}
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-        **extra,
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            **extra,
+        )
+    except OSError as error:  # no such folder or hub model, or one without weights
+        raise _unloadable(path, "a model", error) from None
 
 
 def add_lora(

@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from sft.errors import ConfigurationError, UserError
+
 # What finetune.py writes next to its final model or adapter: mode, base model, data, steps, arguments.
 RUN_INFO_FILE = "finetune_run.json"
 
@@ -49,6 +51,10 @@ def publish(staging: str | os.PathLike, destination: str | os.PathLike) -> Path:
     return destination
 
 
+class OutputFolderError(UserError, FileExistsError):
+    """An output folder that is taken: a file, or a folder with files in it (and no --overwrite)."""
+
+
 def check_new_output(
     destination: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
 ) -> None:
@@ -56,11 +62,11 @@ def check_new_output(
     destination = Path(destination)
     for source in inputs:
         if Path(source).exists() and destination.resolve() == Path(source).resolve():
-            raise ValueError(f"{destination} is also an input of this run: write the output elsewhere")
+            raise ConfigurationError(f"{destination} is also an input of this run: write the output elsewhere")
     if destination.exists() and not destination.is_dir():
-        raise FileExistsError(f"{destination} exists and is not a folder")
+        raise OutputFolderError(f"{destination} exists and is not a folder")
     if destination.is_dir() and any(destination.iterdir()) and not overwrite:
-        raise FileExistsError(f"{destination} is not empty: choose another folder or pass --overwrite")
+        raise OutputFolderError(f"{destination} is not empty: choose another folder or pass --overwrite")
 
 
 def staging_folder(destination: str | os.PathLike) -> Path:

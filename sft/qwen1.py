@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from sft.data import CHATML_TEMPLATE
+from sft.errors import UserError, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ QWEN1_LORA_TARGETS = {
 KEPT_GENERATION_SETTINGS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens")
 
 
-class Qwen1Error(ValueError):
+class Qwen1Error(UserError, ValueError):
     """A Qwen-1 folder that cannot be converted to a native one; the message says which and why."""
 
 
@@ -471,10 +471,10 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         output = convert_qwen1(args.source, args.output)
-    except (Qwen1Error, OSError) as error:
-        sys.exit(f"error: {error}")
+    except OSError as error:  # a folder we cannot read or write (permissions, a full disk): the user's to mend
+        raise UserError(f"converting {args.source} to {args.output}: {error}") from error
     print(f"native Qwen2 model: {output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # The tiny models run as fast on one thread as on two, and far faster when the cores are shared (OpenMP threads
@@ -44,6 +47,43 @@ def eager_gptq_kernels():
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: str):
     return load_tokenizer(tiny_model)
+
+
+# A chat template that refuses any message containing this word (and renders ChatML otherwise): a refusal that
+# folding the system prompt cannot mend, for the tests of how each script reports one.
+REFUSED_WORD = "forbidden"
+
+
+@pytest.fixture(scope="session")
+def refusing_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model whose chat template refuses any message with the word "forbidden" in it."""
+    folder = tmp_path_factory.mktemp("refusing") / "model"
+    shutil.copytree(tiny_model, folder)
+    tokenizer = load_tokenizer(tiny_model)
+    refusal = (
+        "{% for message in messages %}{% if '" + REFUSED_WORD + "' in message['content'] %}"
+        "{{ raise_exception('the word " + REFUSED_WORD + " is not allowed') }}{% endif %}{% endfor %}"
+    )
+    tokenizer.chat_template = refusal + tokenizer.chat_template
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def user_error() -> Callable[..., str]:
+    """Runs `python SCRIPT ARGS...` as a user would and checks it stopped on a user mistake: exit code 2, one
+    `error:` line (the last on stderr) and no traceback. Returns that line. Offline: nothing waits on the network."""
+
+    def run(*command: str, stdin: str = "") -> str:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, *command], input=stdin, capture_output=True, text=True, env=env)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+        assert "Traceback" not in done.stderr, done.stderr[-4000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and done.stderr.rstrip().endswith(errors[0]), done.stderr[-4000:]
+        return errors[0]
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -9,8 +10,17 @@ import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from sft.chat import GenerationSettings, conversation, load_for_chat, reply, stop_token_ids, stream_reply
+from sft.chat import (
+    ChatTemplateError,
+    GenerationSettings,
+    conversation,
+    load_for_chat,
+    reply,
+    stop_token_ids,
+    stream_reply,
+)
 from sft.data import render
+from sft.modeling import ModelPathError
 
 QUESTION = "What is your name?"
 
@@ -151,3 +161,50 @@ def test_conversation_puts_the_system_prompt_first(tokenizer):
     with_system = render(tokenizer, conversation([], QUESTION, "You are a pirate."), add_generation_prompt=True)
     assert with_system.startswith("<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nWhat is")
     assert "You are a helpful assistant." in render(tokenizer, conversation([], QUESTION), add_generation_prompt=True)
+
+
+# Mistakes a user can make, and the errors that name them.
+def test_an_adapter_config_without_base_model_is_a_model_path_error(chat_adapter, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(chat_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["base_model_name_or_path"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelPathError, match="adapter_config.json names no base model"):
+        load_for_chat(str(adapter))
+
+
+def test_a_folder_without_a_model_is_a_model_path_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelPathError, match="not a model folder"):
+        load_for_chat(str(tmp_path))
+    with pytest.raises(ModelPathError, match="no such folder"):
+        load_for_chat(str(tmp_path / "typo"))
+
+
+def test_a_conversation_the_template_refuses_fails_before_generating(refusing_model, monkeypatch):
+    model, tokenizer = load_for_chat(refusing_model)
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: pytest.fail("generate was called"))
+    with pytest.raises(ChatTemplateError, match="refuses this conversation: the word forbidden is not allowed"):
+        stream_reply(model, tokenizer, conversation([], "Say forbidden"))
+    with pytest.raises(ChatTemplateError):
+        reply(model, tokenizer, conversation([], "Say forbidden"))
+
+
+def test_ask_reports_a_malformed_data_file_and_a_refused_sample_by_line(refusing_model, tmp_path, user_error):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [}\n')
+    error = user_error("-m", "scripts.ask", "--model", refusing_model, "--data", str(bad))
+    assert error.startswith(f"error: {bad}, line 1: invalid JSON")
+    refused = tmp_path / "refused.jsonl"
+    lines = [("Hello", "Hi"), ("Say forbidden", "No")]
+    refused.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in lines
+        )
+    )
+    error = user_error("-m", "scripts.ask", "--model", refusing_model, "--data", str(refused))
+    assert error == (
+        f"error: {refused}, line 2: the chat template refuses this conversation: the word forbidden is not allowed"
+    )

@@ -19,6 +19,8 @@ import torch
 import cli_demo
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
 from sft.data import render
+from sft.errors import ConfigurationError
+from sft.modeling import ModelPathError
 
 PROMPT = cli_demo.USER_PROMPT
 TIMEOUT = 60  # loading on a busy machine; a reply of the tiny model takes well under a second
@@ -226,10 +228,35 @@ def test_query_prints_one_reply_and_exits(chat_adapter, expected):
     assert output.replace("\r\n", "\n").strip().endswith(expected([], "What is 2 + 3?", system=system))
 
 
-def test_bad_arguments_fail_before_loading(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_bad_arguments_fail_before_loading(tmp_path):
+    with pytest.raises(ModelPathError, match="no such folder"):
         cli_demo.parse_args(["-c", str(tmp_path / "missing")])
-    assert exit_info.value.code == 2 and "no such folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigurationError, match=r"top_p must be in \(0, 1\]"):
         cli_demo.parse_args(["-c", str(tmp_path), "--top_p", "2"])
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_model_is_one_error_line(tmp_path, user_error):
+    (tmp_path / "notes.txt").write_text("not a model")
+    error = user_error("cli_demo.py", "-c", str(tmp_path), "--query", "Hello")
+    assert error == (
+        f"error: {tmp_path}: not a model folder (no config.json) nor an adapter folder (no adapter_config.json)"
+    )
+
+
+def test_a_message_the_template_refuses_is_reported_and_the_session_goes_on(refusing_model):
+    # The user expects to rephrase: the refused message is said to be left out, not kept in the history.
+    cli = start(refusing_model)
+    cli.sendline("Say forbidden")
+    cli.expect_exact(
+        "error: the chat template refuses this conversation: the word forbidden is not allowed "
+        "(the message was not added to the conversation)"
+    )
+    cli.expect_exact(PROMPT)
+    ask(cli, "Hello")
+    history = command(cli, ":his")
+    assert history.startswith("[user] Hello\n[assistant] ") and "forbidden" not in history
+    cli.sendeof()
+    cli.expect_exact("Bye.")
+    cli.expect(pexpect.EOF)
+    cli.close()
+    assert cli.exitstatus == 0

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from sft.data import IGNORE_INDEX, load_conversations
+from sft.data import IGNORE_INDEX, DataError, load_conversations
 from sft.evaluation import (
     format_size,
+    head,
     max_abs_diff,
     perplexity,
     sample_logits,
@@ -62,6 +64,28 @@ def test_held_out_split_is_disjoint_complete_and_seeded():
     assert split_held_out(conversations, 3, seed=2) != (kept, held)
     with pytest.raises(ValueError, match="cannot hold out 10 of 10"):
         split_held_out(conversations, 10)
+
+
+def test_a_refused_sample_is_a_data_error_at_its_place_in_the_file_after_a_split(refusing_model, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(refusing_model)
+    data = tmp_path / "data.jsonl"
+    questions = ["Hello", "Hi there", "Say forbidden", "Bye"]
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Ok"}]}) + "\n"
+            for q in questions
+        )
+    )
+    kept, held = split_held_out(load_conversations(data), 2, seed=0)
+    refused = kept if any("forbidden" in m[0]["content"] for m in kept) else held
+    with pytest.raises(DataError) as error:
+        tokenize_samples(tokenizer, head(refused, 2), 256)
+    assert str(error.value) == (
+        f"{data}, line 3: the chat template refuses this conversation: the word forbidden is not allowed"
+    )
+    plain = [[{"role": "user", "content": "Say forbidden"}, {"role": "assistant", "content": "Ok"}]]
+    with pytest.raises(DataError, match="built-in samples, sample 1: the chat template refuses"):
+        tokenize_samples(tokenizer, plain, 256)
 
 
 def test_weights_size_counts_weight_files_only(tmp_path):

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import finetune
 import merge_lora
 from sft.data import load_conversations
+from sft.errors import run_main
 from sft.evaluation import max_abs_diff, sample_logits, tokenize_samples
 
 EXAMPLES = "data/example_chatml.jsonl"
@@ -42,8 +43,9 @@ def adapters(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def run_merge(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """merge_lora.py in this process, user mistakes reported as the script reports them (SystemExit 2)."""
     monkeypatch.setattr(sys, "argv", ["merge_lora.py", *args])
-    merge_lora.main()
+    run_main(merge_lora.main)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +101,14 @@ def test_merged_model_reloads_with_plain_transformers_and_matches_base_plus_adap
         assert "as trained" in printed
 
 
-def test_merging_refuses_a_non_empty_output(adapters, tmp_path, monkeypatch):
+def test_merging_refuses_a_non_empty_output(adapters, tmp_path, monkeypatch, capsys):
     output = tmp_path / "merged"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit) as stopped:
         run_merge(monkeypatch, "--adapter", str(adapters["lora"]), "--output", str(output))
-    assert "is not empty" in str(stopped.value) and "--overwrite" in str(stopped.value)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "is not empty" in error and "--overwrite" in error
     assert [path.name for path in output.iterdir()] == ["keep.txt"]
 
 
@@ -118,7 +121,7 @@ def test_merging_refuses_a_non_empty_output(adapters, tmp_path, monkeypatch):
         ("missing_adapter", "no such adapter folder"),
     ],
 )
-def test_bad_input_stops_before_any_model_is_loaded(tiny_model, tmp_path, monkeypatch, case, message):
+def test_bad_input_stops_before_any_model_is_loaded(tiny_model, tmp_path, monkeypatch, capsys, case, message):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
@@ -133,6 +136,39 @@ def test_bad_input_stops_before_any_model_is_loaded(tiny_model, tmp_path, monkey
         args[1] = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit) as stopped:
         run_merge(monkeypatch, *args)
-    assert str(stopped.value).startswith("error: ")
-    assert message.format(tmp=tmp_path) in str(stopped.value)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.startswith("error: ")
+    assert message.format(tmp=tmp_path) in error
     assert not (tmp_path / "out").exists()
+
+
+# As a user runs it: one `error:` line, exit code 2, no traceback.
+def test_check_samples_the_chat_template_refuses_are_an_error_naming_file_and_line(
+    refusing_model, tmp_path, user_error
+):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": refusing_model}))
+    data = tmp_path / "check.jsonl"
+    lines = [[("user", "Hello"), ("assistant", "Hi")], [("user", "Say forbidden"), ("assistant", "No")]]
+    data.write_text(
+        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in line]}) + "\n" for line in lines)
+    )
+    error = user_error(
+        "merge_lora.py", "--adapter", str(adapter), "--output", str(tmp_path / "out"), "--data_path", str(data)
+    )
+    assert error == (
+        f"error: {data}, line 2: the chat template refuses this conversation: the word forbidden is not allowed"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_config_without_base_model_is_an_error(tmp_path, user_error):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    error = user_error("merge_lora.py", "--adapter", str(adapter), "--output", str(tmp_path / "out"))
+    assert error == (
+        f"error: {adapter / 'adapter_config.json'} names no base model (base_model_name_or_path): set it to the base "
+        "model's folder or hub id, or pass --base_model"
+    )

@@ -31,6 +31,7 @@ import finetune
 import merge_lora
 import run_gptq
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
+from sft.errors import run_main
 from sft.modeling import load_model, load_tokenizer
 from sft.outputs import RUN_INFO_FILE
 from sft.qwen1 import (
@@ -258,12 +259,14 @@ def test_unconvertible_folders_stop_finetune_with_a_clear_message(
     assert not list(Path(os.environ["LLM_FINETUNING_CACHE"], "qwen1-native").glob("Qwen-broken*/*"))
 
 
-def test_convert_command_refuses_an_existing_output(qwen1_folder, tmp_path, monkeypatch):
+def test_convert_command_refuses_an_existing_output(qwen1_folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "taken").mkdir()
     monkeypatch.setattr(sys, "argv", ["python -m sft.qwen1", qwen1_folder, str(tmp_path / "taken")])
     with pytest.raises(SystemExit) as exit_info:
-        qwen1_main()
-    assert str(exit_info.value) == f"error: {tmp_path / 'taken'} exists: choose a new folder for the converted model"
+        run_main(qwen1_main)
+    assert exit_info.value.code == 2
+    error = f"error: {tmp_path / 'taken'} exists: choose a new folder for the converted model\n"
+    assert capsys.readouterr().err == error
     assert not list((tmp_path / "taken").iterdir())
 
 

@@ -16,6 +16,7 @@ import run_gptq
 from scripts.make_tiny_model import ENGLISH_OBJECTS, ENGLISH_SUBJECTS, ENGLISH_VERBS
 from sft.chat import GenerationSettings, load_for_chat, reply, stream_reply
 from sft.data import load_conversations
+from sft.errors import run_main
 from sft.evaluation import perplexity, tokenize_samples
 
 pytestmark = pytest.mark.usefixtures("eager_gptq_kernels")
@@ -54,8 +55,9 @@ def fine_tuned(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def run(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """run_gptq.py in this process, user mistakes reported as the script reports them (SystemExit 2)."""
     monkeypatch.setattr(sys, "argv", ["run_gptq.py", *args])
-    run_gptq.main()
+    run_main(run_gptq.main)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_4bit_perplexity_on_held_out_data_stays_close_to_the_original(quantized,
         (["--out_path", "{model}", "--overwrite"], "is also an input of this run: write the output elsewhere"),
     ],
 )
-def test_bad_input_stops_before_the_model_is_loaded(tiny_model, tmp_path, monkeypatch, args, message):
+def test_bad_input_stops_before_the_model_is_loaded(tiny_model, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"messages": [}\n')
     (tmp_path / "full").mkdir()
@@ -153,7 +155,25 @@ def test_bad_input_stops_before_the_model_is_loaded(tiny_model, tmp_path, monkey
     defaults += ["--out_path", str(tmp_path / "out"), "--group_size", "32"]
     with pytest.raises(SystemExit) as stopped:
         run(monkeypatch, *defaults, *[arg.format(**places) for arg in args])
-    assert str(stopped.value).startswith("error: ")
-    assert message in str(stopped.value)
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.startswith("error: ")
+    assert message in error
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+# As a user runs it: one `error:` line, exit code 2, no traceback.
+def test_held_out_samples_the_chat_template_refuses_are_an_error_naming_file_and_line(
+    refusing_model, tmp_path, user_error
+):
+    data, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
+    sample = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]}
+    refused = {"messages": [{"role": "user", "content": "Say forbidden"}, {"role": "assistant", "content": "No"}]}
+    data.write_text(json.dumps(sample) + "\n" + json.dumps(sample) + "\n")
+    held_out.write_text(json.dumps(sample) + "\n" + json.dumps(refused) + "\n")
+    args = ["--model_name_or_path", refusing_model, "--data_path", str(data), "--eval_data_path", str(held_out)]
+    error = user_error("run_gptq.py", *args, "--out_path", str(tmp_path / "out"), "--group_size", "32")
+    assert error == (
+        f"error: {held_out}, line 2: the chat template refuses this conversation: the word forbidden is not allowed"
+    )
+    assert not (tmp_path / "out").exists()

@@ -148,3 +148,18 @@ def test_reply_is_generated_from_history_system_prompt_and_sliders(chat_adapter,
     assert kept[3]["role"] == "assistant" and len(kept) == 4
     assert list(respond("   ", history, "", 0, 1, 7)) == [("", history, history)]  # nothing sent for an empty line
     assert len(calls) == 1
+
+
+def test_a_message_the_template_refuses_is_shown_as_an_error_and_changes_nothing(refusing_model):
+    import gradio as gr
+
+    import web_demo
+
+    model, tokenizer = load_for_chat(refusing_model)
+    demo = web_demo.build_demo(model, tokenizer, GenerationSettings.from_model(model), "tiny", "")
+    respond = next(block.fn for block in demo.fns.values() if getattr(block.fn, "__name__", "") == "respond")
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    replies = respond("Say forbidden", history, "", 0, 1, 7)
+    with pytest.raises(gr.Error, match="the chat template refuses this conversation: the word forbidden"):
+        next(replies)  # before anything is shown: the message stays in its box, the history as it was
+    assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
