@@ -9,17 +9,16 @@ from bench.common import generate_conversations
 from sft.data import (
     IGNORE_INDEX,
     DataError,
-    _labels_from_offsets,
-    _labels_of_encoding,
-    _spans_by_markers,
-    _spans_by_prefixes,
-    _tokenize_pieces,
     label_spans,
     label_spans_many,
+    labels_from_offsets,
+    labels_of_encoding,
     load_conversations,
     make_collator,
+    spans_by_prefixes,
     tokenize_conversation,
     tokenize_conversations,
+    tokenize_pieces,
 )
 
 LLAMA3_TEMPLATE = (
@@ -306,8 +305,8 @@ def test_labelling_by_one_marked_render_equals_rendering_prefixes(tokenizer, tem
         if train_on == "last_assistant":
             turns_of = [turns[-1:] for turns in turns_of]
         texts = [text for text, _ in rendered]
-        by_markers = _spans_by_markers(templated, conversations, turns_of, texts)
-        expected = _spans_by_prefixes(templated, conversations, turns_of, texts, by_markers)
+        # The oracle renders prefixes alone (no marker spans to fall back on).
+        expected = spans_by_prefixes(templated, conversations, turns_of, texts)
         assert [spans for _, spans in rendered] == expected
 
 
@@ -345,14 +344,14 @@ def test_labels_from_edge_tokens_equal_labels_from_all_offsets(tokenizer):
     rendered.append(("trimmed ,  spaces   here", [(7, 16), (17, 24)]))
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
     for encoding, (_, spans) in zip(encodings, rendered):
-        expected = _labels_from_offsets(encoding.ids, encoding.offsets, spans)
-        assert _labels_of_encoding(encoding, encoding.ids, spans) == expected
+        expected = labels_from_offsets(encoding.ids, encoding.offsets, spans)
+        assert labels_of_encoding(encoding, encoding.ids, spans) == expected
 
 
 def test_piecewise_tokenisation_matches_offsets(tokenizer):
     # The path for tokenizers without offsets (Qwen-1's tiktoken one) labels the same tokens here.
     text, spans = label_spans(tokenizer, MULTI_TURN)
-    input_ids, labels = _tokenize_pieces(tokenizer, text, spans)
+    input_ids, labels = tokenize_pieces(tokenizer, text, spans)
     tokenized = tokenize_conversation(tokenizer, MULTI_TURN, max_length=512)
     assert (input_ids, labels) == (tokenized.input_ids, tokenized.labels)
 
