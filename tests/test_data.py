@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from bench.common import generate_conversations
 from sft.data import (
     IGNORE_INDEX,
     DataError,
@@ -34,6 +34,25 @@ MULTI_TURN = [
     {"role": "user", "content": "你好吗？"},
     {"role": "assistant", "content": "很好。"},
 ]
+
+
+WORDS = "the cat river model garden question answer story bridge 问题 天气 中文 1 42 , . !".split()
+
+
+def generate_conversations(count: int, seed: int, high: int) -> list[list[dict]]:
+    """Multi-turn chats (1-4 turns, some with a system message) of up to about `high` words."""
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": "You are a careful assistant."}] if rng.random() < 0.3 else []
+        turns = rng.randint(1, 4)
+        share = max(2, rng.randint(10, high) // turns)
+        for _ in range(turns):
+            user = max(1, share // 3)
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=user))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=max(1, share - user)))})
+        conversations.append(messages)
+    return conversations
 
 
 def write(path: Path, content: str) -> Path:
