@@ -129,8 +129,10 @@ def test_the_profile_picks_one_strategy_and_is_logged_once(tokenizer, tmp_path, 
     assert template_profile(tokenizer).end_of_turn == "<|im_end|>"
     assert template_profile(with_template(tokenizer, GENERATION_TEMPLATE)).strategy == "generation"
     assert template_profile(with_template(tokenizer, THINKING_TEMPLATE)).prefixes_are_prefixes is False
+    fresh = with_template(tokenizer, None)  # a tokenizer whose profile no test has computed yet
     with caplog.at_level(logging.INFO, logger="sft.data"):
-        tokenize_conversations(conversations(12), tokenizer, max_length=4096, num_proc=2, cache_dir=tmp_path)
+        tokenize_conversations(conversations(12), fresh, max_length=4096, num_proc=2, cache_dir=tmp_path / "a")
+        tokenize_conversations(conversations(6), fresh, max_length=4096, description="eval", cache_dir=tmp_path / "b")
     assert sum("labelling by markers" in record.getMessage() for record in caplog.records) == 1
 
 

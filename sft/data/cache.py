@@ -2,8 +2,8 @@
 `datasets.map` (batched, multi-process) and cached on disk under a key of the conversations, the tokenizer and the
 options, so that an unchanged rerun skips tokenisation.
 
-The template profile is computed here once, before the map, logged once, and handed to every batch: the batch
-size and the number of processes change how the work is split, never a label.
+The template profile is computed once (`sft.data.profile`, which logs it), before the map, and handed to every
+batch: the batch size and the number of processes change how the work is split, never a label.
 """
 
 from __future__ import annotations
@@ -105,8 +105,7 @@ def tokenize_conversations(
     records = [json.dumps(messages, ensure_ascii=False) for messages in conversations]
     fingerprint = _fingerprint(records, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
     dataset = datasets.Dataset.from_dict({"messages": records})
-    profile = template_profile(tokenizer)
-    logger.info("%s data: %s", description, profile.describe())
+    profile = template_profile(tokenizer)  # once, here: the batches and processes of the map all get this one
     options = dict(
         tokenizer=tokenizer,
         max_length=max_length,

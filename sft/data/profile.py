@@ -16,6 +16,7 @@ tokenizer and the options alone.
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from sft.data.templates import (
     missing_tool_text,
     try_render_many,
 )
+
+logger = logging.getLogger("sft.data")
 
 Strategy = Literal["generation", "markers", "prefixes"]
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -100,11 +103,12 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def template_profile(tokenizer: PreTrainedTokenizerBase) -> TemplateProfile:
-    """The profile of the tokenizer's chat template, computed on first use and remembered."""
+    """The profile of the tokenizer's chat template, computed on first use, logged then, and remembered."""
     key = (chat_template_of(tokenizer), tokenizer.bos_token, tokenizer.eos_token, tokenizer.is_fast)
     profiles = _CACHE.setdefault(tokenizer, {})
     if key not in profiles:
         profiles[key] = compute_profile(tokenizer)
+        logger.info("chat template: %s", profiles[key].describe())
     return profiles[key]
 
 
