@@ -1,5 +1,5 @@
-"""Stage 4 of the data pipeline, labelling: the training text of each conversation and the character spans whose
-tokens are trained on.
+"""Stage 4 of the data pipeline, labelling (the story): the training text of each conversation and the
+character spans whose tokens are trained on.
 
 One story for every conversation, whatever its batch:
 1. render it for training (`render_for_training`: its system message folded where the template refuses one,

@@ -1,5 +1,5 @@
-"""Stage 4 of the data pipeline, the decision: a template profile, computed once per tokenizer and chat template,
-that says how answers are found in its texts.
+"""Stage 4 of the data pipeline, labelling (the decision): a template profile, computed once per tokenizer and
+chat template, that says how answers are found in its texts.
 
 The profile renders a few fixed probe conversations and records what the template does: its end-of-turn marker,
 its assistant header, whether it takes a system message and tools, whether a conversation's prefixes render as

@@ -1,5 +1,5 @@
-"""Stage 4a of the data pipeline, answer spans: where each trained answer lies in a conversation's rendered text,
-as character spans running through the end-of-turn marker that follows the answer.
+"""Stage 4 of the data pipeline, labelling (the spans): where each trained answer lies in a conversation's
+rendered text, as character spans running through the end-of-turn marker that follows the answer.
 
 Three ways to find them, each a function of one conversation alone (a batch only shares template calls):
 - `spans_by_generation`: the template marks answers itself with `{% generation %}`; transformers' assistant-token
@@ -29,6 +29,7 @@ from sft.data.templates import (
 
 Spans = list[tuple[int, int]]
 
+# Private-use characters put around each trained answer, so one render shows where the answers are. A
 # conversation that already holds them, or whose text they change, is labelled by rendering prefixes instead.
 ANSWER_OPEN, ANSWER_CLOSE = "\ue000", "\ue001"
 
