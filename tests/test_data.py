@@ -429,3 +429,14 @@ def test_collator_pads_to_the_longest_sample_only(tokenizer):
     assert batch["attention_mask"][1, short:].sum() == 0
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
     assert make_collator(tokenizer, pad_to_length=256)(rows)["input_ids"].shape == (2, 256)
+
+
+def test_data_errors_are_user_errors_and_still_value_errors(tokenizer, tmp_path):
+    from sft.data import NothingToTrainError, TemplateRefusal
+    from sft.errors import UserError
+    from sft.packing import PackingError
+
+    for error in (DataError, TemplateRefusal, NothingToTrainError, PackingError):
+        assert issubclass(error, UserError) and issubclass(error, ValueError)
+    with pytest.raises(NothingToTrainError, match="no train sample is left"):
+        tokenize_conversations([MULTI_TURN], tokenizer, max_length=4, drop_long=True, cache_dir=tmp_path)
