@@ -79,9 +79,7 @@ def label_many(
 
     eos = tokenizer.eos_token or ""
     # A tool-call turn may end with a marker of its own (Llama 3.1's <|eom_id|>): any special token counts.
-    call_ends: tuple[str, ...] = ()
-    if any("tool_calls" in messages[i] for messages, turns in zip(conversations, turns_of) for i in turns):
-        call_ends = tuple(str(token) for token in tokenizer.added_tokens_decoder.values() if token.special)
+    call_ends = tuple(str(token) for token in tokenizer.added_tokens_decoder.values() if token.special)
     results = []
     for k, (messages, turns, text, spans) in enumerate(zip(conversations, turns_of, texts, spans_of)):
         for i, (start, end) in zip(turns, spans):
