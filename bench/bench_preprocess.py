@@ -58,13 +58,13 @@ def stage_cpu_seconds(work_dir: Path, max_length: int) -> dict[str, float]:
     """CPU seconds of each stage of our tokenisation, in one process: where the time goes."""
     from transformers import AutoTokenizer
 
-    from sft.data import _labels_of_encoding, _render_many, label_spans_many
+    from sft.data import label_spans_many, labels_of_encoding, render_many
 
     tokenizer = AutoTokenizer.from_pretrained(work_dir / "tokenizer")
     conversations = json.loads((work_dir / "conversations.json").read_text())
     stages = {}
     start = time.process_time()
-    _render_many(tokenizer, conversations)
+    render_many(tokenizer, conversations)
     stages["render the conversations (apply_chat_template)"] = time.process_time() - start
     start = time.process_time()
     rendered = label_spans_many(tokenizer, conversations)
@@ -74,7 +74,7 @@ def stage_cpu_seconds(work_dir: Path, max_length: int) -> dict[str, float]:
     stages["encode (Rust tokenizer, whole texts)"] = time.process_time() - start
     start = time.process_time()
     for encoding, (_, spans) in zip(encodings, rendered):
-        _labels_of_encoding(encoding, encoding.ids, spans)
+        labels_of_encoding(encoding, encoding.ids, spans)
     stages["labels from the tokens at answer edges"] = time.process_time() - start
     return stages
 

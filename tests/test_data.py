@@ -1,25 +1,24 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from bench.common import generate_conversations
 from sft.data import (
     IGNORE_INDEX,
     DataError,
-    _labels_from_offsets,
-    _labels_of_encoding,
-    _spans_by_markers,
-    _spans_by_prefixes,
-    _tokenize_pieces,
     label_spans,
     label_spans_many,
+    labels_from_offsets,
+    labels_of_encoding,
     load_conversations,
     make_collator,
+    spans_by_prefixes,
     tokenize_conversation,
     tokenize_conversations,
+    tokenize_pieces,
 )
 
 LLAMA3_TEMPLATE = (
@@ -35,6 +34,25 @@ MULTI_TURN = [
     {"role": "user", "content": "你好吗？"},
     {"role": "assistant", "content": "很好。"},
 ]
+
+
+WORDS = "the cat river model garden question answer story bridge 问题 天气 中文 1 42 , . !".split()
+
+
+def generate_conversations(count: int, seed: int, high: int) -> list[list[dict]]:
+    """Multi-turn chats (1-4 turns, some with a system message) of up to about `high` words."""
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": "You are a careful assistant."}] if rng.random() < 0.3 else []
+        turns = rng.randint(1, 4)
+        share = max(2, rng.randint(10, high) // turns)
+        for _ in range(turns):
+            user = max(1, share // 3)
+            messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=user))})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=max(1, share - user)))})
+        conversations.append(messages)
+    return conversations
 
 
 def write(path: Path, content: str) -> Path:
@@ -306,8 +324,8 @@ def test_labelling_by_one_marked_render_equals_rendering_prefixes(tokenizer, tem
         if train_on == "last_assistant":
             turns_of = [turns[-1:] for turns in turns_of]
         texts = [text for text, _ in rendered]
-        by_markers = _spans_by_markers(templated, conversations, turns_of, texts)
-        expected = _spans_by_prefixes(templated, conversations, turns_of, texts, by_markers)
+        # The oracle renders prefixes alone (no marker spans to fall back on).
+        expected = spans_by_prefixes(templated, conversations, turns_of, texts)
         assert [spans for _, spans in rendered] == expected
 
 
@@ -345,14 +363,14 @@ def test_labels_from_edge_tokens_equal_labels_from_all_offsets(tokenizer):
     rendered.append(("trimmed ,  spaces   here", [(7, 16), (17, 24)]))
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
     for encoding, (_, spans) in zip(encodings, rendered):
-        expected = _labels_from_offsets(encoding.ids, encoding.offsets, spans)
-        assert _labels_of_encoding(encoding, encoding.ids, spans) == expected
+        expected = labels_from_offsets(encoding.ids, encoding.offsets, spans)
+        assert labels_of_encoding(encoding, encoding.ids, spans) == expected
 
 
 def test_piecewise_tokenisation_matches_offsets(tokenizer):
     # The path for tokenizers without offsets (Qwen-1's tiktoken one) labels the same tokens here.
     text, spans = label_spans(tokenizer, MULTI_TURN)
-    input_ids, labels = _tokenize_pieces(tokenizer, text, spans)
+    input_ids, labels = tokenize_pieces(tokenizer, text, spans)
     tokenized = tokenize_conversation(tokenizer, MULTI_TURN, max_length=512)
     assert (input_ids, labels) == (tokenized.input_ids, tokenized.labels)
 
@@ -411,3 +429,14 @@ def test_collator_pads_to_the_longest_sample_only(tokenizer):
     assert batch["attention_mask"][1, short:].sum() == 0
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
     assert make_collator(tokenizer, pad_to_length=256)(rows)["input_ids"].shape == (2, 256)
+
+
+def test_data_errors_are_user_errors_and_still_value_errors(tokenizer, tmp_path):
+    from sft.data import NothingToTrainError, TemplateRefusal
+    from sft.errors import UserError
+    from sft.packing import PackingError
+
+    for error in (DataError, TemplateRefusal, NothingToTrainError, PackingError):
+        assert issubclass(error, UserError) and issubclass(error, ValueError)
+    with pytest.raises(NothingToTrainError, match="no train sample is left"):
+        tokenize_conversations([MULTI_TURN], tokenizer, max_length=4, drop_long=True, cache_dir=tmp_path)

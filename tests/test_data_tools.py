@@ -1,4 +1,4 @@
-"""Tool calling, template refusals and the learned stop (sft/data.py): reading both data formats, labels under
+"""Tool calling, template refusals and the learned stop (sft/data/): reading both data formats, labels under
 Qwen2.5-, Llama-3.1- and Mistral-style templates (written here after how those templates behave), errors."""
 
 from __future__ import annotations

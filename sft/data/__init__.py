@@ -1,0 +1,114 @@
+"""Reading, checking, labelling and tokenising chat fine-tuning data: the data pipeline, one module per stage.
+
+Every entry point (finetune.py, merge_lora.py, run_gptq.py, the demos) goes through this package, so a data file
+means the same thing everywhere:
+
+1. `reading`: a JSON list or JSONL file into records with their place ("line N", "sample N");
+2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, with tools) checked and turned into
+   messages, a `DataError` naming file, place and field otherwise (`load_conversations` does 1 and 2);
+3. `templates`: a conversation rendered with the tokenizer's chat template, what the template refuses;
+4. `profile`, `spans`, `labels`: the template profile (once per template) chooses how answers are found; each
+   conversation's trained spans, checked for prompt leaks, with a stop token where the template writes none;
+5. `tokenizing`: token ids and labels of labelled texts, truncated or dropped by length;
+6. `cache`: whole data sets through `datasets.map`, cached on disk (`tokenize_conversations`);
+7. `collate`: padded batches.
+
+Every public name is importable from `sft.data` itself.
+"""
+
+from sft.data.cache import CACHE_FORMAT, NothingToTrainError, tokenize_conversations
+from sft.data.collate import make_collator
+from sft.data.formats import (
+    ALPACA_KEYS,
+    ROLE_NAMES,
+    TOOLS_ROLE,
+    Conversation,
+    Message,
+    TrainOn,
+    load_conversations,
+    load_tools,
+    parse_record,
+    record_format,
+)
+from sft.data.labels import IGNORE_INDEX, add_stops, label_many, label_spans, label_spans_many, repeated_prompt
+from sft.data.profile import TemplateProfile, compute_profile, template_profile
+from sft.data.reading import Conversations, DataError, read_records
+from sft.data.spans import ANSWER_CLOSE, ANSWER_OPEN, spans_by_generation, spans_by_markers, spans_by_prefixes
+from sft.data.templates import (
+    CHATML_TEMPLATE,
+    TemplateRefusal,
+    assistant_header,
+    chat_template_of,
+    end_of_turn,
+    fold_system_message,
+    missing_tool_text,
+    render,
+    render_for_training,
+    render_many,
+    split_tools,
+    template_overhead,
+    try_render_many,
+    with_tools,
+)
+from sft.data.tokenizing import (
+    Tokenized,
+    labels_from_offsets,
+    labels_of_encoding,
+    tokenize_conversation,
+    tokenize_many,
+    tokenize_pieces,
+)
+
+__all__ = [
+    "ALPACA_KEYS",
+    "ANSWER_CLOSE",
+    "ANSWER_OPEN",
+    "CACHE_FORMAT",
+    "CHATML_TEMPLATE",
+    "IGNORE_INDEX",
+    "ROLE_NAMES",
+    "TOOLS_ROLE",
+    "Conversation",
+    "Conversations",
+    "DataError",
+    "Message",
+    "NothingToTrainError",
+    "TemplateProfile",
+    "TemplateRefusal",
+    "Tokenized",
+    "TrainOn",
+    "add_stops",
+    "assistant_header",
+    "chat_template_of",
+    "compute_profile",
+    "end_of_turn",
+    "fold_system_message",
+    "label_many",
+    "label_spans",
+    "label_spans_many",
+    "labels_from_offsets",
+    "labels_of_encoding",
+    "load_conversations",
+    "load_tools",
+    "make_collator",
+    "missing_tool_text",
+    "parse_record",
+    "read_records",
+    "record_format",
+    "render",
+    "render_for_training",
+    "render_many",
+    "repeated_prompt",
+    "spans_by_generation",
+    "spans_by_markers",
+    "spans_by_prefixes",
+    "split_tools",
+    "template_overhead",
+    "template_profile",
+    "tokenize_conversation",
+    "tokenize_conversations",
+    "tokenize_many",
+    "tokenize_pieces",
+    "try_render_many",
+    "with_tools",
+]

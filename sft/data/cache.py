@@ -1,0 +1,159 @@
+"""Stage 6 of the data pipeline, whole data sets: every conversation tokenised and labelled through
+`datasets.map` (batched, multi-process) and cached on disk under a key of the conversations, the tokenizer and the
+options, so that an unchanged rerun skips tokenisation.
+
+The template profile is computed once (`sft.data.profile`, which logs it), before the map, and handed to every
+batch: the batch size and the number of processes change how the work is split, never a label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from sft.data.formats import Conversation, TrainOn
+from sft.data.profile import TemplateProfile, template_profile
+from sft.data.reading import DataError
+from sft.data.templates import TemplateRefusal, chat_template_of
+from sft.data.tokenizing import tokenize_many
+from sft.errors import UserError
+
+logger = logging.getLogger("sft.data")
+
+
+class NothingToTrainError(UserError, ValueError):
+    """No sample of a data set is left to train on (all too long, or with no trained token)."""
+
+
+def _tokenize_batch(
+    batch: dict,
+    indices: list[int],
+    tokenizer,
+    max_length: int,
+    train_on: TrainOn,
+    drop_long: bool,
+    fold_system: bool,
+    profile: TemplateProfile,
+) -> dict:
+    conversations = [json.loads(messages) for messages in batch["messages"]]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "folded": []}
+    try:
+        tokenized_many = tokenize_many(tokenizer, conversations, max_length, train_on, drop_long, fold_system, profile)
+    except TemplateRefusal as error:  # name the sample by its index in the whole data set
+        raise TemplateRefusal(indices[error.index], error.message) from None
+    for tokenized in tokenized_many:
+        out["input_ids"].append(tokenized.input_ids)
+        out["labels"].append(tokenized.labels)
+        out["length"].append(len(tokenized.input_ids))
+        out["status"].append(tokenized.status)
+        out["folded"].append(tokenized.folded)
+    return out
+
+
+# Part of every cache key: raised when what tokenisation writes changes (2: eos after unmarked answers, the
+# "folded" column; 3: one labelling story, with stops and checks under --train_on all too), so that no older cache
+# file is read as a new one.
+CACHE_FORMAT = 3
+
+
+def _fingerprint(records: list[str], tokenizer, max_length: int, train_on: str, drop_long: bool, *more: Any) -> str:
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(record.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = (CACHE_FORMAT, vocabulary, chat_template_of(tokenizer), type(tokenizer).__name__, max_length, train_on)
+    parts += (drop_long, *more)
+    for part in parts:
+        digest.update(str(part).encode())
+    return digest.hexdigest()[:24]
+
+
+def tokenize_conversations(
+    conversations: list[Conversation],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    train_on: TrainOn = "assistant",
+    drop_long: bool = False,
+    num_proc: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    description: str = "train",
+    fold_system: bool = True,
+) -> tuple[datasets.Dataset, Counter]:
+    """Tokenised, labelled data set (columns input_ids, labels, length) and the count of each sample's fate
+    ("ok", "truncated", "dropped_too_long", "dropped_no_label"), which is also logged.
+
+    Results are cached in `cache_dir` (default: the datasets cache) under a hash of the conversations, the
+    tokenizer and the options, so an unchanged rerun skips tokenisation.
+
+    A conversation the chat template refuses is a `DataError` naming its file and line or sample (when the
+    conversations come from `load_conversations`), and the template's message. Where the template refuses
+    only the system message and `fold_system`, the system text goes into the first user message instead.
+    """
+    cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Each conversation as one JSON string: Arrow stores and hands back strings far faster than nested lists of
+    # dicts, and the same strings make the cache key.
+    records = [json.dumps(messages, ensure_ascii=False) for messages in conversations]
+    fingerprint = _fingerprint(records, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
+    dataset = datasets.Dataset.from_dict({"messages": records})
+    profile = template_profile(tokenizer)  # once, here: the batches and processes of the map all get this one
+    options = dict(
+        tokenizer=tokenizer,
+        max_length=max_length,
+        train_on=train_on,
+        drop_long=drop_long,
+        fold_system=fold_system,
+        profile=profile,
+    )
+    try:
+        dataset = dataset.map(
+            _tokenize_batch,
+            batched=True,
+            with_indices=True,
+            num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > 1 else None,
+            remove_columns=["messages"],
+            fn_kwargs=options,
+            cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
+            new_fingerprint=fingerprint,
+            desc=f"Tokenising {description} data",
+        )
+    except TemplateRefusal as error:
+        wheres = getattr(conversations, "wheres", None)
+        path = getattr(conversations, "path", f"{description} data")
+        raise DataError(path, wheres[error.index] if wheres else f"sample {error.index}", None, error.message) from None
+    folded = sum(dataset["folded"])
+    if folded:
+        logger.info(
+            "%s data: the chat template refuses a system message; in %d samples its text was put at the start of "
+            "the first user message instead (--fold_system_prompt false makes this an error)",
+            description,
+            folded,
+        )
+    counts = Counter(dataset["status"])
+    kept = counts["ok"] + counts["truncated"]
+    logger.info(
+        "%s data: %d samples kept; %d truncated to model_max_length=%d; %d dropped as longer than it "
+        "(--drop_long_samples); %d dropped with no trainable token left",
+        description,
+        kept,
+        counts["truncated"],
+        max_length,
+        counts["dropped_too_long"],
+        counts["dropped_no_label"],
+    )
+    if kept == 0:
+        raise NothingToTrainError(
+            f"no {description} sample is left to train on: {dict(counts)} (raise --model_max_length?)"
+        )
+    if kept < len(dataset):
+        dataset = dataset.select([k for k, status in enumerate(dataset["status"]) if status in ("ok", "truncated")])
+    return dataset.remove_columns(["status", "folded"]), counts
