@@ -27,6 +27,8 @@ from typing import Any, Literal
 import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from sft.errors import ConfigurationError, UserError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -67,7 +69,7 @@ ROLE_NAMES = {
 ALPACA_KEYS = ("instruction", "input", "output", "system")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in a data file, with where it is: file, line or sample, and field."""
 
     def __init__(self, path: str | os.PathLike, where: str, field: str | None, message: str):
@@ -1051,7 +1053,9 @@ def tokenize_conversations(
         counts["dropped_no_label"],
     )
     if kept == 0:
-        raise ValueError(f"no {description} sample is left to train on: {dict(counts)} (raise --model_max_length?)")
+        raise ConfigurationError(
+            f"no {description} sample is left to train on: {dict(counts)} (raise --model_max_length?)"
+        )
     if kept < len(dataset):
         dataset = dataset.select([k for k, status in enumerate(dataset["status"]) if status in ("ok", "truncated")])
     return dataset.remove_columns(["status", "folded"]), counts

@@ -20,7 +20,10 @@ are kept unless --overwrite_report is given.
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import json
@@ -35,12 +38,13 @@ from typing import Literal
 
 import datasets
 import numpy as np
-from transformers import HfArgumentParser, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from sft.args import DataArguments, LoraArguments, ModelArguments, parse_dataclasses
+from sft.args import TrainingArguments as FinetuneTrainingArguments
 from sft.data import (
     IGNORE_INDEX,
     Conversation,
-    DataError,
     load_conversations,
     read_records,
     record_format,
@@ -48,16 +52,11 @@ from sft.data import (
     tokenize_conversations,
     tokenize_many,
 )
+from sft.errors import ConfigurationError, run_main
 from sft.modeling import load_tokenizer
 from sft.packing import pack_dataset
 from sft.plots import length_histogram_figure, save_figure
-
-# finetune.py lives at the repository root, next to this package: its argument dataclasses are the flags.
-REPOSITORY = str(Path(__file__).resolve().parents[1])
-if REPOSITORY not in sys.path:
-    sys.path.append(REPOSITORY)
-from finetune import DataArguments, LoraArguments, ModelArguments  # noqa: E402
-from finetune import TrainingArguments as FinetuneTrainingArguments  # noqa: E402
+from sft.qwen1 import resolve_model_path
 
 REPORT_FILES = ("data_report.txt", "data_report.json", "data_lengths.png")
 FORMAT_NAMES = {"qwen": "Qwen 'conversations'", "chatml": "ChatML 'messages'", "alpaca": "alpaca", "unknown": "?"}
@@ -101,17 +100,9 @@ class InspectTrainingArguments(FinetuneTrainingArguments):
 def parse_arguments(
     argv: list[str],
 ) -> tuple[ModelArguments, DataArguments, FinetuneTrainingArguments, InspectArguments]:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments, InspectArguments)
-    )
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
-        config = HfArgumentParser((ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments))
-        path = os.path.abspath(argv[0])
-        load = config.parse_json_file if argv[0].endswith(".json") else config.parse_yaml_file
-        model_args, data_args, training_args, _ = load(path)
-        (inspect_args,) = HfArgumentParser(InspectArguments).parse_args_into_dataclasses(argv[1:])
-        return model_args, data_args, training_args, inspect_args
-    model_args, data_args, training_args, _, inspect_args = parser.parse_args_into_dataclasses(argv)
+    """finetune.py's arguments (flags, or its config file then flags) and inspect's own flags."""
+    dataclass_types = (ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments, InspectArguments)
+    model_args, data_args, training_args, _, inspect_args = parse_dataclasses(dataclass_types, argv)
     return model_args, data_args, training_args, inspect_args
 
 
@@ -215,16 +206,22 @@ def inspect_data(
     world_size: int = 1,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Inspection:
-    """finetune.py's preprocessing of --data_path, and what it did to each sample. Raises DataError or
-    ValueError for what finetune.py would refuse."""
+    """finetune.py's preprocessing of --data_path, and what it did to each sample. Raises a UserError for what
+    finetune.py would refuse."""
     max_length = training_args.model_max_length
     conversations = load_conversations(data_args.data_path, data_args.system_prompt)
     origins = read_records(data_args.data_path)  # one per conversation, in the same order
     if tokenizer is None:
-        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code, max_length)
+        path = resolve_model_path(model_args.model_name_or_path)
+        try:
+            tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length)
+        except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
+            raise ConfigurationError(
+                f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})"
+            ) from None
     overhead = template_overhead(tokenizer)
     if max_length <= overhead + 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"--model_max_length {max_length} leaves no room for text: the chat template alone takes {overhead} tokens"
         )
 
@@ -451,23 +448,19 @@ def use_color(choice: str) -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def main(argv: list[str] | None = None) -> Inspection:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    try:
-        model_args, data_args, training_args, inspect_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+def run_inspection(argv: list[str]) -> Inspection:
+    """`python -m sft.inspect` with these arguments: prints the rows and the report, writes the report files.
+    Raises a UserError for what the user can fix."""
+    sft.quiet.setup_logging(logging.WARNING)
+    model_args, data_args, training_args, inspect_args = parse_arguments(argv)
     report_dir = Path(inspect_args.report_dir or training_args.output_dir)
     existing = [report_dir / name for name in REPORT_FILES if (report_dir / name).exists()]
     if existing and not inspect_args.overwrite_report:
-        sys.exit(f"error: {existing[0]} exists: pass --overwrite_report to replace it, or choose another --report_dir")
+        raise ConfigurationError(
+            f"{existing[0]} exists: pass --overwrite_report to replace it, or choose another --report_dir"
+        )
     world_size = inspect_args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        inspection = inspect_data(model_args, data_args, training_args, world_size)
-    except (DataError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:  # no tokenizer at --model_name_or_path
-        sys.exit(f"error: cannot load the tokenizer of {model_args.model_name_or_path}: {error}")
+    inspection = inspect_data(model_args, data_args, training_args, world_size)
 
     color = use_color(inspect_args.color)
     tokenizer = inspection.tokenizer
@@ -485,8 +478,12 @@ def main(argv: list[str] | None = None) -> Inspection:
     for path in write_report(inspection, report_dir):
         print(f"Wrote {path}")
     if inspection.report["kept_samples"] == 0:
-        sys.exit("error: no sample is left to train on (raise --model_max_length?)")
+        raise ConfigurationError("no sample is left to train on (raise --model_max_length?)")
     return inspection
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(lambda: run_inspection(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

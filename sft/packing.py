@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from sft.data import IGNORE_INDEX
+from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ PackingLayout = Literal["rows", "flat"]
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     """Packing was asked for with an attention implementation that would let samples attend to each other."""
 
 

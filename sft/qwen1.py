@@ -10,9 +10,6 @@ identical ids, ChatML template, generation config) kept in a cache, and works on
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
-
-# isort: split
 import argparse
 import hashlib
 import json
@@ -28,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from sft.data import CHATML_TEMPLATE
+from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +101,7 @@ QWEN1_LORA_TARGETS = {
 KEPT_GENERATION_SETTINGS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens")
 
 
-class Qwen1Error(ValueError):
+class Qwen1Error(UserError, ValueError):
     """A Qwen-1 folder that cannot be converted to a native one; the message says which and why."""
 
 
