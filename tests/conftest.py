@@ -11,10 +11,16 @@ from pathlib import Path
 # spin-wait): one thread for the tests and every process they start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sft.quiet  # noqa: E402
+
+# As every script does first: the libraries' known chatter stays out of the tests' output. (No argv of ours to edit.)
+sft.quiet.setup([])
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from scripts.make_tiny_model import build_tiny_model  # noqa: E402
+from sft.args import RunArguments, parse_arguments  # noqa: E402
 from sft.modeling import load_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -22,6 +28,44 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # leans on a non-deterministic kernel; the scripts the tests start as subprocesses are not affected).
 if os.environ.get("SFT_TEST_DETERMINISTIC") == "1":
     torch.use_deterministic_algorithms(True)
+
+
+EXAMPLES = "data/example_chatml.jsonl"
+
+
+def finetune_arguments(*flags: str) -> RunArguments:
+    """The argument objects finetune.py builds from these flags, through its own parser."""
+    return parse_arguments(flags)
+
+
+def train_with_flags(*flags: str):
+    """finetune.train() on the arguments these flags give; returns its Trainer."""
+    import finetune
+
+    return finetune.train(*finetune_arguments(*flags))
+
+
+def quick_run_flags(model: str, output, steps: int = 8) -> list[str]:
+    """Flags of a short, deterministic run on the example data (later flags of the same name override them)."""
+    return [
+        *("--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", str(output)),
+        *("--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", "5e-3"),
+        *("--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0"),
+        *("--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--model_max_length", "256"),
+        *("--dataloader_pin_memory", "false"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def run_finetune():
+    """`run_finetune(*flags)`: a whole finetune.py run in this process, from its flags; returns the Trainer."""
+    return train_with_flags
+
+
+@pytest.fixture(scope="session")
+def common_args():
+    """`common_args(model, output, steps=8)`: the flags of a short run on the example data."""
+    return quick_run_flags
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +93,12 @@ def tokenizer(tiny_model: str):
 @pytest.fixture(scope="session")
 def chat_adapter(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A LoRA adapter folder of the tiny model, written by finetune.py (a few steps on the example data)."""
-    import sys
-
-    import finetune
-
     output = tmp_path_factory.mktemp("chat") / "lora"
     args = ["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl"]
     args += ["--output_dir", str(output), "--use_lora", "--lora_r", "8", "--lora_alpha", "16", "--max_steps", "6"]
     args += ["--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--save_strategy", "no"]
     args += ["--report_to", "none", "--seed", "0", "--model_max_length", "128", "--dataloader_pin_memory", "false"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["finetune.py", *args])
-        finetune.train()
+    train_with_flags(*args)
     return str(output)
 
 
