@@ -132,6 +132,8 @@ def train(
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
+    if checkpoint:
+        logger.info("Resuming from %s (pass --start_over to ignore it)", checkpoint)
     result = train_until_done(trainer, checkpoint, training_args.output_dir)
 
     # 7. The final model or adapter, with what made it.

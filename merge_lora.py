@@ -12,7 +12,10 @@ rendered samples are compared with those of base + adapter, and the largest diff
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import json
@@ -120,7 +123,7 @@ def merge_dtype(name: str, base: str, trust_remote_code: bool) -> torch.dtype:
 
 def main() -> None:
     (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    sft.quiet.setup_logging(logging.INFO)
     try:
         adapter_config, run_info = read_adapter(args.adapter)
         base = check_base_model(args.base_model or adapter_config.get("base_model_name_or_path"), args.adapter)

@@ -319,8 +319,6 @@ def train_until_done(trainer: FinetuneTrainer, checkpoint: str | None, output_di
 
     preemption = PreemptionHandler()
     trainer.add_callback(preemption)
-    if checkpoint:
-        logger.info("Resuming from %s (pass --start_over to ignore it)", checkpoint)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:

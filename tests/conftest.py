@@ -85,6 +85,36 @@ def eager_gptq_kernels():
         yield
 
 
+# A Qwen2.5-style chat template with tool syntax (the tiny model's ChatML template has none): tool calls in
+# <tool_call> tags, results in a user turn.
+QWEN25_STYLE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{{ messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' }}\n\n"
+    "# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}{% if not tools %}<|im_start|>system\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}"
+    "{%- elif message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}{% if message.content or not loop.first %}{{ '\\n' }}{% endif %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tool_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with the Qwen2.5-style tool template."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-tools"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text(QWEN25_STYLE)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: str):
     return load_tokenizer(tiny_model)
