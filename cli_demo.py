@@ -10,7 +10,10 @@ GPTQ model. The conversation is rendered with the same chat template code as tra
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import argparse

@@ -12,7 +12,10 @@ rendered samples are compared with those of base + adapter, and the largest diff
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import json
@@ -123,7 +126,7 @@ def check_conversations(args: MergeArguments, run_info: dict) -> list[Conversati
 
 def main() -> None:
     (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    sft.quiet.setup_logging(logging.INFO)
     run_info = check_adapter(args.adapter)
     base = check_base_model(args.base_model or adapter_base_model(args.adapter, ", or pass --base_model"))
     check_new_output(args.output, args.overwrite, inputs=(args.adapter, base))

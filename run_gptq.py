@@ -12,7 +12,10 @@ quantised model on held-out samples of the data is printed, with the size of eac
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import json
@@ -130,7 +133,7 @@ def read_data(args: GptqArguments) -> tuple[list[Conversation], list[Conversatio
 
 def main() -> None:
     (args,) = HfArgumentParser(GptqArguments).parse_args_into_dataclasses()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    sft.quiet.setup_logging(logging.INFO)
     if args.bits not in (4, 8):
         raise ConfigurationError(f"--bits must be 4 or 8, got {args.bits}")
     check_new_output(args.out_path, args.overwrite, inputs=(args.model_name_or_path,))

@@ -31,7 +31,10 @@ after each check and cell: split runs, even on different machines, give one repo
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import argparse
@@ -403,16 +406,17 @@ def losses_of(log_history: list[dict]) -> list[tuple[int, float]]:
 
 def check_train(ctx: CheckContext, report: Report, name: str, steps: int, *extra: str) -> None:
     import finetune
+    from sft.args import parse_arguments
+    from sft.errors import RunStopped, UserError
 
     output = ctx.work / name
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        with argv("finetune.py", *ctx.finetune_args(output, steps, *extra)):
-            trainer = finetune.train()
-    except SystemExit as stop:
-        report.check(name, "fail", f"finetune.py exited: {stop.code}")
+        trainer = finetune.train(*parse_arguments(ctx.finetune_args(output, steps, *extra)))
+    except (UserError, RunStopped) as stop:
+        report.check(name, "fail", f"finetune.train() stopped: {stop}")
         return
     seconds = time.perf_counter() - start
     losses = losses_of(trainer.state.log_history)

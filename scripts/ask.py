@@ -7,7 +7,10 @@ Each sample's last assistant turn is the expected answer; everything before it i
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import argparse

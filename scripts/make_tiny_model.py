@@ -10,7 +10,10 @@ ChatML tokens stay untrained). Deterministic for a given seed.
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import argparse

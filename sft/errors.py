@@ -21,15 +21,26 @@ T = TypeVar("T")
 class UserError(Exception):
     """A mistake the user can fix; its message says what and where (file, line or sample, field)."""
 
+    exit_code = USER_ERROR_EXIT_CODE  # a subclass may say more (finetune.py's NaN stop has its own code)
+
 
 class ConfigurationError(UserError, ValueError):
     """Arguments that contradict each other or the machine (a flag without its partner, a missing path)."""
 
 
-def fail(message: str) -> NoReturn:
+class RunStopped(Exception):
+    """A run that stopped early on purpose and said why in its log (a stop requested by a signal): the process
+    ends with `exit_code`, without an error line."""
+
+    def __init__(self, exit_code: int, message: str = ""):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail(message: str, exit_code: int = USER_ERROR_EXIT_CODE) -> NoReturn:
     """Stops the process the way `run_main` does for a UserError (for code outside any `run_main`)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT_CODE)
+    sys.exit(exit_code)
 
 
 def run_main(main: Callable[[], T]) -> T:
@@ -37,7 +48,9 @@ def run_main(main: Callable[[], T]) -> T:
     try:
         return main()
     except UserError as error:
-        fail(str(error))
+        fail(str(error), error.exit_code)
+    except RunStopped as stopped:
+        sys.exit(stopped.exit_code)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)

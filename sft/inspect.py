@@ -20,7 +20,10 @@ are kept unless --overwrite_report is given.
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
+import sft.quiet
+
+if __name__ == "__main__":
+    sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
 import json
@@ -35,12 +38,13 @@ from typing import Literal
 
 import datasets
 import numpy as np
-from transformers import HfArgumentParser, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from sft.args import DataArguments, LoraArguments, ModelArguments, parse_dataclasses
+from sft.args import TrainingArguments as FinetuneTrainingArguments
 from sft.data import (
     IGNORE_INDEX,
     Conversation,
-    DataError,
     load_conversations,
     read_records,
     record_format,
@@ -48,25 +52,14 @@ from sft.data import (
     tokenize_conversations,
     tokenize_many,
 )
+from sft.errors import ConfigurationError, run_main
+from sft.inspect_view import FATES, format_report, render_row, trained_count, use_color
 from sft.modeling import load_tokenizer
 from sft.packing import pack_dataset
 from sft.plots import length_histogram_figure, save_figure
-
-# finetune.py lives at the repository root, next to this package: its argument dataclasses are the flags.
-REPOSITORY = str(Path(__file__).resolve().parents[1])
-if REPOSITORY not in sys.path:
-    sys.path.append(REPOSITORY)
-from finetune import DataArguments, LoraArguments, ModelArguments  # noqa: E402
-from finetune import TrainingArguments as FinetuneTrainingArguments  # noqa: E402
+from sft.qwen1 import resolve_model_path
 
 REPORT_FILES = ("data_report.txt", "data_report.json", "data_lengths.png")
-FORMAT_NAMES = {"qwen": "Qwen 'conversations'", "chatml": "ChatML 'messages'", "alpaca": "alpaca", "unknown": "?"}
-FATES = {
-    "ok": "fit",
-    "truncated": "truncated to --model_max_length",
-    "dropped_too_long": "dropped: longer than --model_max_length (--drop_long_samples)",
-    "dropped_no_label": "dropped: no trained token left",
-}
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
@@ -101,28 +94,15 @@ class InspectTrainingArguments(FinetuneTrainingArguments):
 def parse_arguments(
     argv: list[str],
 ) -> tuple[ModelArguments, DataArguments, FinetuneTrainingArguments, InspectArguments]:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments, InspectArguments)
-    )
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
-        config = HfArgumentParser((ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments))
-        path = os.path.abspath(argv[0])
-        load = config.parse_json_file if argv[0].endswith(".json") else config.parse_yaml_file
-        model_args, data_args, training_args, _ = load(path)
-        (inspect_args,) = HfArgumentParser(InspectArguments).parse_args_into_dataclasses(argv[1:])
-        return model_args, data_args, training_args, inspect_args
-    model_args, data_args, training_args, _, inspect_args = parser.parse_args_into_dataclasses(argv)
+    """finetune.py's arguments (flags, or its config file then flags) and inspect's own flags."""
+    dataclass_types = (ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments, InspectArguments)
+    model_args, data_args, training_args, _, inspect_args = parse_dataclasses(dataclass_types, argv)
     return model_args, data_args, training_args, inspect_args
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Looking at the data
 # ----------------------------------------------------------------------------------------------------------
-
-
-def trained_count(labels: list[int]) -> int:
-    """Tokens whose label the loss sees: the model shifts labels by one, so a row's first label never counts."""
-    return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
 @dataclass
@@ -215,16 +195,22 @@ def inspect_data(
     world_size: int = 1,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Inspection:
-    """finetune.py's preprocessing of --data_path, and what it did to each sample. Raises DataError or
-    ValueError for what finetune.py would refuse."""
+    """finetune.py's preprocessing of --data_path, and what it did to each sample. Raises a UserError for what
+    finetune.py would refuse."""
     max_length = training_args.model_max_length
     conversations = load_conversations(data_args.data_path, data_args.system_prompt)
     origins = read_records(data_args.data_path)  # one per conversation, in the same order
     if tokenizer is None:
-        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code, max_length)
+        path = resolve_model_path(model_args.model_name_or_path)
+        try:
+            tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length)
+        except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
+            raise ConfigurationError(
+                f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})"
+            ) from None
     overhead = template_overhead(tokenizer)
     if max_length <= overhead + 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"--model_max_length {max_length} leaves no room for text: the chat template alone takes {overhead} tokens"
         )
 
@@ -317,120 +303,6 @@ def _assistant_turns(messages: Conversation) -> int:
     return sum(message.get("role") == "assistant" for message in messages)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Printing
-# ----------------------------------------------------------------------------------------------------------
-
-RESET = "\033[0m"
-TRAINED_SHADES = ("\033[30;42m", "\033[30;102m")  # black on green, black on light green: alternate per token
-PLAIN_SHADES = ("\033[37m", "\033[90m")  # light grey, dark grey
-SPECIAL = "\033[1;4m"  # bold, underlined
-
-
-def token_pieces(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> list[tuple[int, int, str]]:
-    """(first token, end token, text) pieces covering `input_ids`: one token each, or a few where a character
-    spans tokens. Each piece is decoded after a few tokens of context, so that tokenizers that decode a lone
-    token differently (sentencepiece drops its leading space) still give the text as it reads."""
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    pieces = []
-    start = 0
-    for end in range(1, len(input_ids) + 1):
-        context = max(0, start - 4)
-        text = decode(input_ids[context:end])
-        if text.endswith("\ufffd") and end < len(input_ids):
-            continue  # part of a character: wait for the rest
-        before = decode(input_ids[context:start])
-        pieces.append((start, end, text[len(before) :] if text.startswith(before) else text))
-        start = end
-    return pieces
-
-
-def render_row(
-    tokenizer: PreTrainedTokenizerBase,
-    input_ids: list[int],
-    labels: list[int],
-    position_ids: list[int] | None = None,
-    color: bool = False,
-) -> str:
-    """The row's text, token by token, with its trained tokens highlighted: colours when `color`, else
-    [[...]] around each run of trained tokens. Newlines show as ↵; packed samples are separated by a line."""
-    special_ids = set(tokenizer.all_special_ids)
-    out = []
-    in_trained = False
-    for n, (start, end, text) in enumerate(token_pieces(tokenizer, input_ids)):
-        if position_ids is not None and start > 0 and 0 in position_ids[start:end]:
-            if in_trained and not color:
-                out.append("]]")
-                in_trained = False
-            out.append(f"\n{'-' * 20} next packed sample {'-' * 20}\n")
-        # A row's first label is never trained (the model shifts labels by one), whatever it holds.
-        trained = any(labels[i] != IGNORE_INDEX for i in range(max(start, 1), end))
-        shown = text.replace("\n", "↵\n")
-        if color:
-            shade = (TRAINED_SHADES if trained else PLAIN_SHADES)[n % 2]
-            special = SPECIAL if any(i in special_ids for i in input_ids[start:end]) else ""
-            # The colour is closed before each newline, so a trained newline does not paint the rest of the line.
-            out.append("\n".join(f"{shade}{special}{line}{RESET}" if line else "" for line in shown.split("\n")))
-        else:
-            if trained != in_trained:
-                out.append("[[" if trained else "]]")
-                in_trained = trained
-            out.append(shown)
-    if in_trained and not color:
-        out.append("]]")
-    return "".join(out)
-
-
-def format_report(report: dict) -> str:
-    r = report
-    lines = [f"Data: {r['data_path']} ({r['samples']} samples), tokenizer of {r['model']}"]
-    lines.append(
-        "  formats:        " + ", ".join(f"{FORMAT_NAMES.get(k, k)} {v}" for k, v in sorted(r["formats"].items()))
-    )
-    lines.append(
-        f"  turns:          {r['messages']} messages, {r['assistant_turns']} assistant turns "
-        f"({r['messages'] / max(1, r['samples']):.1f} messages per sample)"
-    )
-    percentiles = ", ".join(f"{k} {v:.0f}" for k, v in r["length_percentiles"].items())
-    lines.append(f"  length:         mean {r['length_mean']:.0f} tokens; {percentiles} (before truncation)")
-    lines.append(f"Preprocessing (--model_max_length {r['model_max_length']}, --train_on {r['train_on']}):")
-    for fate, text in FATES.items():
-        count = r["fates"][fate]
-        if fate == "ok" or count:
-            lines.append(f"  {count:>6} {text}")
-    if r["fates"]["truncated"]:
-        lines.append(
-            f"         truncation cuts {r['tokens_cut_by_truncation']} tokens, "
-            f"{r['trained_tokens_cut_by_truncation']} of them trained"
-        )
-    share = r["trained_tokens"] / max(1, r["tokens"])
-    lines.append(
-        f"  kept:           {r['kept_samples']} samples, {r['tokens']} tokens, "
-        f"{r['trained_tokens']} trained ({share:.0%})"
-    )
-    if r["packing"]:
-        p = r["packing"]
-        lines.append(
-            f"  packing:        {p['rows']} rows of up to {r['model_max_length']} tokens, "
-            f"{p['samples_per_row']:.1f} samples per row, {p['efficiency']:.1%} of the rows' room is real tokens"
-        )
-    unit = "packed rows" if r["packing"] else "samples"
-    lines.append(
-        f"Batches: {r['per_device_train_batch_size']} {unit} x {r['gradient_accumulation_steps']} accumulation "
-        f"x {r['world_size']} process(es) = {r['rows_per_step']} {unit} per optimizer step"
-    )
-    total = (
-        f"--max_steps {r['max_steps']} ({r['max_steps'] / r['steps_per_epoch']:.1f} epochs)"
-        if r["max_steps"] > 0
-        else f"{r['total_steps']} steps in {r['num_train_epochs']:g} epoch(s)"
-    )
-    lines.append(f"  {r['steps_per_epoch']} optimizer steps per epoch; {total}")
-    return "\n".join(lines)
-
-
 def write_report(inspection: Inspection, report_dir: Path) -> list[Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     text, data, picture = (report_dir / name for name in REPORT_FILES)
@@ -445,29 +317,19 @@ def write_report(inspection: Inspection, report_dir: Path) -> list[Path]:
     return [text, data, picture]
 
 
-def use_color(choice: str) -> bool:
-    if choice != "auto":
-        return choice == "always"
-    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-
-
-def main(argv: list[str] | None = None) -> Inspection:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    try:
-        model_args, data_args, training_args, inspect_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+def run_inspection(argv: list[str]) -> Inspection:
+    """`python -m sft.inspect` with these arguments: prints the rows and the report, writes the report files.
+    Raises a UserError for what the user can fix."""
+    sft.quiet.setup_logging(logging.WARNING)
+    model_args, data_args, training_args, inspect_args = parse_arguments(argv)
     report_dir = Path(inspect_args.report_dir or training_args.output_dir)
     existing = [report_dir / name for name in REPORT_FILES if (report_dir / name).exists()]
     if existing and not inspect_args.overwrite_report:
-        sys.exit(f"error: {existing[0]} exists: pass --overwrite_report to replace it, or choose another --report_dir")
+        raise ConfigurationError(
+            f"{existing[0]} exists: pass --overwrite_report to replace it, or choose another --report_dir"
+        )
     world_size = inspect_args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        inspection = inspect_data(model_args, data_args, training_args, world_size)
-    except (DataError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:  # no tokenizer at --model_name_or_path
-        sys.exit(f"error: cannot load the tokenizer of {model_args.model_name_or_path}: {error}")
+    inspection = inspect_data(model_args, data_args, training_args, world_size)
 
     color = use_color(inspect_args.color)
     tokenizer = inspection.tokenizer
@@ -485,8 +347,12 @@ def main(argv: list[str] | None = None) -> Inspection:
     for path in write_report(inspection, report_dir):
         print(f"Wrote {path}")
     if inspection.report["kept_samples"] == 0:
-        sys.exit("error: no sample is left to train on (raise --model_max_length?)")
+        raise ConfigurationError("no sample is left to train on (raise --model_max_length?)")
     return inspection
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(lambda: run_inspection(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

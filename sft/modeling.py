@@ -19,7 +19,6 @@ from transformers import (
 
 from sft.data import CHATML_TEMPLATE
 from sft.errors import ConfigurationError, UserError
-from sft.qwen1 import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +124,8 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The model's tokenizer, right-padded, with a pad token and a chat template (ChatML if it has none).
 
-    A Qwen-1 model's comes from its native conversion (sft.qwen1), as does its model in load_model."""
-    path = resolve_model_path(path)
+    `path` is already resolved: a Qwen-1 model's native conversion (sft.qwen1.resolve_model_path), as in load_model.
+    """
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -189,7 +188,6 @@ def load_model(
     device_map: dict | str | None = None,
 ) -> PreTrainedModel:
     """A causal LM; a quantised one goes on this process's GPU when there is one (bitsandbytes needs that)."""
-    path = resolve_model_path(path)
     if device_map is None and quantization is not None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     logger.info("Loading %s (%s%s)", path, dtype, f", {quantization.quant_method} quantised" if quantization else "")

@@ -1,10 +1,14 @@
-"""Writing output folders whole or not at all."""
+"""Writing output folders and files whole or not at all: written under a temporary name next to where they go
+(same file system), then renamed into place. Every script's outputs go through here: final models, checkpoints,
+Qwen-1 conversions, pictures."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sft.errors import ConfigurationError, UserError
@@ -16,7 +20,17 @@ RUN_INFO_FILE = "finetune_run.json"
 def read_run_info(folder: str | os.PathLike) -> dict | None:
     """What finetune.py recorded in `folder` (a final output or a checkpoint), or None where it recorded nothing."""
     path = Path(folder, RUN_INFO_FILE)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as error:  # a file edited by hand, or cut short by a full disk
+        raise ConfigurationError(
+            f"{path}: not a valid run record ({error}); restore or delete it, or choose another --output_dir"
+        ) from None
+    if not isinstance(info, dict):
+        raise ConfigurationError(f"{path}: not a valid run record (a JSON object expected); delete it")
+    return info
 
 
 def write_run_info(folder: str | os.PathLike, run_info: dict) -> None:
@@ -69,12 +83,23 @@ def check_new_output(
         raise OutputFolderError(f"{destination} is not empty: choose another folder or pass --overwrite")
 
 
+def staging_path(destination: str | os.PathLike) -> Path:
+    """Where `destination` is written before it is renamed into place: next to it, hidden."""
+    destination = Path(destination)
+    return destination.parent / f".{destination.name}.tmp"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def staging_folder(destination: str | os.PathLike) -> Path:
     """A fresh, empty folder next to `destination` (same file system, so moving it into place is a rename)."""
-    destination = Path(destination)
-    staging = destination.parent / f".{destination.name}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = staging_path(destination)
+    _remove(staging)  # what a killed run left behind
     staging.mkdir(parents=True)
     return staging
 
@@ -92,3 +117,26 @@ def replace_folder(staging: str | os.PathLike, destination: str | os.PathLike) -
     if old.exists():
         shutil.rmtree(old)
     return destination
+
+
+@contextmanager
+def written_whole(destination: str | os.PathLike, folder: bool = True) -> Iterator[Path]:
+    """A temporary path to write `destination` into: a fresh empty folder (or, with folder=False, a file path not
+    yet written). When the block ends it is renamed onto `destination`, replacing what was there; when the block
+    raises, it is deleted and `destination` is left as it was."""
+    destination = Path(destination)
+    if folder:
+        staging = staging_folder(destination)
+    else:
+        staging = staging_path(destination)
+        _remove(staging)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+        if folder:
+            replace_folder(staging, destination)
+        else:
+            os.replace(staging, destination)
+    finally:
+        if staging.exists() or staging.is_symlink():
+            _remove(staging)

@@ -12,14 +12,14 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display needed, and none is opened on a training node
+# Figures made directly, not through pyplot: they need no backend and no display (none on a training node), so
+# nothing here touches matplotlib's global backend or pyplot's list of open figures.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sft.outputs import written_whole
 
 TRAINING_CURVES_FILE = "training_curves.png"
 PLOTTED_KEY = "Plotted data"
@@ -33,7 +33,8 @@ def training_curves_figure(log_history: list[dict]) -> Figure:
         "eval loss": [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry],
         "learning rate": [(entry["step"], entry["learning_rate"]) for entry in log_history if "learning_rate" in entry],
     }
-    figure, (loss_axes, lr_axes) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
+    figure = Figure(figsize=(7, 5))
+    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     for name, marker in (("train loss", "."), ("eval loss", "o")):
         if series[name]:
             steps, values = zip(*series[name])
@@ -67,7 +68,8 @@ def length_histogram_figure(
     # One edge half a token above max_length: no bar mixes samples that fit with samples that do not.
     first = max_length + 0.5 - width * math.ceil((max_length + 0.5) / width)
     edges = np.arange(first, largest + width + 1, width)
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     present = {fate: lengths for fate, lengths in lengths_by_fate.items() if lengths}
     if present:
         axes.hist(
@@ -108,18 +110,13 @@ def _figure_data(figure: Figure) -> dict:
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
-    """Writes the figure as a PNG (into a temporary file renamed into place, so a reader never finds half a
-    picture), with the plotted values in its `PLOTTED_KEY` text chunk; closes the figure."""
+    """Writes the figure as a PNG (whole or not at all: a reader never finds half a picture), with the plotted
+    values in its `PLOTTED_KEY` text chunk."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        # NaN (a skipped non-finite step) is written as null: JSON has no NaN.
-        plotted = json.dumps(_figure_data(figure), allow_nan=True).replace("NaN", "null")
+    # NaN (a skipped non-finite step) is written as null: JSON has no NaN.
+    plotted = json.dumps(_figure_data(figure), allow_nan=True).replace("NaN", "null")
+    with written_whole(path, folder=False) as temporary:
         figure.savefig(temporary, format="png", dpi=100, metadata={PLOTTED_KEY: plotted})
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -1,4 +1,7 @@
-"""Keeps other libraries' known-harmless chatter out of what our scripts print. Imported first by every entry point.
+"""Keeps other libraries' known-harmless chatter out of what our scripts print, and sets up our own log lines.
+
+Importing this module changes nothing. Every entry point calls `setup()` in its first lines, before it imports the
+libraries (some talk while being imported), and `setup_logging()` once it knows how much to log.
 
 Each message silenced here is named precisely (a logger and the start of the message, or a warning's text and
 category); everything else, our own errors and the libraries' other warnings included, gets through. Nothing is
@@ -17,8 +20,9 @@ redirected. What is silenced, and why it is harmless:
 - FutureWarning "`is_gradient_checkpointing` is deprecated" (peft asks transformers for it) and torch's
   "'pin_memory' argument is set as true but no accelerator is found" UserWarning on the CPU.
 
-`--verbose` on any script's command line (taken off before the script parses its arguments) or SFT_VERBOSE=1 lets
-all of it through; so does a library's own variable for its own messages (TORCH_LOGS for torch's loggers).
+`--verbose` on any script's command line (`setup()` takes it off before the script parses its arguments) or
+SFT_VERBOSE=1 lets all of it through; so does a library's own variable for its own messages (TORCH_LOGS for torch's
+loggers).
 """
 
 from __future__ import annotations
@@ -28,9 +32,8 @@ import os
 import sys
 import warnings
 
-VERBOSE = os.environ.get("SFT_VERBOSE", "0") not in ("", "0") or "--verbose" in sys.argv[1:]
-if "--verbose" in sys.argv[1:]:
-    sys.argv = [sys.argv[0], *(argument for argument in sys.argv[1:] if argument != "--verbose")]
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+VERBOSE = False  # set by setup()
 
 
 class _DropMessages(logging.Filter):
@@ -87,6 +90,20 @@ def _gptqmodel_only_once_imported() -> None:
         module.is_gptqmodel_available = gated
 
 
-if not VERBOSE:
-    _silence_known_chatter()
-_gptqmodel_only_once_imported()
+def setup(argv: list[str] | None = None) -> bool:
+    """Takes `--verbose` off `argv` (default: sys.argv, edited in place, so the script's parser never sees it),
+    silences the known chatter unless verbose, and keeps peft from importing gptqmodel. Returns whether verbose."""
+    global VERBOSE
+    argv = sys.argv if argv is None else argv
+    asked = "--verbose" in argv[1:]
+    argv[1:] = [argument for argument in argv[1:] if argument != "--verbose"]
+    VERBOSE = asked or os.environ.get("SFT_VERBOSE", "0") not in ("", "0")
+    if not VERBOSE:
+        _silence_known_chatter()
+    _gptqmodel_only_once_imported()
+    return VERBOSE
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our log lines on stderr, `<time> <LEVEL> <logger>: <message>`, from `level` up: the same in every script."""
+    logging.basicConfig(format=LOG_FORMAT, level=level)

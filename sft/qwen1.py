@@ -10,9 +10,6 @@ identical ids, ChatML template, generation config) kept in a cache, and works on
 
 from __future__ import annotations
 
-import sft.quiet  # noqa: F401  (first: it silences known chatter of the libraries imported below)
-
-# isort: split
 import argparse
 import hashlib
 import json
@@ -28,6 +25,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from sft.data import CHATML_TEMPLATE
 from sft.errors import UserError, run_main
+from sft.outputs import written_whole
 
 logger = logging.getLogger(__name__)
 
@@ -319,10 +317,7 @@ def convert_qwen1(source: str | os.PathLike, output: str | os.PathLike) -> Path:
             f"converting {source} needs {size / 2**30:.1f} GiB in {output.parent}, which has {free / 2**30:.1f} "
             "GiB free (set LLM_FINETUNING_CACHE to a folder on a larger disk)"
         )
-    staging = output.with_name(f"{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with written_whole(output) as staging:
         # Weights first: the tokenizer's memory (a quarter of a GiB) is not all given back to the system, the
         # shards' is, so this order keeps the peak at the larger of the two rather than their sum.
         _convert_weights(files, staging)
@@ -337,10 +332,6 @@ def convert_qwen1(source: str | os.PathLike, output: str | os.PathLike) -> Path:
         (staging / CONVERSION_FILE).write_text(
             json.dumps({"source": str(source.resolve()), "converter_version": CONVERTER_VERSION}, indent=2)
         )
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 
@@ -438,9 +429,9 @@ def resolve_model_path(path: str) -> str:
         if (output / CONVERSION_FILE).is_file():
             logger.info("Qwen-1 model %s: using its native Qwen2 conversion %s", path, output)
         else:
-            # What a killed conversion left (no CONVERSION_FILE); no one else converts this source: we hold the lock.
-            for unfinished in [output, *output.parent.glob(f"{output.name}.partial-*")]:
-                shutil.rmtree(unfinished, ignore_errors=True)
+            # What an older, non-atomic conversion left (no CONVERSION_FILE); a killed one's staging folder is
+            # cleared by the next one. No one else converts this source: we hold the lock.
+            shutil.rmtree(output, ignore_errors=True)
             convert_qwen1(source, output)
             logger.info("Qwen-1 model %s converted to the native Qwen2 folder %s (kept for later runs)", path, output)
     return str(output)
@@ -461,6 +452,9 @@ def native_lora_targets(targets: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from sft.quiet import setup, setup_logging  # the command's set-up: importing this module sets up nothing
+
+    setup()
     parser = argparse.ArgumentParser(
         description="Converts a Qwen-1 model folder (Qwen-7B-Chat, ...) into a native transformers Qwen2 folder "
         "with a fast tokenizer, chat template and generation config: no remote code needed to load it.",
@@ -468,7 +462,7 @@ def main() -> None:
     parser.add_argument("source", help="the Qwen-1 folder (config.json with model_type 'qwen', qwen.tiktoken)")
     parser.add_argument("output", help="the new folder to write (must not exist)")
     args = parser.parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging(logging.INFO)
     try:
         output = convert_qwen1(args.source, args.output)
     except OSError as error:  # a folder we cannot read or write (permissions, a full disk): the user's to mend

@@ -28,13 +28,28 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from sft.data import IGNORE_INDEX
-from sft.outputs import read_run_info, write_run_info
+from sft.errors import ConfigurationError, RunStopped, UserError
+from sft.outputs import publish, read_run_info, replace_folder, staging_folder, staging_path, write_run_info
 
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerun the same command to resume
 EXIT_NONFINITE = 3  # stopped by the NaN/inf guard
 STAGING_DIR = ".staging"
+
+
+class NonFiniteLoss(UserError):
+    """The NaN/inf guard stopped the run (the user lowers the learning rate or mends the data)."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class Preempted(RunStopped):
+    """A signal asked the run to stop; it saved a checkpoint, and rerunning the same command resumes from it."""
+
+    def __init__(self, step: int | None):
+        super().__init__(EXIT_PREEMPTED, f"stopped on request after step {step}")
+        self.step = step
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -53,6 +68,32 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             os.replace(checkpoint, incomplete)
             logger.warning("%s is incomplete: moved to %s", checkpoint, incomplete)
     return None
+
+
+def resume_checkpoint(output_dir: str, mode: str, start_over: bool) -> str | None:
+    """The checkpoint to resume from, if any; refuses an output_dir that holds a run of another mode."""
+    finished = read_run_info(output_dir)
+    if finished is not None and finished.get("mode") != mode:
+        raise ConfigurationError(
+            f"--output_dir {output_dir} holds a finished {finished.get('mode')} run; this run is {mode}: "
+            "choose another --output_dir"
+        )
+    checkpoint = None if start_over else last_complete_checkpoint(output_dir)
+    if checkpoint:
+        recorded = read_run_info(checkpoint)
+        if recorded is not None:
+            checkpoint_mode = recorded.get("mode")
+            same_mode = checkpoint_mode == mode
+        else:  # a checkpoint that does not say its mode (another tool's): tell adapters from full models
+            holds_adapter = Path(checkpoint, "adapter_config.json").is_file()
+            checkpoint_mode = "LoRA" if holds_adapter else "full"
+            same_mode = holds_adapter == (mode != "full")
+        if not same_mode:
+            raise ConfigurationError(
+                f"{checkpoint} is from a {checkpoint_mode} run; this run is {mode}: choose another --output_dir, "
+                "or pass --start_over to train from scratch there"
+            )
+    return checkpoint
 
 
 # A second signal this soon after the first is the same stop request arriving twice: Ctrl-C or a scheduler
@@ -246,13 +287,7 @@ class FinetuneTrainer(Trainer):
             final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
             if self.run_mode is not None:
                 write_run_info(staged, {"mode": self.run_mode, **counts})
-            if os.path.exists(final):
-                replaced = os.path.join(staging_root, f"replaced-{name}")
-                os.replace(final, replaced)
-                os.replace(staged, final)
-                shutil.rmtree(replaced)
-            else:
-                os.replace(staged, final)
+            replace_folder(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
                 self.state.best_model_checkpoint = os.path.join(
@@ -265,3 +300,56 @@ class FinetuneTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def init_deepspeed_comm(training_args) -> None:
+    """On the CPU, accelerate starts torch.distributed (gloo) but not DeepSpeed's comm layer; ZeRO-3 shards the
+    model while loading it and would then count one process instead of all of them. Start it on the same group."""
+    if training_args.deepspeed and training_args.device.type == "cpu" and dist.is_initialized():
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def train_until_done(trainer: FinetuneTrainer, checkpoint: str | None, output_dir: str):
+    """Runs the training loop (resuming from `checkpoint`) and plots its curves, also after a stop. Raises
+    Preempted when a signal stopped it (a checkpoint is saved) and NonFiniteLoss when the NaN guard did."""
+    from sft.plots import save_training_curves  # matplotlib only where a run plots
+
+    preemption = PreemptionHandler()
+    trainer.add_callback(preemption)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        preemption.restore()
+    if trainer.is_world_process_zero():  # also after a stop: the curves up to it
+        logger.info("Wrote %s", save_training_curves(trainer.state.log_history, output_dir))
+    if preemption.requested:
+        logger.warning(
+            "Stopped on request after step %d; checkpoint saved. Rerun the same command to resume.",
+            preemption.stopped_at_step,
+        )
+        raise Preempted(preemption.stopped_at_step)
+    if trainer.nonfinite_stop_step is not None:
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient norm for {trainer.nonfinite_steps} step(s) in a row, the last at "
+            f"step {trainer.nonfinite_stop_step}; stopped. The last good checkpoint in {output_dir} "
+            "is kept (lower --learning_rate, or check the data?)"
+        )
+    trainer.save_state()
+    return result
+
+
+def save_final(trainer: Trainer, tokenizer, output_dir: str, run_info: dict) -> None:
+    """Model (or adapter), tokenizer and chat template, written to a staging folder and moved into output_dir."""
+    staging = staging_path(output_dir)
+    if trainer.is_world_process_zero():
+        staging_folder(output_dir)  # emptied of what a killed save left
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        write_run_info(staging, run_info)
+        publish(staging, output_dir)
+        logger.info("Saved the final %s to %s", "adapter" if run_info["mode"] != "full" else "model", output_dir)

@@ -14,10 +14,16 @@ from pathlib import Path
 # spin-wait): one thread for the tests and every process they start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sft.quiet  # noqa: E402
+
+# As every script does first: the libraries' known chatter stays out of the tests' output. (No argv of ours to edit.)
+sft.quiet.setup([])
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from scripts.make_tiny_model import build_tiny_model  # noqa: E402
+from sft.args import RunArguments, parse_arguments  # noqa: E402
 from sft.modeling import load_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -25,6 +31,44 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # leans on a non-deterministic kernel; the scripts the tests start as subprocesses are not affected).
 if os.environ.get("SFT_TEST_DETERMINISTIC") == "1":
     torch.use_deterministic_algorithms(True)
+
+
+EXAMPLES = "data/example_chatml.jsonl"
+
+
+def finetune_arguments(*flags: str) -> RunArguments:
+    """The argument objects finetune.py builds from these flags, through its own parser."""
+    return parse_arguments(flags)
+
+
+def train_with_flags(*flags: str):
+    """finetune.train() on the arguments these flags give; returns its Trainer."""
+    import finetune
+
+    return finetune.train(*finetune_arguments(*flags))
+
+
+def quick_run_flags(model: str, output, steps: int = 8) -> list[str]:
+    """Flags of a short, deterministic run on the example data (later flags of the same name override them)."""
+    return [
+        *("--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir", str(output)),
+        *("--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", "5e-3"),
+        *("--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0"),
+        *("--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--model_max_length", "256"),
+        *("--dataloader_pin_memory", "false"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def run_finetune():
+    """`run_finetune(*flags)`: a whole finetune.py run in this process, from its flags; returns the Trainer."""
+    return train_with_flags
+
+
+@pytest.fixture(scope="session")
+def common_args():
+    """`common_args(model, output, steps=8)`: the flags of a short run on the example data."""
+    return quick_run_flags
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +86,36 @@ def eager_gptq_kernels():
     """
     with torch._dynamo.config.patch(disable=True):
         yield
+
+
+# A Qwen2.5-style chat template with tool syntax (the tiny model's ChatML template has none): tool calls in
+# <tool_call> tags, results in a user turn.
+QWEN25_STYLE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{{ messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' }}\n\n"
+    "# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}{% if not tools %}<|im_start|>system\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}"
+    "{%- elif message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}{% if message.content or not loop.first %}{{ '\\n' }}{% endif %}"
+    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tool_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with the Qwen2.5-style tool template."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-tools"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text(QWEN25_STYLE)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -89,18 +163,12 @@ def user_error() -> Callable[..., str]:
 @pytest.fixture(scope="session")
 def chat_adapter(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A LoRA adapter folder of the tiny model, written by finetune.py (a few steps on the example data)."""
-    import sys
-
-    import finetune
-
     output = tmp_path_factory.mktemp("chat") / "lora"
     args = ["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl"]
     args += ["--output_dir", str(output), "--use_lora", "--lora_r", "8", "--lora_alpha", "16", "--max_steps", "6"]
     args += ["--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--save_strategy", "no"]
     args += ["--report_to", "none", "--seed", "0", "--model_max_length", "128", "--dataloader_pin_memory", "false"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["finetune.py", *args])
-        finetune.train()
+    train_with_flags(*args)
     return str(output)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -436,8 +435,7 @@ def test_templates_that_write_an_end_of_turn_get_no_eos(templated):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, tmp_path):
-    import finetune
+def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, tmp_path, run_finetune):
     from sft.chat import load_for_chat, reply
 
     model_dir = tmp_path / "tools-model"
@@ -472,15 +470,14 @@ def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, t
     ]
     args += ["--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none", "--seed", "0"]
     args += ["--model_max_length", "512", "--dataloader_pin_memory", "false", "--lora_dropout", "0"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["finetune.py", *args])
-        finetune.train()
+    run_finetune(*args)
     model, tokenizer = load_for_chat(str(output), cpu_only=True)
     assert reply(model, tokenizer, prompt, max_new_tokens=100) == expected
 
 
 def test_finetune_reports_a_template_refusal_before_loading_the_model(tiny_model, tmp_path, monkeypatch):
     import finetune
+    from sft.args import parse_arguments
 
     model_dir = tmp_path / "gemma-like"
     shutil.copytree(tiny_model, model_dir)
@@ -493,9 +490,8 @@ def test_finetune_reports_a_template_refusal_before_loading_the_model(tiny_model
     monkeypatch.setattr(finetune, "load_model", no_model)
     args = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
     args += ["--fold_system_prompt", "false", "--report_to", "none", "--preprocessing_cache_dir", str(tmp_path / "c")]
-    monkeypatch.setattr(sys, "argv", ["finetune.py", *args])
-    with pytest.raises(SystemExit) as caught:
-        finetune.train()
-    assert f"error: {data}, line 2: the chat template refuses this conversation: System role not supported" in str(
+    with pytest.raises(DataError) as caught:
+        finetune.train(*parse_arguments(args))
+    assert f"{data}, line 2: the chat template refuses this conversation: System role not supported" in str(
         caught.value
     )

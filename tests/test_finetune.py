@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,49 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import finetune
+from sft.args import parse_arguments
+from sft.errors import UserError
 
+REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = "data/example_chatml.jsonl"
-
-
-def run_finetune(monkeypatch, *args: str):
-    monkeypatch.setattr(sys, "argv", ["finetune.py", *args])
-    return finetune.train()
-
-
-def common_args(model: str, output: Path, steps: int = 8) -> list[str]:
-    return [
-        "--model_name_or_path",
-        model,
-        "--data_path",
-        EXAMPLES,
-        "--output_dir",
-        str(output),
-        "--max_steps",
-        str(steps),
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        "5e-3",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
-        "--lora_r",
-        "8",
-        "--lora_alpha",
-        "16",
-        "--lora_dropout",
-        "0",
-        "--model_max_length",
-        "256",
-        "--dataloader_pin_memory",
-        "false",
-    ]
 
 
 def losses(trainer) -> list[float]:
@@ -74,9 +38,9 @@ def assert_tokenizer_saved(output: Path, model_dir: str) -> None:
     assert saved.get_vocab() == original.get_vocab()
 
 
-def test_full_fine_tune_saves_a_model_that_reloads(tiny_model, tmp_path, monkeypatch):
+def test_full_fine_tune_saves_a_model_that_reloads(tiny_model, tmp_path, run_finetune, common_args):
     output = tmp_path / "full"
-    trainer = run_finetune(monkeypatch, *common_args(tiny_model, output))
+    trainer = run_finetune(*common_args(tiny_model, output))
     assert_loss_falls(trainer)
     reloaded = AutoModelForCausalLM.from_pretrained(output)
     trained = trainer.model.state_dict()
@@ -88,11 +52,11 @@ def test_full_fine_tune_saves_a_model_that_reloads(tiny_model, tmp_path, monkeyp
     assert not (output / ".final.tmp").exists()
 
 
-def test_lora_saves_an_adapter_that_reloads_with_its_tokenizer(tiny_model, tmp_path, monkeypatch):
+def test_lora_saves_an_adapter_that_reloads_with_its_tokenizer(tiny_model, tmp_path, run_finetune, common_args):
     from peft import AutoPeftModelForCausalLM
 
     output = tmp_path / "lora"
-    trainer = run_finetune(monkeypatch, *common_args(tiny_model, output), "--use_lora")
+    trainer = run_finetune(*common_args(tiny_model, output), "--use_lora")
     assert_loss_falls(trainer)
     assert not (output / "model.safetensors").exists()
     config = json.loads((output / "adapter_config.json").read_text())
@@ -114,9 +78,9 @@ def test_lora_saves_an_adapter_that_reloads_with_its_tokenizer(tiny_model, tmp_p
     assert_tokenizer_saved(output, tiny_model)
 
 
-def test_lora_can_train_the_chat_tokens_rows(tiny_model, tmp_path, monkeypatch):
+def test_lora_can_train_the_chat_tokens_rows(tiny_model, tmp_path, run_finetune, common_args):
     output = tmp_path / "lora-tokens"
-    run_finetune(monkeypatch, *common_args(tiny_model, output), "--use_lora", "--train_special_tokens")
+    run_finetune(*common_args(tiny_model, output), "--use_lora", "--train_special_tokens")
     weights = load_file(output / "adapter_model.safetensors")
     deltas = {name: tensor for name, tensor in weights.items() if "trainable_tokens" in name}
     assert {name.split(".")[-2] if "lm_head" in name else "embed" for name in deltas} >= {"embed"}
@@ -129,11 +93,11 @@ def test_lora_can_train_the_chat_tokens_rows(tiny_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("bits", "layer_class"), [(4, "Linear4bit"), (8, "Linear8bitLt")])
-def test_qlora_trains_on_bitsandbytes_layers(tiny_model, tmp_path, monkeypatch, bits, layer_class):
+def test_qlora_trains_on_bitsandbytes_layers(tiny_model, tmp_path, run_finetune, common_args, bits, layer_class):
     import bitsandbytes as bnb
 
     output = tmp_path / f"qlora{bits}"
-    trainer = run_finetune(monkeypatch, *common_args(tiny_model, output), "--use_lora", "--q_lora", "--bits", str(bits))
+    trainer = run_finetune(*common_args(tiny_model, output), "--use_lora", "--q_lora", "--bits", str(bits))
     quantized = [module for module in trainer.model.modules() if isinstance(module, getattr(bnb.nn, layer_class))]
     assert len(quantized) == 2 * 7  # every linear layer of both decoder layers; lm_head stays unquantised
     assert_loss_falls(trainer)
@@ -142,22 +106,24 @@ def test_qlora_trains_on_bitsandbytes_layers(tiny_model, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
-def test_rerun_resumes_from_the_last_checkpoint_onto_the_same_weights(tiny_model, tmp_path, monkeypatch, mode, caplog):
+def test_rerun_resumes_from_the_last_checkpoint_onto_the_same_weights(
+    tiny_model, tmp_path, run_finetune, common_args, mode, caplog
+):
     extra = {"full": [], "lora": ["--use_lora"], "qlora": ["--use_lora", "--q_lora"]}[mode]
     weights_file = "model.safetensors" if mode == "full" else "adapter_model.safetensors"
 
     straight = tmp_path / "straight"
-    run_finetune(monkeypatch, *common_args(tiny_model, straight, steps=6), *extra)
+    run_finetune(*common_args(tiny_model, straight, steps=6), *extra)
 
     resumed = tmp_path / "resumed"
     args = common_args(tiny_model, resumed, steps=6) + ["--save_strategy", "steps", "--save_steps", "3"]
     # A run interrupted between step 3 and 6: what it leaves is its checkpoint at step 3.
-    run_finetune(monkeypatch, *args, *extra)
+    run_finetune(*args, *extra)
     shutil.rmtree(resumed / "checkpoint-6")
     (resumed / weights_file).unlink()
 
     caplog.set_level("INFO", logger="finetune")
-    second = run_finetune(monkeypatch, *args, *extra)
+    second = run_finetune(*args, *extra)
     assert "Resuming from" in caplog.text and "checkpoint-3" in caplog.text
     assert second.state.global_step == 6
     assert [entry["step"] for entry in second.state.log_history if "loss" in entry] == [1, 2, 3, 4, 5, 6]
@@ -168,30 +134,31 @@ def test_rerun_resumes_from_the_last_checkpoint_onto_the_same_weights(tiny_model
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_start_over_ignores_checkpoints(tiny_model, tmp_path, monkeypatch, caplog):
+def test_start_over_ignores_checkpoints(tiny_model, tmp_path, run_finetune, common_args, caplog):
     output = tmp_path / "out"
     args = common_args(tiny_model, output, steps=2) + ["--save_strategy", "steps", "--save_steps", "2", "--use_lora"]
-    run_finetune(monkeypatch, *args)
+    run_finetune(*args)
     caplog.set_level("INFO", logger="finetune")
-    trainer = run_finetune(monkeypatch, *args, "--max_steps", "3", "--start_over")
+    trainer = run_finetune(*args, "--max_steps", "3", "--start_over")
     assert "Resuming" not in caplog.text
     assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2, 3]
 
 
-def test_config_file_gives_the_same_arguments(tiny_model, tmp_path, monkeypatch):
+def test_config_file_gives_the_same_arguments(tiny_model, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model_name_or_path: {tiny_model}\ndata_path: {EXAMPLES}\noutput_dir: {tmp_path / 'out'}\n"
         "use_lora: true\nmax_steps: 1\nreport_to: none\nsave_strategy: 'no'\nlora_r: 4\n"
     )
-    monkeypatch.setattr(sys, "argv", ["finetune.py", str(config)])
-    _, data_args, training_args, lora_args = finetune.parse_arguments()
+    _, data_args, training_args, lora_args = parse_arguments([str(config)])
     assert data_args.data_path == EXAMPLES and training_args.use_lora and lora_args.lora_r == 4
+    # Flags after the file override it.
+    _, _, training_args, lora_args = parse_arguments([str(config), "--lora_r", "16", "--max_steps", "3"])
+    assert lora_args.lora_r == 16 and training_args.max_steps == 3 and training_args.use_lora
 
 
-def test_eval_data_and_group_by_length(tiny_model, tmp_path, monkeypatch):
+def test_eval_data_and_group_by_length(tiny_model, tmp_path, run_finetune, common_args):
     trainer = run_finetune(
-        monkeypatch,
         *common_args(tiny_model, tmp_path / "out", steps=2),
         "--use_lora",
         "--eval_data_path",
@@ -218,16 +185,15 @@ def test_eval_data_and_group_by_length(tiny_model, tmp_path, monkeypatch):
         (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other"),
     ],
 )
-def test_bad_input_stops_before_the_model_is_loaded(tmp_path, monkeypatch, capsys, args, message):
+def test_bad_input_stops_before_the_model_is_loaded(tmp_path, run_finetune, args, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [}\n')
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text('[{"instrution": "q", "output": "a"}]')
     args = [arg.format(bad=bad, alpaca=alpaca) for arg in args]
     # The model path does not exist: reaching the model load would fail with a different error.
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(UserError) as stopped:
         run_finetune(
-            monkeypatch,
             "--model_name_or_path",
             str(tmp_path / "no-model"),
             "--data_path",
@@ -239,5 +205,41 @@ def test_bad_input_stops_before_the_model_is_loaded(tmp_path, monkeypatch, capsy
             *args,
         )
     assert message in str(stopped.value)
-    assert str(stopped.value).startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def run_script(*command: str) -> subprocess.CompletedProcess:
+    """A script as a user runs it, offline: a hub id that does not exist fails at once instead of waiting."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_user_error(done: subprocess.CompletedProcess, message: str) -> None:
+    """One `error:` line saying `message`, exit code 2, no traceback."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert any(line.startswith("error: ") and message in line for line in done.stderr.splitlines()), done.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "sft/inspect.py"])
+def test_a_typo_in_the_model_path_is_one_error_line(tmp_path, script):
+    command = [script] if script.endswith("finetune.py") else ["-m", "sft.inspect"]
+    for model in (str(tmp_path / "no-such-model"), "no-such-owner/no-such-model"):
+        done = run_script(*command, "--model_name_or_path", model, "--data_path", EXAMPLES, "--output_dir",
+                          str(tmp_path / "out"), "--report_to", "none")  # fmt: skip
+        assert_user_error(done, f"--model_name_or_path {model}: cannot load a tokenizer from it")
+
+
+def test_drop_long_samples_that_leaves_nothing_is_one_error_line(tiny_model, tmp_path):
+    flags = ["--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir", str(tmp_path / "out")]
+    done = run_script("finetune.py", *flags, "--report_to", "none", "--model_max_length", "40", "--drop_long_samples")
+    assert_user_error(done, "no train sample is left to train on")
+
+
+def test_a_corrupt_run_record_in_the_output_dir_is_one_error_line(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "finetune_run.json").write_text('{"mode": "lo')
+    done = run_script("finetune.py", "--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir",
+                      str(output), "--report_to", "none")  # fmt: skip
+    assert_user_error(done, f"{output / 'finetune_run.json'}: not a valid run record")

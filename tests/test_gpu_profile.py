@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from bench.gpu_profile import main
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_profile_smoke_run_prints_the_qwen_layout(tmp_path):
-    printed = main(
-        [
-            "--tiny",
-            "--device",
-            "cpu",
-            "--seq_lengths",
-            "16",
-            "--steps",
-            "1",
-            "--gradient_accumulation_steps",
-            "1",
-            "--lora_r",
-            "4",
-            "--work_dir",
-            str(tmp_path),
-        ]
-    )
-    lines = printed.splitlines()
+    command = ["-m", "bench.gpu_profile", "--tiny", "--device", "cpu", "--seq_lengths", "16", "--steps", "1"]
+    command += ["--gradient_accumulation_steps", "1", "--lora_r", "4", "--work_dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
     assert "| Model Size | Method | Sequence Length 16 |" in lines
     rows = [line for line in lines if line.startswith("| ") and "s/it" in line]
     assert [row.split("|")[2].strip() for row in rows] == ["LoRA", "Q-LoRA", "Full-parameter"]

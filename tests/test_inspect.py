@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ import pytest
 from PIL import Image
 
 from sft.data import IGNORE_INDEX, load_conversations, tokenize_conversations
-from sft.inspect import inspect_data, main, parse_arguments, render_row
+from sft.errors import UserError
+from sft.inspect import inspect_data, parse_arguments, render_row, run_inspection
 from sft.modeling import load_tokenizer
 from sft.packing import pack_dataset
 from sft.plots import plotted_data
@@ -21,16 +21,6 @@ from sft.plots import plotted_data
 EXAMPLES = sorted(str(path) for path in Path("data").glob("example_*.json*"))
 # The tiny model's ChatML template has no tool syntax: tool data is inspected with a Qwen2.5-style template.
 TOOL_EXAMPLES = {"data/example_tools.jsonl"}
-
-
-@pytest.fixture(scope="module")
-def tool_model(tiny_model, tmp_path_factory) -> str:
-    from test_data_tools import QWEN25_STYLE
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-tools"
-    shutil.copytree(tiny_model, folder)
-    (folder / "chat_template.jinja").write_text(QWEN25_STYLE)
-    return str(folder)
 
 
 def inspect_args(tiny_model: str, data: str, *extra: str):
@@ -88,7 +78,7 @@ def test_rendered_row_brackets_exactly_the_trained_tokens(tiny_model, tokenizer)
 
 
 def test_colours_on_request_and_special_tokens_visible(tiny_model, tmp_path, capsys):
-    main(["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl", "--report_dir",
+    run_inspection(["--model_name_or_path", tiny_model, "--data_path", "data/example_chatml.jsonl", "--report_dir",
           str(tmp_path), "--show", "1", "--color", "always"])  # fmt: skip
     out = capsys.readouterr().out
     assert "\033[30;42m" in out and "[[" not in out
@@ -158,7 +148,7 @@ def test_report_counts_match_independent_counts(tiny_model, tokenizer, tmp_path,
     args += ["--train_on", "last_assistant", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps"]
     args += ["2", "--world_size", "2", "--num_train_epochs", "3", "--report_dir", str(tmp_path / "report")]
     args += ["--drop_long_samples"] if drop_long else []
-    report = main(args).report
+    report = run_inspection(args).report
 
     kept = [sample for sample in expected if sample["fate"] in ("ok", "truncated")]
     assert report["samples"] == 7
@@ -208,23 +198,22 @@ def test_report_files_are_kept_unless_asked(tiny_model, tmp_path, capsys):
     args = ["--model_name_or_path", tiny_model, "--data_path", "data/example_alpaca.json", "--show", "0"]
     args += ["--output_dir", str(tmp_path)]
     (tmp_path / "data_lengths.png").write_text("mine")
-    with pytest.raises(SystemExit) as stopped:
-        main(args)
+    with pytest.raises(UserError) as stopped:
+        run_inspection(args)
     assert str(stopped.value) == (
-        f"error: {tmp_path / 'data_lengths.png'} exists: pass --overwrite_report to replace it, or choose another "
-        "--report_dir"
+        f"{tmp_path / 'data_lengths.png'} exists: pass --overwrite_report to replace it, or choose another --report_dir"
     )
     assert (tmp_path / "data_lengths.png").read_text() == "mine"
-    main([*args, "--overwrite_report"])
+    run_inspection([*args, "--overwrite_report"])
     assert (tmp_path / "data_lengths.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bad_data_is_a_clear_error(tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "bot", "content": "hi"}]}\n')
-    with pytest.raises(SystemExit) as stopped:
-        main(["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", str(bad)])
-    assert str(stopped.value).startswith(f"error: {bad}, line 1, field 'messages[0].role': unknown role 'bot'")
+    with pytest.raises(UserError) as stopped:
+        run_inspection(["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", str(bad)])
+    assert str(stopped.value).startswith(f"{bad}, line 1, field 'messages[0].role': unknown role 'bot'")
 
 
 def test_training_config_file_and_bf16_without_a_gpu(tiny_model, tmp_path):

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import finetune
+from sft.args import TrainingArguments
+from sft.errors import UserError
 from sft.outputs import RUN_INFO_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def lora_reference(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
     return output, launched("finetune_lora_single_gpu.sh", tiny_model, output, 1)
 
 
-def test_lora_single_gpu_launcher_passes_arguments_through(tiny_model, lora_reference, monkeypatch):
+def test_lora_single_gpu_launcher_passes_arguments_through(tiny_model, lora_reference):
     output, state = lora_reference
     # Pass-through flags replaced the launcher's defaults: 4 steps, rank 4, our LR, one log per step.
     assert state["global_step"] == STEPS and state["max_steps"] == STEPS
@@ -119,9 +119,9 @@ def test_lora_single_gpu_launcher_passes_arguments_through(tiny_model, lora_refe
     adapter_config = json.loads((output / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
     assert adapter_config["base_model_name_or_path"] == tiny_model
-    # The Trainer pickled finetune.py's TrainingArguments as __main__.TrainingArguments.
-    monkeypatch.setattr(sys.modules["__main__"], "TrainingArguments", finetune.TrainingArguments, raising=False)
+    # The Trainer pickled sft.args.TrainingArguments: it loads anywhere sft imports, not only in finetune.py.
     args = torch.load(output / "training_args.bin", weights_only=False)
+    assert type(args) is TrainingArguments
     assert args.learning_rate == LEARNING_RATE and args.weight_decay == 0 and args.per_device_train_batch_size == 4
     # The launcher's own defaults that were not overridden are still there.
     assert args.adam_beta2 == 0.95 and args.gradient_checkpointing and args.use_cpu
@@ -151,7 +151,7 @@ def test_lora_deepspeed_two_processes_match_one_process(tiny_model, tmp_path, lo
     AutoPeftModelForCausalLM.from_pretrained(output)
 
 
-def test_full_zero3_two_processes_save_the_trained_model(tiny_model, tmp_path, monkeypatch):
+def test_full_zero3_two_processes_save_the_trained_model(tiny_model, tmp_path, run_finetune):
     output = tmp_path / "zero3"
     state = launched("finetune_ds.sh", tiny_model, output, 2)
 
@@ -160,8 +160,7 @@ def test_full_zero3_two_processes_save_the_trained_model(tiny_model, tmp_path, m
     argv = ["--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir", str(reference_output)]
     argv += PASSTHROUGH + ["--per_device_train_batch_size", str(GLOBAL_BATCH), "--adam_beta2", "0.95"]
     argv += ["--logging_steps", "1", "--gradient_checkpointing", "true", "--report_to", "none", "--use_cpu", "true"]
-    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
-    reference = finetune.train()
+    reference = run_finetune(*argv)
 
     assert losses(state) == pytest.approx([e["loss"] for e in reference.state.log_history if "loss" in e], rel=1e-4)
     saved = AutoModelForCausalLM.from_pretrained(output)  # plain transformers, no DeepSpeed
@@ -247,11 +246,10 @@ def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_qlora_with_fsdp_names_the_supported_launchers(tiny_model, tmp_path, monkeypatch):
+def test_qlora_with_fsdp_names_the_supported_launchers(tiny_model, tmp_path, run_finetune):
     argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", EXAMPLES, "--output_dir", "x"]
-    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv, "--use_lora", "--q_lora", "--fsdp", "--report_to", "none"])
-    with pytest.raises(SystemExit) as stopped:
-        finetune.train()
+    with pytest.raises(UserError) as stopped:
+        run_finetune(*argv, "--use_lora", "--q_lora", "--fsdp", "--report_to", "none")
     assert "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh" in str(stopped.value)
 
 

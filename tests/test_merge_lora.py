@@ -11,7 +11,6 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import finetune
 import merge_lora
 from sft.data import load_conversations
 from sft.errors import run_main
@@ -26,7 +25,7 @@ MODES = {
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def adapters(tiny_model: str, tmp_path_factory: pytest.TempPathFactory, run_finetune) -> dict[str, Path]:
     """One briefly trained adapter of each kind, shared by the tests of this module."""
     paths = {}
     for mode, extra in MODES.items():
@@ -35,9 +34,7 @@ def adapters(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
         argv += ["--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2"]
         argv += ["--save_strategy", "no", "--report_to", "none", "--lora_r", "8", "--lora_dropout", "0"]
         argv += ["--dataloader_pin_memory", "false", "--model_max_length", "256", *extra]
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sys, "argv", argv)
-            finetune.train()
+        run_finetune(*argv[1:])
         paths[mode] = output
     return paths
 

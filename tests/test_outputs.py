@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from sft.outputs import check_new_output, publish, replace_folder, staging_folder
+from sft.errors import UserError
+from sft.outputs import (
+    check_new_output,
+    publish,
+    read_run_info,
+    replace_folder,
+    staging_folder,
+    write_run_info,
+    written_whole,
+)
 
 
 def test_check_new_output(tmp_path):
@@ -49,3 +58,30 @@ def test_publish_into_a_new_folder(tmp_path):
     (staging / "a").write_text("a")
     publish(staging, tmp_path / "out")
     assert (tmp_path / "out" / "a").read_text() == "a" and not staging.exists()
+
+
+def test_written_whole_replaces_a_folder_or_a_file_only_when_the_block_succeeds(tmp_path):
+    folder, picture = tmp_path / "model", tmp_path / "curves.png"
+    with written_whole(folder) as staging:
+        (staging / "config.json").write_text("new")
+    with written_whole(picture, folder=False) as temporary:
+        temporary.write_text("new")
+    with pytest.raises(RuntimeError):
+        with written_whole(folder) as staging:
+            (staging / "config.json").write_text("half")
+            raise RuntimeError("killed while writing")
+    with pytest.raises(RuntimeError):
+        with written_whole(picture, folder=False) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("killed while writing")
+    assert (folder / "config.json").read_text() == "new" and picture.read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["curves.png", "model"]  # no staging left
+
+
+def test_a_corrupt_run_record_is_a_user_error(tmp_path):
+    assert read_run_info(tmp_path) is None
+    write_run_info(tmp_path, {"mode": "lora"})
+    assert read_run_info(tmp_path) == {"mode": "lora"}
+    (tmp_path / "finetune_run.json").write_text('{"mode": "lo')
+    with pytest.raises(UserError, match="finetune_run.json: not a valid run record"):
+        read_run_info(tmp_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections import Counter
 
 import pytest
@@ -12,7 +11,6 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-import finetune
 from sft.data import IGNORE_INDEX, load_conversations, make_collator, tokenize_conversations
 from sft.packing import (
     PackedCollator,
@@ -23,7 +21,8 @@ from sft.packing import (
     packing_layout,
     prepare_packing,
 )
-from tests.test_finetune import EXAMPLES, common_args
+
+EXAMPLES = "data/example_chatml.jsonl"
 
 
 def causal_attention_ignoring_mask(module, query, key, value, attention_mask, **kwargs):
@@ -156,29 +155,17 @@ def test_packing_refused_where_attention_would_leak(tiny_model):
         prepare_packing(model, 0, 256, None, use_cache=True)
 
 
-def finetune_args(model: str, output, *extra: str) -> list[str]:
-    # A repeated flag takes its last value: batch 2 here, so that a packed row holds several samples.
-    return [
-        "finetune.py",
-        *common_args(model, output, steps=6),
-        "--per_device_train_batch_size",
-        "2",
-        "--packing",
-        *extra,
-    ]
+def test_finetune_trains_packed_and_refuses_a_leaking_attention(tiny_model, tmp_path, run_finetune, common_args):
+    def finetune_args(model: str, output, *extra: str) -> list[str]:
+        # A repeated flag takes its last value: batch 2 here, so that a packed row holds several samples.
+        return [*common_args(model, output, steps=6), "--per_device_train_batch_size", "2", "--packing", *extra]
 
-
-def test_finetune_trains_packed_and_refuses_a_leaking_attention(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", finetune_args(tiny_model, tmp_path / "packed"))
-    trainer = finetune.train()
+    trainer = run_finetune(*finetune_args(tiny_model, tmp_path / "packed"))
     batch = next(iter(trainer.get_train_dataloader()))
     assert "position_ids" in batch and "attention_mask" not in batch
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]  # several samples per row
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
 
-    monkeypatch.setattr(
-        sys, "argv", finetune_args(tiny_model, tmp_path / "leaky", "--attn_implementation", "leaky_causal")
-    )
-    with pytest.raises(SystemExit, match="--packing: attention implementation 'leaky_causal'"):
-        finetune.train()
+    with pytest.raises(PackingError, match="--packing: attention implementation 'leaky_causal'"):
+        run_finetune(*finetune_args(tiny_model, tmp_path / "leaky", "--attn_implementation", "leaky_causal"))

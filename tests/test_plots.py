@@ -14,8 +14,9 @@ from PIL import Image
 from sft.data import IGNORE_INDEX, load_conversations, tokenize_conversations
 from sft.packing import pack_dataset
 from sft.plots import plotted_data, training_curves_figure
-from sft.training import EXIT_PREEMPTED, FinetuneTrainer
-from tests.test_finetune import EXAMPLES, common_args, run_finetune
+from sft.training import EXIT_PREEMPTED, FinetuneTrainer, Preempted
+
+EXAMPLES = "data/example_chatml.jsonl"
 
 
 def assert_curves_match(picture: Path, log_history: list[dict]) -> None:
@@ -41,11 +42,13 @@ def tokens_per_epoch(tokenizer, max_length: int) -> tuple[int, int, int]:
     return trained, sum(dataset["length"]), len(pack_dataset(dataset, max_length))
 
 
-def test_a_finished_run_plots_its_log_history_and_counts_its_tokens(tiny_model, tokenizer, tmp_path, monkeypatch):
+def test_a_finished_run_plots_its_log_history_and_counts_its_tokens(
+    tiny_model, tokenizer, tmp_path, run_finetune, common_args
+):
     output = tmp_path / "out"
     # 8 samples, 4 per step: 4 steps are exactly 2 epochs, whatever the shuffle.
     args = [*common_args(tiny_model, output, steps=4), "--use_lora", "--eval_data_path", "data/example_qwen.json"]
-    run_finetune(monkeypatch, *args, "--eval_strategy", "steps", "--eval_steps", "2")
+    run_finetune(*args, "--eval_strategy", "steps", "--eval_steps", "2")
 
     state = json.loads((output / "trainer_state.json").read_text())
     assert any("eval_loss" in entry for entry in state["log_history"])
@@ -59,7 +62,7 @@ def test_a_finished_run_plots_its_log_history_and_counts_its_tokens(tiny_model, 
 
 
 def test_a_stopped_run_plots_up_to_the_stop_and_the_resumed_run_counts_every_token(
-    tiny_model, tokenizer, tmp_path, monkeypatch
+    tiny_model, tokenizer, tmp_path, monkeypatch, run_finetune, common_args
 ):
     output = tmp_path / "out"
     args = [*common_args(tiny_model, output, steps=4), "--use_lora", "--packing"]
@@ -73,16 +76,16 @@ def test_a_stopped_run_plots_up_to_the_stop_and_the_resumed_run_counts_every_tok
 
     with monkeypatch.context() as patch:
         patch.setattr(FinetuneTrainer, "training_step", step_then_sigterm)
-        with pytest.raises(SystemExit) as stopped:
-            run_finetune(monkeypatch, *args)
-    assert stopped.value.code == EXIT_PREEMPTED
+        with pytest.raises(Preempted) as stopped:
+            run_finetune(*args)
+    assert stopped.value.exit_code == EXIT_PREEMPTED
     checkpoint = output / "checkpoint-2"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]
     assert_curves_match(output / "training_curves.png", state["log_history"])
     half = json.loads((checkpoint / "finetune_run.json").read_text())["trained_tokens"]
 
-    run_finetune(monkeypatch, *args)  # resumes from checkpoint-2
+    run_finetune(*args)  # resumes from checkpoint-2
     state = json.loads((output / "trainer_state.json").read_text())
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
     assert_curves_match(output / "training_curves.png", state["log_history"])

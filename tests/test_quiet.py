@@ -53,10 +53,17 @@ def test_a_lora_run_and_its_merge_print_only_our_lines_bars_and_metrics(tiny_mod
     assert foreign_lines(merged, own_prints=("merged vs ", "merged model: ")) == []
 
 
-def test_verbose_is_taken_off_the_command_line_and_lets_everything_through():
-    command = "import sys; sys.argv = ['x.py', '--verbose', '-a']; import sft.quiet; print(sft.quiet.VERBOSE, sys.argv)"
-    shown = subprocess.run([sys.executable, "-c", command], cwd=REPO, capture_output=True, text=True, check=True)
-    assert shown.stdout.split("\n")[-2] == "True ['x.py', '-a']"
+def test_importing_changes_nothing_and_setup_takes_verbose_off_the_command_line():
+    command = (
+        "import sys; sys.argv = ['x.py', '--verbose', '-a']; import logging, sft.quiet; "
+        "print(sys.argv, logging.getLogger('torchao').filters); "
+        "print(sft.quiet.setup(), sys.argv)"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "SFT_VERBOSE"}
+    shown = subprocess.run(
+        [sys.executable, "-c", command], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert shown.stdout.splitlines()[-2:] == ["['x.py', '--verbose', '-a'] []", "True ['x.py', '-a']"]
 
 
 @pytest.mark.skipif(sft.quiet.VERBOSE, reason="the tests run with SFT_VERBOSE set")

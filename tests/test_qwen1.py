@@ -27,7 +27,6 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cli_demo
-import finetune
 import merge_lora
 import run_gptq
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
@@ -37,6 +36,7 @@ from sft.outputs import RUN_INFO_FILE
 from sft.qwen1 import (
     QWEN1_PATTERN,
     QWEN1_SPECIAL_TOKENS,
+    Qwen1Error,
     convert_qwen1,
     local_qwen1_folder,
     native_folder,
@@ -77,7 +77,7 @@ def test_tokenizer_ids_equal_tiktoken(qwen1_folder, native):
     for text in TEXTS:
         assert backend.encode(text, add_special_tokens=False).ids == encoding.encode(text, allowed_special="all")
     # As transformers loads it: its Qwen2Tokenizer adds Qwen2's NFC normalisation, so text is compared in NFC.
-    tokenizer = load_tokenizer(qwen1_folder, trust_remote_code=True)  # the folder's own tokenizer code never runs
+    tokenizer = load_tokenizer(native, trust_remote_code=True)  # the folder's own tokenizer code never runs
     for text in map(functools.partial(unicodedata.normalize, "NFC"), TEXTS):
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert ids == encoding.encode(text, allowed_special="all"), text
@@ -146,7 +146,7 @@ def test_converted_model_logits_equal_qwen1_equations(qwen1_folder, native):
     weights = {}
     for shard in sorted(folder.glob("model-*.safetensors")):
         weights.update(load_file(shard))
-    tokenizer = load_tokenizer(qwen1_folder)
+    tokenizer = load_tokenizer(resolve_model_path(qwen1_folder))
     messages = [{"role": "user", "content": TEXTS[0]}, {"role": "assistant", "content": TEXTS[1]}]
     input_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
     assert len(input_ids) > 40
@@ -158,7 +158,7 @@ def test_converted_model_logits_equal_qwen1_equations(qwen1_folder, native):
         swapped[up], swapped[gate] = weights[gate], weights[up]
     assert (qwen1_reference_logits(swapped, config, input_ids) - expected).abs().max().item() > 1e-2
 
-    model = load_model(qwen1_folder, torch.float32, trust_remote_code=True)
+    model = load_model(resolve_model_path(qwen1_folder), torch.float32, trust_remote_code=True)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     with torch.no_grad():
         logits = model(torch.tensor([input_ids])).logits[0]
@@ -229,7 +229,7 @@ def broken_copy(qwen1_folder: str, destination: Path, config_changes: dict | Non
     ],
 )
 def test_unconvertible_folders_stop_finetune_with_a_clear_message(
-    qwen1_folder, tmp_path, monkeypatch, capsys, change, message
+    qwen1_folder, tmp_path, run_finetune, change, message
 ):
     folder = broken_copy(qwen1_folder, tmp_path / "Qwen-broken", change if isinstance(change, dict) else None)
     if change == "no_tiktoken":
@@ -249,12 +249,11 @@ def test_unconvertible_folders_stop_finetune_with_a_clear_message(
         index["weight_map"]["transformer.h.0.attn.extra.weight"] = "extra.safetensors"
         (folder / "model.safetensors.index.json").unlink()
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    argv = ["finetune.py", "--model_name_or_path", str(folder), "--data_path", EXAMPLES, "--use_lora"]
+    argv = ["--model_name_or_path", str(folder), "--data_path", EXAMPLES, "--use_lora"]
     argv += ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--trust_remote_code", "True"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        finetune.train()
-    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+    with pytest.raises(Qwen1Error) as exit_info:
+        run_finetune(*argv)
+    assert message in str(exit_info.value)
     assert not (tmp_path / "out").exists()
     assert not list(Path(os.environ["LLM_FINETUNING_CACHE"], "qwen1-native").glob("Qwen-broken*/*"))
 
@@ -333,13 +332,12 @@ def test_lora_through_a_launcher_names_the_native_base(qwen1_adapter, qwen1_fold
     assert type(model.get_base_model()).__name__ == "Qwen2ForCausalLM"
 
 
-def test_full_fine_tuning_saves_a_plain_qwen2_model(qwen1_folder, tmp_path, monkeypatch):
+def test_full_fine_tuning_saves_a_plain_qwen2_model(qwen1_folder, tmp_path, run_finetune):
     output = tmp_path / "full"
-    argv = ["finetune.py", "--model_name_or_path", qwen1_folder, "--data_path", EXAMPLES, "--output_dir", str(output)]
+    argv = ["--model_name_or_path", qwen1_folder, "--data_path", EXAMPLES, "--output_dir", str(output)]
     argv += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--model_max_length", "96"]
     argv += ["--save_strategy", "no", "--report_to", "none", "--dataloader_pin_memory", "false"]
-    monkeypatch.setattr(sys, "argv", argv)
-    finetune.train()
+    run_finetune(*argv)
     model = AutoModelForCausalLM.from_pretrained(output)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     assert AutoTokenizer.from_pretrained(output).convert_tokens_to_ids("<|im_end|>") == 151645

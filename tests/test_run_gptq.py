@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import finetune
 import run_gptq
 from scripts.make_tiny_model import ENGLISH_OBJECTS, ENGLISH_SUBJECTS, ENGLISH_VERBS
 from sft.chat import GenerationSettings, load_for_chat, reply, stream_reply
@@ -40,7 +39,7 @@ def write_data(folder: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def fine_tuned(tiny_model: str, tmp_path_factory: pytest.TempPathFactory, run_finetune) -> dict[str, Path]:
     """A full fine-tune of the tiny model on the pattern (briefly), and its data."""
     folder = tmp_path_factory.mktemp("gptq")
     train, held_out = write_data(folder)
@@ -48,9 +47,7 @@ def fine_tuned(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     argv += ["--output_dir", str(folder / "model"), "--max_steps", "24", "--per_device_train_batch_size", "8"]
     argv += ["--learning_rate", "3e-3", "--save_strategy", "no", "--report_to", "none", "--seed", "0"]
     argv += ["--dataloader_pin_memory", "false", "--model_max_length", "128"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", argv)
-        finetune.train()
+    run_finetune(*argv[1:])
     return {"model": folder / "model", "train": train, "held_out": held_out, "folder": folder}
 
 

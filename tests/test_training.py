@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finetune
-from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, STAGING_DIR, last_complete_checkpoint
-from tests.test_finetune import common_args, run_finetune
+from sft.errors import UserError
+from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, STAGING_DIR, NonFiniteLoss, last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,13 +37,14 @@ def logged_losses(output: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_sigterm_saves_and_a_rerun_reaches_the_uninterrupted_result(tiny_model, tmp_path, monkeypatch, mode):
+def test_sigterm_saves_and_a_rerun_reaches_the_uninterrupted_result(tiny_model, tmp_path, run_finetune, common_args,
+                                                                    mode):  # fmt: skip
     extra = ["--use_lora"] if mode == "lora" else []
     weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
     steps = 120
 
     reference = tmp_path / "reference"
-    run_finetune(monkeypatch, *common_args(tiny_model, reference, steps=steps), *extra)
+    run_finetune(*common_args(tiny_model, reference, steps=steps), *extra)
 
     output = tmp_path / "interrupted"
     args = [*common_args(tiny_model, output, steps=steps), *extra]
@@ -99,7 +99,7 @@ def test_a_repeated_signal_is_one_request_and_a_later_one_exits_at_once():
     assert "Second SIGTERM: exiting now, without saving" in done.stderr
 
 
-def test_sigkill_while_saving_leaves_a_resumable_checkpoint(tiny_model, tmp_path):
+def test_sigkill_while_saving_leaves_a_resumable_checkpoint(tiny_model, tmp_path, common_args):
     output = tmp_path / "killed"
     args = [*common_args(tiny_model, output, steps=150), "--use_lora", "--save_strategy", "steps", "--save_steps", "1",
             "--save_total_limit", "2"]  # fmt: skip
@@ -135,18 +135,16 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     assert not (tmp_path / "checkpoint-4").exists() and (tmp_path / ".incomplete-checkpoint-4").is_dir()
 
 
-def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):
+def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path, run_finetune, common_args):
     output = tmp_path / "nan"
     args = common_args(tiny_model, output, steps=20) + [
         "--use_lora", "--save_strategy", "steps", "--save_steps", "2", "--max_nonfinite_steps", "2",
     ]  # fmt: skip
     # A learning rate this large overflows the weights within a few steps: the loss turns to inf, then NaN.
-    monkeypatch.setattr(sys, "argv", ["finetune.py", *args, "--learning_rate", "1e30", "--optim", "sgd",
-                                      "--max_grad_norm", "0"])  # fmt: skip
-    with pytest.raises(SystemExit) as stopped:
-        finetune.train()
-    assert stopped.value.code == EXIT_NONFINITE
-    message = capsys.readouterr().err
+    with pytest.raises(NonFiniteLoss) as stopped:
+        run_finetune(*args, "--learning_rate", "1e30", "--optim", "sgd", "--max_grad_norm", "0")
+    assert stopped.value.exit_code == EXIT_NONFINITE
+    message = str(stopped.value)
     assert "non-finite loss or gradient norm for 2 step(s) in a row, the last at step" in message
     last_step = int(message.split("the last at step ")[1].split(";")[0])
     checkpoint = last_complete_checkpoint(output)
@@ -154,9 +152,9 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, 
     assert not (output / "adapter_model.safetensors").exists()
 
 
-def test_target_modules_that_match_nothing_list_the_real_ones(tiny_model, tmp_path, monkeypatch):
-    with pytest.raises(SystemExit) as stopped:
-        run_finetune(monkeypatch, *common_args(tiny_model, tmp_path / "out"), "--use_lora",
+def test_target_modules_that_match_nothing_list_the_real_ones(tiny_model, tmp_path, run_finetune, common_args):
+    with pytest.raises(UserError) as stopped:
+        run_finetune(*common_args(tiny_model, tmp_path / "out"), "--use_lora",
                      "--lora_target_modules", "c_attn", "w1")  # fmt: skip
     message = str(stopped.value)
     assert "match no module of this model" in message
@@ -164,35 +162,35 @@ def test_target_modules_that_match_nothing_list_the_real_ones(tiny_model, tmp_pa
         assert name in message
 
 
-def test_model_max_length_below_the_template_overhead(tiny_model, tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="leaves no room for text: the chat template alone takes"):
-        run_finetune(monkeypatch, *common_args(tiny_model, tmp_path / "out"), "--model_max_length", "8")
+def test_model_max_length_below_the_template_overhead(tiny_model, tmp_path, run_finetune, common_args):
+    with pytest.raises(UserError, match="leaves no room for text: the chat template alone takes"):
+        run_finetune(*common_args(tiny_model, tmp_path / "out"), "--model_max_length", "8")
 
 
-def test_output_dir_of_another_mode_is_refused_before_loading(tiny_model, tmp_path, monkeypatch):
+def test_output_dir_of_another_mode_is_refused_before_loading(tiny_model, tmp_path, run_finetune, common_args):
     output = tmp_path / "out"
-    run_finetune(monkeypatch, *common_args(tiny_model, output, steps=2), "--use_lora")
-    with pytest.raises(SystemExit, match="holds a finished lora run; this run is full"):
-        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), output, steps=2))
+    run_finetune(*common_args(tiny_model, output, steps=2), "--use_lora")
+    with pytest.raises(UserError, match="holds a finished lora run; this run is full"):
+        run_finetune(*common_args(str(tmp_path / "no-model"), output, steps=2))
 
     checkpoints_only = tmp_path / "checkpoints"
-    run_finetune(monkeypatch, *common_args(tiny_model, checkpoints_only, steps=2), "--use_lora",
+    run_finetune(*common_args(tiny_model, checkpoints_only, steps=2), "--use_lora",
                  "--save_strategy", "steps", "--save_steps", "2")  # fmt: skip
     (checkpoints_only / "finetune_run.json").unlink()
-    with pytest.raises(SystemExit, match="checkpoint-2 is from a lora run; this run is full"):
-        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
+    with pytest.raises(UserError, match="checkpoint-2 is from a lora run; this run is full"):
+        run_finetune(*common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
     # Resuming LoRA checkpoints as Q-LoRA would silently train on a quantised base: refused as well.
-    with pytest.raises(SystemExit, match="checkpoint-2 is from a lora run; this run is qlora-4bit"):
-        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2),
+    with pytest.raises(UserError, match="checkpoint-2 is from a lora run; this run is qlora-4bit"):
+        run_finetune(*common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2),
                      "--use_lora", "--q_lora")  # fmt: skip
     # A checkpoint that does not say its mode is still told apart by its files.
     (checkpoints_only / "checkpoint-2" / "finetune_run.json").unlink()
-    with pytest.raises(SystemExit, match="checkpoint-2 is from a LoRA run; this run is full"):
-        run_finetune(monkeypatch, *common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
+    with pytest.raises(UserError, match="checkpoint-2 is from a LoRA run; this run is full"):
+        run_finetune(*common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
 
 
-def test_bf16_without_a_gpu_says_so(tmp_path, monkeypatch):
+def test_bf16_without_a_gpu_says_so(tmp_path, run_finetune):
     if torch.accelerator.current_accelerator() is not None:
         pytest.skip("this machine has an accelerator")
-    with pytest.raises(SystemExit, match="--bf16: no GPU found"):
-        run_finetune(monkeypatch, "--output_dir", str(tmp_path / "out"), "--bf16")
+    with pytest.raises(UserError, match="--bf16: no GPU found"):
+        run_finetune("--output_dir", str(tmp_path / "out"), "--bf16")

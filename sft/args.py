@@ -1,0 +1,249 @@
+"""finetune.py's arguments: four dataclasses (model, data, training, LoRA), their checks, and the parser.
+
+The flags follow Qwen's finetune.py, so its users' commands keep working. A run's arguments come from the command
+line, or from one JSON or YAML file followed by command-line flags that override it
+(`python finetune.py run.yaml --learning_rate 1e-4`). `sft.inspect` takes the same flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import transformers
+import yaml
+from transformers import HfArgumentParser
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from sft.errors import ConfigurationError
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="tiny-qwen2", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model's own code from its folder (Qwen-1 needs it). Off unless asked."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2; the model's default when unset."}
+    )
+    model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype to load the weights in (bfloat16, float16, float32). Default: float32 for full "
+            "fine-tuning (the optimizer keeps fp32 weights, --bf16/--fp16 run in autocast), the --bf16/"
+            "--fp16 precision for the frozen base of LoRA."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="data/example_chatml.jsonl",
+        metadata={"help": "Training data: JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."},
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    lazy_preprocess: bool = field(
+        default=False,
+        metadata={"help": "Accepted for Qwen compatibility; preprocessing is always done once up front and cached."},
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message for samples that have none. Unset: the chat template's own default."},
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = field(
+        default="assistant",
+        metadata={
+            "help": "Tokens that carry loss: every assistant turn (with its end-of-turn token), only the "
+            "last one, or all tokens."
+        },
+    )
+    drop_long_samples: bool = field(
+        default=False, metadata={"help": "Drop samples longer than model_max_length instead of truncating them."}
+    )
+    fold_system_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Where the chat template refuses a system message (Gemma-2), put its text at the start of the "
+            "first user message; false: such a sample is an error."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenisation (datasets.map num_proc)."}
+    )
+    preprocessing_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenised data is cached. Default: the datasets cache."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack samples into sequences of up to model_max_length (best-fit decreasing), each keeping its "
+            "own position ids and attending only to itself; no padding. Batch size then counts packed sequences."
+        },
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    output_dir: str = field(default="output", metadata={"help": "Where checkpoints and the final model go."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Maximum tokens per sample; longer ones are truncated (or dropped)."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch samples of similar length together (less padding)."}
+    )
+    start_over: bool = field(
+        default=False, metadata={"help": "Ignore checkpoints already in output_dir instead of resuming from them."}
+    )
+    max_nonfinite_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Stop after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
+            "(each such step's update is skipped); the last good checkpoint is kept."
+        },
+    )
+
+    def __post_init__(self):
+        if self.bf16 and self.fp16:
+            raise ConfigurationError("--bf16 and --fp16 exclude each other: pick one")
+        if self.bf16 and not self.use_cpu:
+            if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+                raise ConfigurationError(f"--bf16: this GPU ({torch.cuda.get_device_name()}) has no bf16; use --fp16")
+            if torch.accelerator.current_accelerator() is None:
+                raise ConfigurationError(
+                    "--bf16: no GPU found; drop --bf16, or add --use_cpu for bf16 autocast on the CPU"
+                )
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        super().__post_init__()
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt; 'all-linear' is every linear layer but the output layer."},
+    )
+    lora_weight_path: str = field(default="", metadata={"help": "Accepted for Qwen compatibility; unused."})
+    lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: LoRA on a bitsandbytes-quantised base model."})
+    bits: int = field(default=4, metadata={"help": "Q-LoRA quantisation: 4 (NF4/FP4) or 8 (LLM.int8)."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantise the 4-bit quantisation constants too."})
+    train_special_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the embedding and output rows of the chat template's special tokens "
+            "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them."
+        },
+    )
+
+
+class RunArguments(NamedTuple):
+    """A run's parsed arguments; unpacks as (model_args, data_args, training_args, lora_args)."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments
+    lora: LoraArguments
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The arguments in a JSON or YAML file: a mapping of flag names (without --) to values."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigurationError(f"{path}: cannot read the config file ({error.strerror})") from None
+    try:
+        values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:  # both say where in the file
+        raise ConfigurationError(f"{path}: cannot parse the config file ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigurationError(f"{path}: expected a mapping of argument names to values")
+    return values
+
+
+def parse_dataclasses(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple:
+    """Instances of `dataclass_types` from `argv`: flags, or a JSON/YAML config file first and flags that
+    override it after. Raises ConfigurationError for values the dataclasses refuse (argparse itself still
+    prints its usage and exits with code 2 on an unknown flag or an unparsable value)."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = list(argv)
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        config_file, argv = os.path.abspath(argv[0]), argv[1:]
+        values = read_config_file(config_file)
+        known = {f.name for dataclass_type in dataclass_types for f in fields(dataclass_type) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigurationError(f"{config_file}: unknown argument(s) {', '.join(unknown)}")
+        # The file's values become the parser's defaults: flags after the file override them, as on the command line.
+        parser.set_defaults(**values)
+    try:
+        # look_for_args_file=False: a `<script>.args` file next to sys.argv[0] must not change a run.
+        return parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except ValueError as error:  # the dataclasses' own checks, transformers.TrainingArguments' included
+        raise ConfigurationError(str(error)) from None
+
+
+def parse_arguments(argv: Sequence[str]) -> RunArguments:
+    """finetune.py's arguments from its command line (without the program name)."""
+    return RunArguments(*parse_dataclasses((ModelArguments, DataArguments, TrainingArguments, LoraArguments), argv))
+
+
+def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    """Argument combinations that cannot work, refused before anything is loaded."""
+    if lora_args.q_lora and not training_args.use_lora:
+        raise ConfigurationError("--q_lora trains LoRA adapters on a quantised model: add --use_lora")
+    if lora_args.bits not in (4, 8):
+        raise ConfigurationError(f"--bits must be 4 or 8, got {lora_args.bits}")
+    if lora_args.train_special_tokens and not training_args.use_lora:
+        raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
+
+
+def check_parallelism(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    """DeepSpeed and FSDP set-ups that would silently train or save something else, refused before loading."""
+    if lora_args.q_lora and training_args.fsdp:
+        # FSDP can only shard 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage): not set up here.
+        raise ConfigurationError(
+            "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh (one process) or "
+            "finetune/finetune_qlora_ds.sh (DeepSpeed ZeRO-2, or ZeRO-3 with --deepspeed ds_configs/zero3.json)"
+        )
+    if training_args.fsdp and training_args.device.type == "cpu":
+        # accelerate enables FSDP on GPUs only: on the CPU the Trainer would quietly run plain DDP.
+        raise ConfigurationError(
+            "--fsdp needs GPUs: on the CPU the Trainer silently falls back to plain DDP. On the CPU use DeepSpeed "
+            "(finetune/finetune_ds.sh, ZeRO-3) or drop --fsdp"
+        )
+    if is_deepspeed_zero3_enabled() and not training_args.hf_deepspeed_config.is_true(
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save"
+    ):
+        raise ConfigurationError(
+            f"{training_args.deepspeed}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
+            " = true saves sharded weights that transformers cannot load; set it (ds_configs/zero3.json does)"
+        )
+    if training_args.fsdp and "FULL_STATE_DICT" not in str(training_args.fsdp_config.get("state_dict_type", "FULL")):
+        raise ConfigurationError(
+            "FSDP saves a loadable final model only with fsdp_config state_dict_type FULL_STATE_DICT"
+        )
+
+
+def training_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
+    """What a run trains, as finetune_run.json and its checkpoints record it: full, lora or qlora-<bits>bit."""
+    if lora_args.q_lora:
+        return f"qlora-{lora_args.bits}bit"
+    return "lora" if training_args.use_lora else "full"
