@@ -1,4 +1,4 @@
-"""Peak memory and time of converting a Qwen-1 checkpoint (sft.qwen1.convert_qwen1), against its shard size.
+"""Peak memory and time of converting a Qwen-1 checkpoint (sft.qwen1_convert.convert_qwen1), against its shard size.
 
 Builds a Qwen-1-format folder of random bf16 weights in Qwen-1's layout (real vocabulary, --layers layers of
 width --hidden, in --shards shards), then measures in separate processes, one after the other in this run:
@@ -27,7 +27,7 @@ def build_source(folder: Path, hidden: int, layers: int, shards: int) -> list[in
     """A Qwen-1 folder (config, qwen.tiktoken, weights in `shards` safetensors files); returns the shard sizes."""
     from safetensors.torch import save_file
 
-    from sft.qwen1 import packaged_qwen_tiktoken
+    from sft.qwen1_convert import packaged_qwen_tiktoken
 
     heads, vocab, ffn = hidden // 128, 151936, int(hidden * 2.75)
     config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": hidden}
@@ -65,13 +65,13 @@ def build_source(folder: Path, hidden: int, layers: int, shards: int) -> list[in
 def child(kind: str, source: str, output: str) -> None:
     """Runs in its own process: prints its peak RSS (bytes) and seconds."""
     start = time.perf_counter()
-    from sft.qwen1 import _convert_weights, convert_qwen1, qwen_fast_tokenizer, weight_files
+    from sft.qwen1_convert import convert_qwen1, convert_weights, qwen_fast_tokenizer, weight_files
 
     if kind == "tokenizer":
         qwen_fast_tokenizer(Path(source) / "qwen.tiktoken").save_pretrained(output)
     elif kind == "weights":
         Path(output).mkdir()
-        _convert_weights(weight_files(Path(source)), Path(output))
+        convert_weights(weight_files(Path(source)), Path(output))
     elif kind == "convert":
         convert_qwen1(source, output)
     # VmHWM, not getrusage's ru_maxrss: that one starts from the parent's peak (it survives fork and exec).

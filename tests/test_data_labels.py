@@ -7,6 +7,7 @@ import logging
 import random
 
 import pytest
+from chat_templates import GENERATION_TEMPLATE, LEAKING_TEMPLATE, RESPONSE_TEMPLATE, THINKING_TEMPLATE
 
 from sft.data import (
     IGNORE_INDEX,
@@ -15,34 +16,6 @@ from sft.data import (
     tokenize_conversation,
     tokenize_conversations,
     tokenize_many,
-)
-
-# Renders earlier answers without their reasoning and gives the last one an empty reasoning block, as Qwen3's
-# does: marked renders fail for answers with reasoning, which then fall back on prefixes.
-THINKING_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1] }}"
-    "{% else %}{{ m['content'] | trim }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# ChatML whose answers the template marks itself: labelled by transformers' assistant-token mask.
-GENERATION_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# No end-of-turn marker after an answer: the eos token is added and trained after each.
-RESPONSE_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}\n\n"
-    "{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
-# Writes the system prompt again into every assistant turn: that text would be trained on as the answer.
-LEAKING_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
-    "{{ messages[0]['content'] }} {% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 WORDS = "the cat river model garden answer story 问题 天气 1 42 , . !".split()

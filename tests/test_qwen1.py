@@ -33,17 +33,9 @@ from sft.chat import GenerationSettings, conversation, load_for_chat, stream_rep
 from sft.errors import run_main
 from sft.modeling import load_model, load_tokenizer
 from sft.outputs import RUN_INFO_FILE
-from sft.qwen1 import (
-    QWEN1_PATTERN,
-    QWEN1_SPECIAL_TOKENS,
-    Qwen1Error,
-    convert_qwen1,
-    local_qwen1_folder,
-    native_folder,
-    native_lora_targets,
-    resolve_model_path,
-)
+from sft.qwen1 import local_qwen1_folder, native_folder, native_lora_targets, resolve_model_path
 from sft.qwen1 import main as qwen1_main
+from sft.qwen1_convert import QWEN1_PATTERN, QWEN1_SPECIAL_TOKENS, Qwen1Error, convert_qwen1
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = "data/example_chatml.jsonl"
