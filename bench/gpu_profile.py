@@ -186,11 +186,35 @@ def measure(model, seq_length: int, args: argparse.Namespace) -> tuple[float, fl
     return peak, sum(step_seconds) / len(step_seconds)
 
 
+def check_recomputation(model, batch: dict, checkpointing: bool) -> None:
+    """Runs one forward and backward pass and checks that the first decoder layer's attention ran twice (forward
+    and recompute) with gradient checkpointing, once without: so a cell never reports what it did not measure.
+    (The attention, not the layer: transformers may checkpoint the layer's forward inside its hooks.)"""
+    layer = next(module for module in model.modules() if type(module).__name__.endswith("DecoderLayer"))
+    attention = getattr(layer, "self_attn", None) or next(layer.children())
+    calls = []
+    handle = attention.register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    try:
+        model(**batch, use_cache=False).loss.backward()
+    finally:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+    expected = 2 if checkpointing else 1
+    if len(calls) != expected or not all(calls):
+        raise RuntimeError(
+            f"gradient checkpointing {'on' if checkpointing else 'off'}: the first attention layer ran {len(calls)} "
+            f"time(s) per step (training mode: {calls}), expected {expected} in training mode"
+        )
+
+
 def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tuple[float, list[float]]:
     """Trains on `batches`, args.gradient_accumulation_steps micro-batches per optimizer step; the first step is a
     warm-up. Returns the peak memory (GiB) and the seconds of each optimizer step after the warm-up."""
     if len(batches) < 2 * args.gradient_accumulation_steps:
         raise ValueError("measure_batches needs micro-batches for at least two optimizer steps (one is warm-up)")
+    # Training mode, as the Trainer sets it: transformers recomputes activations (gradient checkpointing) and
+    # applies LoRA dropout only in training mode, so a model left in eval mode would be measured without either.
+    model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -201,6 +225,8 @@ def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tup
         start = time.perf_counter()
         for index in range(step * args.gradient_accumulation_steps, (step + 1) * args.gradient_accumulation_steps):
             batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batches[index].items()}
+            if index == 0:
+                check_recomputation(model, batch, not args.no_gradient_checkpointing)
             loss = model(**batch, use_cache=False).loss / args.gradient_accumulation_steps
             loss.backward()
         optimizer.step()
