@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_STEPS = 6
-TIMEOUT_S = 300
+TIMEOUT_S = 240
 LOG_TAIL = 1500
 
 # name: (launcher, extra arguments, what it shows). Every launcher and mode a user starts.

@@ -171,19 +171,18 @@ def nonfinite_verdict(loss_nonfinite: bool, norm_nonfinite: bool, engine: Update
     `step_skipped` is the scaler's or DeepSpeed's own report that it skipped the step.
 
     - "ok": finite.
-    - "overflow": only the gradients overflowed and the loss scaler skipped the step: ordinary in fp16 (the gradient
-      norm is inf after an overflowing unscale), not counted.
+    - "overflow": the loss was finite and the loss scaler skipped the step for overflowing gradients: ordinary in
+      fp16 (the gradient norm is inf after an overflowing unscale), not counted.
     - "skipped": a non-finite loss or gradient whose update was not applied: counted toward max_nonfinite_steps.
     - "applied": a non-finite step DeepSpeed applied anyway (bf16/fp32 have no overflow check): the weights may hold
       NaN now, so the run stops at once, keeping the last good checkpoint.
     """
+    if engine != "plain" and step_skipped:
+        # The scaler skips only overflowing steps; DeepSpeed's ZeRO does not always report the norm of one.
+        return "skipped" if loss_nonfinite else "overflow"
     if not (loss_nonfinite or norm_nonfinite):
         return "ok"
-    if engine == "plain":
-        return "skipped"
-    if step_skipped:
-        return "skipped" if loss_nonfinite else "overflow"
-    return "applied"
+    return "skipped" if engine == "plain" else "applied"
 
 
 class _GuardAfterStep(TrainerCallback):

@@ -177,6 +177,7 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, 
         (False, True, "deepspeed", False, "applied"),
         (True, False, "deepspeed", False, "applied"),
         (False, False, "deepspeed", False, "ok"),
+        (False, False, "deepspeed", True, "overflow"),  # ZeRO skipped the step without reporting its norm
     ],
 )
 def test_nonfinite_verdict(loss_nonfinite, norm_nonfinite, engine, step_skipped, verdict):
