@@ -77,6 +77,7 @@ launch() {
     local one_process=()
     [[ "${ONE_PROCESS:-0}" == 1 ]] && one_process=(--one_process)
     plan="$(cd "$REPO" && python -m sft.launch "${one_process[@]}" -- "${passthrough[@]}")"
+    plan="${plan##*$'\n'}"  # its last line: a library may print before it
     local device_args=()
     read -r -a device_args <<<"$plan"
     GPUS_PER_NODE="${device_args[0]}"

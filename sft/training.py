@@ -174,8 +174,9 @@ def nonfinite_verdict(loss_nonfinite: bool, norm_nonfinite: bool, engine: Update
     - "overflow": the loss was finite and the loss scaler skipped the step for overflowing gradients: ordinary in
       fp16 (the gradient norm is inf after an overflowing unscale), not counted.
     - "skipped": a non-finite loss or gradient whose update was not applied: counted toward max_nonfinite_steps.
-    - "applied": a non-finite step DeepSpeed applied anyway (bf16/fp32 have no overflow check): the weights may hold
-      NaN now, so the run stops at once, keeping the last good checkpoint.
+    - "applied": a non-finite step that was applied anyway (DeepSpeed in bf16/fp32 has no overflow check; a scaler
+      that did not skip it): the weights may hold NaN now, so the run stops at once, keeping the last good
+      checkpoint.
     """
     if engine != "plain" and step_skipped:
         # The scaler skips only overflowing steps; DeepSpeed's ZeRO does not always report the norm of one.
@@ -320,7 +321,7 @@ class FinetuneTrainer(Trainer):
         what = "loss" if loss_nonfinite else f"gradient norm ({self._step_grad_norm})"
         self.nonfinite_steps += 1
         if verdict == "applied":
-            logger.warning("Step %d: non-finite %s, and DeepSpeed has already applied its update: stopping", step, what)
+            logger.warning("Step %d: non-finite %s, and its update was already applied: stopping", step, what)
             self.nonfinite_stop_step = step
             self.control.should_training_stop = True
             return
