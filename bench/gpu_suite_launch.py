@@ -27,7 +27,11 @@ LOG_TAIL = 1500
 # name: (launcher, extra arguments, what it shows). Every launcher and mode a user starts.
 LAUNCHERS = {
     "launch-full-zero3": ("finetune_ds.sh", [], "full fine-tune, DeepSpeed ZeRO-3, saved gathered"),
-    "launch-lora-zero2": ("finetune_lora_ds.sh", [], "LoRA, DeepSpeed ZeRO-2, --optim honoured"),
+    "launch-lora-zero2": (
+        "finetune_lora_ds.sh",
+        ["--optim", "adamw_bnb_8bit"],
+        "LoRA, DeepSpeed ZeRO-2, with the --optim asked for (bitsandbytes' 8-bit AdamW)",
+    ),
     "launch-lora-zero3": ("finetune_lora_ds.sh", ["--deepspeed", "ds_configs/zero3.json"], "LoRA, ZeRO-3"),
     "launch-qlora-single": ("finetune_qlora_single_gpu.sh", [], "Q-LoRA 4-bit, one process"),
     "launch-qlora-zero2": ("finetune_qlora_ds.sh", [], "Q-LoRA 4-bit, ZeRO-2"),
