@@ -49,7 +49,7 @@ from sft.modeling import (
     training_dtype,
     training_weights_dtype,
 )
-from sft.packing import prepare_packing
+from sft.packing import LeakProbe, prepare_packing
 from sft.qwen1 import native_lora_targets, resolve_model_path
 from sft.training import FinetuneTrainer, init_deepspeed_comm, resume_checkpoint, save_final, train_until_done
 
@@ -112,6 +112,7 @@ def train(
 
     # 5. Batches: padded, or packed rows that each keep their samples apart.
     data_collator = make_collator(tokenizer)
+    callbacks = []
     if data_args.packing:
         train_dataset, eval_dataset, data_collator = prepare_packing(
             model,
@@ -119,9 +120,11 @@ def train(
             training_args.model_max_length,
             train_dataset,
             eval_dataset,
-            check=not is_deepspeed_zero3_enabled(),  # ZeRO-3 weights are only whole inside the Trainer
+            check=False,  # not here, on the CPU in fp32: at train begin, on the training device and dtype
             use_cache=training_args.use_cache,
         )
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
+            callbacks.append(LeakProbe(data_collator.layout))
 
     # 6. Training, stoppable by a signal and guarded against NaN.
     trainer = FinetuneTrainer(
@@ -133,6 +136,7 @@ def train(
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
         run_mode=mode,
+        callbacks=callbacks,
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
@@ -181,7 +185,11 @@ def build_model(
     quantization = None
     if lora_args.q_lora:
         quantization = quantization_config(
-            lora_args.bits, compute_dtype(training_args), lora_args.bnb_4bit_quant_type, lora_args.double_quant
+            lora_args.bits,
+            compute_dtype(training_args),
+            lora_args.bnb_4bit_quant_type,
+            lora_args.double_quant,
+            sharded=is_deepspeed_zero3_enabled() or bool(training_args.fsdp),  # 4-bit weights split by ZeRO-3/FSDP
         )
     init_deepspeed_comm(training_args)
     # The LoRA initialisation draws random numbers too: --seed fixes it, whatever ran before.

@@ -38,7 +38,15 @@ from sft.evaluation import (
     tokenize_samples,
     weights_size,
 )
-from sft.modeling import ModelPathError, gpu_bf16, inference_dtype, load_config, load_model, load_tokenizer
+from sft.modeling import (
+    ModelPathError,
+    gpu_bf16,
+    inference_device_map,
+    inference_dtype,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from sft.outputs import check_new_output, replace_folder, staging_folder
 from sft.qwen1 import resolve_model_path
 
@@ -149,9 +157,11 @@ def main() -> None:
     logger.info("%d calibration samples, %d held-out samples", len(calibration), len(held_out))
 
     logger.info("Perplexity of the original model on the held-out samples")
-    original = load_model(args.model_name_or_path, dtype, trust_remote_code=args.trust_remote_code)
-    if torch.cuda.is_available():
-        original.cuda()
+    # Spread over every GPU (then CPU memory) where a model does not fit one, as for the quantised model below.
+    device_map = inference_device_map("cuda" if torch.cuda.is_available() else "cpu")
+    original = load_model(
+        args.model_name_or_path, dtype, trust_remote_code=args.trust_remote_code, device_map=device_map
+    )
     original_ppl = perplexity(original, held_out)
     del original
 
@@ -175,7 +185,7 @@ def main() -> None:
         args.model_name_or_path,
         dtype=dtype,
         quantization_config=gptq,
-        device_map="auto" if torch.cuda.is_available() else None,
+        device_map=device_map,
         trust_remote_code=args.trust_remote_code,
     )
     quantized.config.quantization_config.dataset = None  # the calibration tensors: not for config.json
@@ -187,7 +197,10 @@ def main() -> None:
     del quantized
 
     logger.info("Checking: reloading it with plain transformers")
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, trust_remote_code=args.trust_remote_code)
+    # On the GPU, as it will be served (GPTQ's CPU kernels are a fallback, not what users run).
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        staging, device_map=device_map, trust_remote_code=args.trust_remote_code
+    )
     quantized_ppl = perplexity(reloaded, held_out)
     del reloaded
 

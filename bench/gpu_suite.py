@@ -13,8 +13,11 @@ Phase `check` (a randomly initialised model of Qwen2.5-0.5B's shape with the rea
 train through finetune.py's train() (bf16 on a GPU) and their loss must be finite and fall; packed and
 unpacked training data must give the same loss, with sdpa and with the flash-attention varlen kernel; a run
 stopped by SIGTERM must resume to the losses of the uninterrupted run; merge_lora.py's merged model must reload
-and match base + adapter; sft.chat.stream_reply must stream a reply. Each check ends as pass, fail or skip
-(with the reason: no CUDA, no flash_attn, ...).
+and match base + adapter; sft.chat.stream_reply must stream a reply. Alongside them (bench/gpu_suite_launch.py,
+--parallel processes at a time) it runs what users run, each as its own process: every finetune/*.sh launcher
+with one process, finetune.py --packing with sdpa and flash_attention_2, an fp16 run that overflows early,
+--use_liger_kernel, and merge, GPTQ and chat on the launchers' outputs. Each check ends as pass, fail (a
+process's log tail included) or skip (with the reason: no CUDA, no flash_attn, ...), and prints its seconds.
 
 Phase `profile` (bench.gpu_profile's Qwen2-7B-shaped model, batch 1 x gradient accumulation 8, gradient
 checkpointing, sequence lengths 256..8192): for LoRA, Q-LoRA and full fine-tuning, two recipes on the same
@@ -38,6 +41,7 @@ if __name__ == "__main__":
 
 # isort: split
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import gc
@@ -50,6 +54,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -61,7 +66,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench import gpu_profile  # noqa: E402
+from bench import gpu_profile, gpu_suite_launch  # noqa: E402
 from bench.common import generate_conversations, lognormal_length  # noqa: E402
 
 REPORT_JSON = "gpu_suite.json"
@@ -83,6 +88,7 @@ CHECKS = {
     "resume-sigterm": "finetune.py stopped by SIGTERM saves, exits 75, and the rerun resumes to the same losses",
     "merge-reload": "merge_lora.py: the merged model reloads and matches base + adapter",
     "chat-stream": "sft.chat.stream_reply streams a reply from the merged model",
+    **gpu_suite_launch.CHECKS,  # what users run: every launcher, finetune.py --packing, fp16, liger, outputs
 }
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; the first name found in the device
 # name wins, so the more specific names come first.
@@ -107,6 +113,7 @@ class Report:
 
     def __init__(self, out: Path):
         self.out = out
+        self.lock = threading.RLock()
         self.data: dict = {"runs": [], "check_model": "", "checks": {}, "profile": {"settings": {}, "cells": {}}}
         if (out / REPORT_JSON).is_file():
             self.merge(json.loads((out / REPORT_JSON).read_text()))
@@ -119,9 +126,10 @@ class Report:
         self.data["profile"]["cells"].update(other.get("profile", {}).get("cells", {}))
 
     def check(self, name: str, status: str, reason: str = "", **figures) -> None:
-        self.data["checks"][name] = {"status": status, "reason": reason, "figures": figures, "device": DEVICE_NAME}
-        print(f"[check] {name}: {status.upper()}{' - ' + reason if reason else ''} {figures or ''}", flush=True)
-        self.save()
+        with self.lock:  # checks run in threads too (bench.gpu_suite_launch)
+            self.data["checks"][name] = {"status": status, "reason": reason, "figures": figures, "device": DEVICE_NAME}
+            print(f"[check] {name}: {status.upper()}{' - ' + reason if reason else ''} {figures or ''}", flush=True)
+            self.save()
 
     def cell(self, mode: str, recipe: str, seq_length: int, **values) -> None:
         key = f"{mode}/{recipe}/{seq_length}"
@@ -637,20 +645,39 @@ def run_checks(args: argparse.Namespace, report: Report, work: Path, budget: Bud
         ("chat-stream", lambda: check_chat(ctx, report)),
     ]
     gpu_only = {"train-qlora-4bit", "train-qlora-8bit"}
-    for name, run in plan:
+
+    def run_one(name: str, run: Callable[[], None]) -> None:
         if args.checks and name not in args.checks:
             report.check(name, "skip", "not selected (--checks)")
         elif name in gpu_only and (reason := gpu_only_reason()):
             report.check(name, "skip", f"CUDA bitsandbytes kernels: {reason}")
+        elif gpu_suite_launch.gpu_only(name) and (reason := gpu_only_reason()):
+            report.check(name, "skip", reason)
+        elif reason := gpu_suite_launch.missing_module(name):
+            report.check(name, "skip", reason)
         elif reason := budget.spent():
             report.check(name, "skip", reason)
         else:
+            started = time.perf_counter()
             try:
                 run()
             except Exception as error:  # one broken check must not hide the others' results
                 traceback.print_exc()
                 report.check(name, "fail", f"{type(error).__name__}: {str(error)[:300]}")
                 free_memory()
+            print(f"[check] {name}: {time.perf_counter() - started:.1f} s", flush=True)
+
+    # The launcher checks are processes of their own: they run alongside the in-process checks, a few at a time.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        launched = [
+            pool.submit(run_one, name, run) for name, run in gpu_suite_launch.parallel_checks(ctx, report).items()
+        ]
+        for name, run in plan:
+            run_one(name, run)
+        for future in launched:
+            future.result()
+    for name, run in gpu_suite_launch.output_checks(ctx, report).items():
+        run_one(name, run)
 
 
 # --------------------------------------------------------------------------------------------- profile
@@ -845,6 +872,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", help="models and training outputs (default: a temporary folder)")
     parser.add_argument("--budget_s", type=float, default=0, help="start nothing new after this many seconds")
     parser.add_argument("--checks", nargs="+", choices=list(CHECKS), help="run only these checks (others: skip)")
+    parser.add_argument("--parallel", type=int, default=3, help="launcher checks run at the same time (1: one by one)")
     parser.add_argument("--seq_lengths", nargs="+", type=int, help="profile lengths (default 256 .. 8192)")
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per profile cell")
     parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak, if not known by name")

@@ -7,9 +7,13 @@
 #   OUTPUT         default --output_dir
 #   DEEPSPEED      default DeepSpeed config ("" for none; --deepspeed PATH replaces it)
 #   MODE_ARGS      (array) its finetune.py defaults; the user's arguments come after them and win
+#   ONE_PROCESS    1 for a one-GPU launcher: one process whatever the GPU count (GPUS_PER_NODE>1 is refused)
 #
 # torchrun variables, all overridable from the environment:
-#   GPUS_PER_NODE  processes on this node (default: the visible GPU count, 1 without a GPU)
+#   GPUS_PER_NODE  processes on this node (default: the visible GPU count, 1 without a GPU; always 1 for a
+#                  one-GPU launcher)
+#   SFT_GPU_COUNT, SFT_GPU_BF16  describe the GPUs instead of asking torch (tests; SFT_GPU_BF16=0: no native bf16)
+#   SFT_DRY_RUN=1  print the torchrun command and exit without running it
 #   NNODES         number of nodes (default 1)
 #   NODE_RANK      this node's rank, 0..NNODES-1 (default 0)
 #   MASTER_ADDR    address of node 0 (default localhost)
@@ -38,15 +42,10 @@ usage: bash $0 -m MODEL -d DATA [-o OUTPUT] [--deepspeed CONFIG] [finetune.py ar
 Every other argument goes to finetune.py and overrides this launcher's defaults, e.g.
   --num_train_epochs 1 --learning_rate 1e-4 --model_max_length 1024   (python finetune.py --help lists them)
 
-Environment (torchrun): GPUS_PER_NODE (default: visible GPUs, 1 on a CPU), NNODES (1), NODE_RANK (0),
+Environment (torchrun): GPUS_PER_NODE (default: visible GPUs, 1 on a CPU; one-GPU launchers: always 1), NNODES (1), NODE_RANK (0),
 MASTER_ADDR (localhost), MASTER_PORT (6001); TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300: seconds to save on SIGTERM).
 Defaults: ${MODE_ARGS[*]}
 USAGE
-}
-
-# Prints "<visible GPUs> <bf16 supported: 1/0>" as torch sees them (CUDA_VISIBLE_DEVICES included).
-gpu_info() {
-    python -c 'import torch; n = torch.cuda.device_count(); print(n, int(n > 0 and torch.cuda.is_bf16_supported()))'
 }
 
 launch() {
@@ -70,20 +69,19 @@ launch() {
         exit 2
     fi
 
-    local gpus bf16
-    read -r gpus bf16 < <(gpu_info)
+    # sft/launch.py decides the process count and the device/precision flags from this node's GPUs: one process
+    # per GPU (one on a CPU) unless GPUS_PER_NODE says otherwise, exactly one for a one-GPU launcher
+    # (ONE_PROCESS=1); bf16 where the GPU computes it natively, fp16 on older GPUs, none on the CPU, unless the
+    # user chose --bf16/--fp16.
+    local plan
+    local one_process=()
+    [[ "${ONE_PROCESS:-0}" == 1 ]] && one_process=(--one_process)
+    plan="$(cd "$REPO" && python -m sft.launch "${one_process[@]}" -- "${passthrough[@]}")"
+    plan="${plan##*$'\n'}"  # its last line: a library may print before it
     local device_args=()
-    if [[ "$gpus" -eq 0 ]]; then
-        # Same command on a laptop: the Trainer and DeepSpeed run on the CPU, processes talk over gloo.
-        device_args=(--use_cpu true --dataloader_pin_memory false)
-        GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
-    else
-        GPUS_PER_NODE="${GPUS_PER_NODE:-$gpus}"
-    fi
-    # Mixed precision unless the user chose one: bf16 where the GPU has it, fp16 on older GPUs, none on CPU.
-    if [[ "$gpus" -gt 0 && ! " ${passthrough[*]} " =~ \ --(bf16|fp16)[\ =] ]]; then
-        if [[ "$bf16" -eq 1 ]]; then device_args+=(--bf16 true); else device_args+=(--fp16 true); fi
-    fi
+    read -r -a device_args <<<"$plan"
+    GPUS_PER_NODE="${device_args[0]}"
+    device_args=("${device_args[@]:1}")
     local deepspeed_args=()
     [[ -n "$DEEPSPEED" ]] && deepspeed_args=(--deepspeed "$DEEPSPEED")
 
@@ -104,6 +102,7 @@ launch() {
         "${passthrough[@]}"
     )
     echo "+ ${command[*]}" >&2
+    [[ "${SFT_DRY_RUN:-0}" == 1 ]] && exit 0  # only show the command
     exec "${command[@]}"
 }
 

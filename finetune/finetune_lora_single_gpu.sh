@@ -6,4 +6,5 @@ USAGE="LoRA fine-tuning in one process (one GPU, or the CPU), without DeepSpeed.
 OUTPUT=output/lora
 DEEPSPEED=""
 MODE_ARGS=("${COMMON_ARGS[@]}" --use_lora --learning_rate 3e-4)
+ONE_PROCESS=1  # one process whatever the GPU count: GPU 0 (CUDA_VISIBLE_DEVICES picks another)
 launch "$@"

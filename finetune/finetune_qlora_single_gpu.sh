@@ -6,4 +6,5 @@ USAGE="Q-LoRA fine-tuning (4-bit NF4 base) in one process (one GPU, or the CPU),
 OUTPUT=output/qlora
 DEEPSPEED=""
 MODE_ARGS=("${COMMON_ARGS[@]}" --use_lora --q_lora --learning_rate 2e-4)
+ONE_PROCESS=1  # one process whatever the GPU count: GPU 0 (CUDA_VISIBLE_DEVICES picks another)
 launch "$@"

@@ -111,7 +111,8 @@ class TrainingArguments(transformers.TrainingArguments):
         default=1,
         metadata={
             "help": "Stop after this many optimizer steps in a row with a NaN/inf loss or gradient norm "
-            "(each such step's update is skipped); the last good checkpoint is kept."
+            "(each such step's update is skipped; fp16 overflows the loss scaler skips do not count; under "
+            "DeepSpeed, whose update is already applied, the first stops the run); the last good checkpoint is kept."
         },
     )
 
@@ -119,15 +120,26 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.bf16 and self.fp16:
             raise ConfigurationError("--bf16 and --fp16 exclude each other: pick one")
         if self.bf16 and not self.use_cpu:
-            if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-                raise ConfigurationError(f"--bf16: this GPU ({torch.cuda.get_device_name()}) has no bf16; use --fp16")
-            if torch.accelerator.current_accelerator() is None:
-                raise ConfigurationError(
-                    "--bf16: no GPU found; drop --bf16, or add --use_cpu for bf16 autocast on the CPU"
-                )
+            from sft.modeling import gpu_bf16  # the one dtype policy (a slow import, only where --bf16 is asked)
+
+            cuda_bf16 = gpu_bf16("cuda") if torch.cuda.is_available() else None
+            check_bf16(cuda_bf16, torch.accelerator.current_accelerator() is not None, _gpu_name())
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
+
+
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
+
+def check_bf16(cuda_bf16: bool | None, accelerator_present: bool, gpu_name: str = "this GPU") -> None:
+    """--bf16 (without --use_cpu) on this machine: `cuda_bf16` is None without a CUDA GPU, else whether it computes
+    bf16 natively (an emulating GPU, V100 or T4, would run far slower than in fp16)."""
+    if cuda_bf16 is False:
+        raise ConfigurationError(f"--bf16: this GPU ({gpu_name}) has no native bf16; use --fp16")
+    if cuda_bf16 is None and not accelerator_present:
+        raise ConfigurationError("--bf16: no GPU found; drop --bf16, or add --use_cpu for bf16 autocast on the CPU")
 
 
 @dataclass
@@ -215,30 +227,68 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
         raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
 
 
-def check_parallelism(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
-    """DeepSpeed and FSDP set-ups that would silently train or save something else, refused before loading."""
+def check_parallelism(
+    training_args: TrainingArguments,
+    lora_args: LoraArguments,
+    device_type: str | None = None,
+    zero3: bool | None = None,
+) -> None:
+    """DeepSpeed and FSDP set-ups that would silently train or save something else, refused before loading.
+    `device_type` ("cuda", "cpu") and `zero3` describe the machine and the DeepSpeed stage; by default they are
+    read from `training_args` and transformers."""
+    device_type = device_type or training_args.device.type
+    zero3 = is_deepspeed_zero3_enabled() if zero3 is None else zero3
     if lora_args.q_lora and training_args.fsdp:
         # FSDP can only shard 4-bit weights stored in the compute dtype (bnb_4bit_quant_storage): not set up here.
         raise ConfigurationError(
             "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh (one process) or "
             "finetune/finetune_qlora_ds.sh (DeepSpeed ZeRO-2, or ZeRO-3 with --deepspeed ds_configs/zero3.json)"
         )
-    if training_args.fsdp and training_args.device.type == "cpu":
+    if training_args.fsdp and device_type == "cpu":
         # accelerate enables FSDP on GPUs only: on the CPU the Trainer would quietly run plain DDP.
         raise ConfigurationError(
             "--fsdp needs GPUs: on the CPU the Trainer silently falls back to plain DDP. On the CPU use DeepSpeed "
             "(finetune/finetune_ds.sh, ZeRO-3) or drop --fsdp"
         )
-    if is_deepspeed_zero3_enabled() and not training_args.hf_deepspeed_config.is_true(
+    if lora_args.q_lora and lora_args.bits == 8 and zero3:
+        # ZeRO-3 shards every weight; bitsandbytes' int8 weights cannot be split and gathered like that.
+        raise ConfigurationError(
+            "--q_lora --bits 8 does not run under DeepSpeed ZeRO-3 (int8 weights cannot be sharded): use --bits 4, "
+            "or ZeRO-2 (ds_configs/zero2.json)"
+        )
+    if zero3 and not training_args.hf_deepspeed_config.is_true(
         "zero_optimization.stage3_gather_16bit_weights_on_model_save"
     ):
         raise ConfigurationError(
             f"{training_args.deepspeed}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save"
             " = true saves sharded weights that transformers cannot load; set it (ds_configs/zero3.json does)"
         )
-    if training_args.fsdp and "FULL_STATE_DICT" not in str(training_args.fsdp_config.get("state_dict_type", "FULL")):
+    if training_args.deepspeed:
+        check_deepspeed_optimizer(
+            training_args.hf_deepspeed_config.config, training_args.optim, training_args.deepspeed
+        )
+    # transformers writes no state_dict_type into fsdp_config unless the user does; its default is FULL_STATE_DICT.
+    state_dict_type = str((training_args.fsdp_config or {}).get("state_dict_type", "FULL_STATE_DICT"))
+    if training_args.fsdp and "FULL_STATE_DICT" not in state_dict_type:
         raise ConfigurationError(
-            "FSDP saves a loadable final model only with fsdp_config state_dict_type FULL_STATE_DICT"
+            f"fsdp_config state_dict_type {state_dict_type}: FSDP saves a model transformers can load only with "
+            "FULL_STATE_DICT (the default; ds_configs/fsdp.json)"
+        )
+
+
+DEFAULT_OPTIM = str(transformers.TrainingArguments.__dataclass_fields__["optim"].default)
+
+
+def check_deepspeed_optimizer(ds_config: dict, optim: str, config_path: Any = "the DeepSpeed config") -> None:
+    """A DeepSpeed config with an `optimizer` block makes DeepSpeed build that optimizer and the Trainer ignore
+    --optim: refused unless --optim is left at its default. Without the block the Trainer builds --optim's optimizer
+    and hands it to DeepSpeed (ds_configs/zero2.json and zero3.json have none)."""
+    optim = str(getattr(optim, "value", optim))
+    if "optimizer" in ds_config and optim != DEFAULT_OPTIM:
+        kind = ds_config["optimizer"].get("type", "its own") if isinstance(ds_config["optimizer"], dict) else "its own"
+        raise ConfigurationError(
+            f"--optim {optim}: {config_path} has an optimizer block, so DeepSpeed would train with {kind} "
+            "instead; remove that block (ds_configs/zero2.json and zero3.json have none) or drop --optim"
         )
 
 

@@ -28,7 +28,15 @@ from transformers import (
 
 from sft.data import Conversation, end_of_turn, render, with_tools
 from sft.errors import ConfigurationError, UserError
-from sft.modeling import ModelPathError, gpu_bf16, inference_dtype, load_model, load_tokenizer, tokenizer_folder
+from sft.modeling import (
+    ModelPathError,
+    gpu_bf16,
+    inference_device_map,
+    inference_dtype,
+    load_model,
+    load_tokenizer,
+    tokenizer_folder,
+)
 from sft.qwen1 import resolve_model_path
 
 
@@ -110,7 +118,9 @@ def load_for_chat(
     device = pick_device(cpu_only)
     dtype = dtype or pick_dtype(device, gptq=_is_gptq(base_path))
     tokenizer = load_tokenizer(tokenizer_folder(path, base_path), trust_remote_code)
-    model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device})
+    model = load_model(
+        base_path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=inference_device_map(device)
+    )
     if adapter_config.is_file():
         from peft import PeftModel
 

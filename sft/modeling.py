@@ -165,18 +165,43 @@ def chat_special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def quantization_config(
-    bits: int, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True
+    bits: int,
+    compute_dtype: torch.dtype,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    sharded: bool = False,
 ) -> BitsAndBytesConfig:
+    """bitsandbytes quantisation for Q-LoRA. `sharded`: the weights will be split across processes (DeepSpeed
+    ZeRO-3, FSDP), which flatten and shard a model's tensors of one dtype: the 4-bit weights are then stored in
+    the compute dtype (bnb_4bit_quant_storage) like every other weight, instead of uint8."""
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         )
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"bits must be 4 or 8, got {bits}")
+
+
+def training_device_map(quantized: bool, cuda: bool, zero3: bool, local_rank: int = 0) -> dict | None:
+    """Where from_pretrained puts a model for training: a quantised model on this process's GPU (bitsandbytes
+    quantises as it loads, on the GPU); nothing otherwise (the Trainer moves it), and never under ZeRO-3, which
+    shards the weights as they load (transformers refuses a device_map there)."""
+    if quantized and cuda and not zero3:
+        return {"": local_rank}
+    return None
+
+
+def inference_device_map(device: torch.device | str) -> dict | str:
+    """Where from_pretrained puts a model to run it: on a GPU machine "auto" (accelerate spreads the layers over
+    every visible GPU, then CPU memory, so a model larger than one GPU still loads); else the one device."""
+    if torch.device(device).type == "cuda":
+        return "auto"
+    return {"": torch.device(device)}
 
 
 def load_model(
@@ -187,9 +212,17 @@ def load_model(
     attn_implementation: str | None = None,
     device_map: dict | str | None = None,
 ) -> PreTrainedModel:
-    """A causal LM; a quantised one goes on this process's GPU when there is one (bitsandbytes needs that)."""
-    if device_map is None and quantization is not None and torch.cuda.is_available():
-        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    """A causal LM; a quantised one goes on this process's GPU when there is one (bitsandbytes needs that),
+    unless DeepSpeed ZeRO-3 shards it."""
+    if device_map is None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        device_map = training_device_map(
+            quantization is not None,
+            torch.cuda.is_available(),
+            is_deepspeed_zero3_enabled(),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
     logger.info("Loading %s (%s%s)", path, dtype, f", {quantization.quant_method} quantised" if quantization else "")
     # Passed only when asked for: an explicit None would drop the quantisation of a pre-quantised (GPTQ) model.
     extra = {"quantization_config": quantization} if quantization is not None else {}

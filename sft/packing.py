@@ -16,6 +16,8 @@ which is what makes transformers keep packed samples apart (checked in transform
 
 `check_no_leak` is that probe: it runs the model once on two packed samples and compares the second sample's
 logits with those it gets alone, so a model that ignores the boundaries is refused before training starts.
+finetune.py runs it as `LeakProbe` when training begins: on the device and in the precision the Trainer trains in
+(a flash-attention kernel refuses fp32 on the CPU, and a 72B forward pass does not belong there).
 
 Each sample's first label is set to -100: the model shifts labels by one, so that label is what the previous
 sample's last token would learn to predict. Unpacked training never trains on it either, so the loss is the same.
@@ -29,7 +31,7 @@ from typing import Literal
 
 import datasets
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
 
 from sft.data import IGNORE_INDEX
 from sft.errors import UserError
@@ -179,7 +181,7 @@ def check_no_leak(model: PreTrainedModel, layout: PackingLayout, tolerance: floa
     try:
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(0)
-        vocabulary = model.get_input_embeddings().weight.shape[0]
+        vocabulary = model.config.get_text_config().vocab_size
         first = torch.randint(0, vocabulary, (7,), generator=generator).tolist()
         second = torch.randint(0, vocabulary, (9,), generator=generator).tolist()
         row = {"input_ids": first + second, "labels": first + second, "position_ids": [*range(7), *range(9)]}
@@ -215,6 +217,25 @@ def check_no_leak(model: PreTrainedModel, layout: PackingLayout, tolerance: floa
     )
 
 
+class LeakProbe(TrainerCallback):
+    """Runs `check_no_leak` once, when training begins: the Trainer has then put the model on its device (and
+    sharded it), and the forward pass runs under the autocast of --bf16/--fp16, as training does."""
+
+    def __init__(self, layout: PackingLayout):
+        self.layout = layout
+        self.ran_with: tuple[str, torch.dtype] | None = None  # (device type, autocast dtype), once it ran
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.ran_with is not None or model is None:
+            return control
+        device_type = next(model.parameters()).device.type
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            check_no_leak(model, self.layout)
+        self.ran_with = (device_type, dtype)
+        return control
+
+
 def prepare_packing(
     model: PreTrainedModel,
     pad_token_id: int,
@@ -226,8 +247,8 @@ def prepare_packing(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, PackedCollator]:
     """Packed training (and evaluation) data and their collator, after checking the model keeps samples apart.
 
-    `check=False` skips the probe forward pass (needed where the model cannot run outside the Trainer yet, e.g.
-    DeepSpeed ZeRO-3); `use_cache` is the Trainer's --use_cache, which must stay off.
+    `check=False` skips the probe forward pass here (finetune.py runs it as a `LeakProbe` once training begins);
+    `use_cache` is the Trainer's --use_cache, which must stay off.
     """
     if use_cache:
         raise PackingError("--packing needs --use_cache off: with a KV cache transformers does not separate samples")

@@ -5,8 +5,11 @@
 - `PreemptionHandler`: the first SIGTERM or SIGINT lets the current optimizer step finish, saves a checkpoint
   and stops training (the caller then exits with `EXIT_PREEMPTED`); a second signal exits at once. Under
   torchrun every rank stops at the same step.
-- A loss or gradient norm that is not finite skips that optimizer step (its gradients are dropped);
-  `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint.
+- The NaN/inf guard decides after each optimizer step, for all processes at once (`nonfinite_verdict`): a
+  non-finite loss or gradient norm skips that step (its gradients are dropped, or the fp16 loss scaler skips it)
+  and `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint; an
+  ordinary fp16 overflow the scaler skips is not counted; a non-finite step DeepSpeed has already applied stops
+  the run at once.
 - Tokens are counted as they are trained on (`token_counts`, `throughput`), across resumes: each checkpoint's
   finetune_run.json records the counts so far.
 """
@@ -21,6 +24,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -154,6 +158,45 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+UpdateEngine = Literal["plain", "scaler", "deepspeed"]
+Verdict = Literal["ok", "overflow", "skipped", "applied"]
+
+
+def nonfinite_verdict(loss_nonfinite: bool, norm_nonfinite: bool, engine: UpdateEngine, step_skipped: bool) -> Verdict:
+    """What an optimizer step was, for the NaN/inf guard (flags already combined over all processes).
+
+    `engine` is who applied the update: "plain" (an optimizer whose non-finite steps we skip by dropping the
+    gradients first), "scaler" (fp16's loss scaler: it skips any step whose gradients overflowed and lowers its
+    scale), "deepspeed" (its step has already run when we see the step; its fp16 scaler skips overflows).
+    `step_skipped` is the scaler's or DeepSpeed's own report that it skipped the step.
+
+    - "ok": finite.
+    - "overflow": the loss was finite and the loss scaler skipped the step for overflowing gradients: ordinary in
+      fp16 (the gradient norm is inf after an overflowing unscale), not counted.
+    - "skipped": a non-finite loss or gradient whose update was not applied: counted toward max_nonfinite_steps.
+    - "applied": a non-finite step that was applied anyway (DeepSpeed in bf16/fp32 has no overflow check; a scaler
+      that did not skip it): the weights may hold NaN now, so the run stops at once, keeping the last good
+      checkpoint.
+    """
+    if engine != "plain" and step_skipped:
+        # The scaler skips only overflowing steps; DeepSpeed's ZeRO does not always report the norm of one.
+        return "skipped" if loss_nonfinite else "overflow"
+    if not (loss_nonfinite or norm_nonfinite):
+        return "ok"
+    return "skipped" if engine == "plain" else "applied"
+
+
+class _GuardAfterStep(TrainerCallback):
+    """Hands the Trainer's on_optimizer_step event to the guard: the step's outcome is known only then."""
+
+    def __init__(self, trainer: FinetuneTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step()
+        return control
+
+
 class FinetuneTrainer(Trainer):
     """transformers.Trainer with atomic checkpoints and a NaN/inf guard."""
 
@@ -163,7 +206,10 @@ class FinetuneTrainer(Trainer):
         self.run_mode = run_mode  # written into each checkpoint, so a resume in another mode is refused
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_stop_step: int | None = None
-        self._loss_nonfinite = False
+        self._loss_nonfinite = False  # this process, this optimizer step
+        self._step_flags = (False, False)  # all processes: (loss, gradient norm) not finite, this step
+        self._step_grad_norm = None
+        self.add_callback(_GuardAfterStep(self))
         self._staging_root: str | None = None
         self._session_counts: torch.Tensor | None = None  # this process's [trained, non-padding] tokens so far
         self._resumed_counts = {"trained_tokens": 0, "tokens": 0}  # all processes', before this session
@@ -237,27 +283,55 @@ class FinetuneTrainer(Trainer):
             self._loss_nonfinite = True
         return loss
 
+    def _update_engine(self) -> UpdateEngine:
+        if self.is_deepspeed_enabled:
+            return "deepspeed"
+        return "scaler" if self.accelerator.scaler is not None else "plain"
+
     def _get_grad_norm(self, model, grad_norm=None):
-        # Called once per optimizer step, after backward and clipping and before optimizer.step().
+        # Called once per optimizer step, after backward and clipping, before optimizer.step() (under DeepSpeed,
+        # after its step: accelerate runs the engine's step inside backward).
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        norm_finite = grad_norm is None or math.isfinite(float(grad_norm))
-        if self._loss_nonfinite or not norm_finite:
-            step = self.state.global_step + 1
-            self.nonfinite_steps += 1
-            logger.warning(
-                "Step %d: non-finite %s; skipping its update (%d in a row, limit %d)",
-                step, "loss" if self._loss_nonfinite else f"gradient norm ({grad_norm})",
-                self.nonfinite_steps, self.max_nonfinite_steps,
-            )  # fmt: skip
+        norm_nonfinite = grad_norm is not None and not math.isfinite(float(grad_norm))
+        # One decision for all processes: a rank that skipped or stopped alone would hang the others.
+        flags = torch.tensor([float(self._loss_nonfinite), float(norm_nonfinite)], device=self.args.device)
+        flags = self.accelerator.reduce(flags, reduction="sum")
+        self._step_flags = (bool(flags[0] > 0), bool(flags[1] > 0))
+        self._step_grad_norm = grad_norm
+        self._loss_nonfinite = False
+        if self._update_engine() == "plain" and any(self._step_flags):
             for parameter in model.parameters():
                 parameter.grad = None  # the optimizer skips parameters without a gradient
-            if self.nonfinite_steps >= self.max_nonfinite_steps:
-                self.nonfinite_stop_step = step
-                self.control.should_training_stop = True
-        else:
-            self.nonfinite_steps = 0
-        self._loss_nonfinite = False
         return grad_norm
+
+    def _after_optimizer_step(self) -> None:
+        """The guard's decision for the step just taken (from the on_optimizer_step callback)."""
+        loss_nonfinite, norm_nonfinite = self._step_flags
+        self._step_flags = (False, False)
+        verdict = nonfinite_verdict(
+            loss_nonfinite, norm_nonfinite, self._update_engine(), self.accelerator.optimizer_step_was_skipped
+        )
+        step = self.state.global_step + 1
+        if verdict == "ok":
+            self.nonfinite_steps = 0
+            return
+        if verdict == "overflow":
+            logger.info("Step %d: fp16 gradients overflowed; the loss scaler skipped it and lowers its scale", step)
+            return
+        what = "loss" if loss_nonfinite else f"gradient norm ({self._step_grad_norm})"
+        self.nonfinite_steps += 1
+        if verdict == "applied":
+            logger.warning("Step %d: non-finite %s, and its update was already applied: stopping", step, what)
+            self.nonfinite_stop_step = step
+            self.control.should_training_stop = True
+            return
+        logger.warning(
+            "Step %d: non-finite %s; its update skipped (%d in a row, limit %d)",
+            step, what, self.nonfinite_steps, self.max_nonfinite_steps,
+        )  # fmt: skip
+        if self.nonfinite_steps >= self.max_nonfinite_steps:
+            self.nonfinite_stop_step = step
+            self.control.should_training_stop = True
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         if self.nonfinite_stop_step is not None:

@@ -16,7 +16,35 @@ REPORT_JSON, REPORT_MD = "gpu_suite.json", "gpu_suite.md"
 # Every check the suite has: each must be in the report, run or skipped with its reason.
 CHECKS = ("train-lora", "train-qlora-4bit", "train-qlora-8bit", "train-full", "packing-sdpa", "packing-flash-varlen",
           "resume-sigterm", "merge-reload", "chat-stream")  # fmt: skip
-GPU_ONLY_CHECKS = ("train-qlora-4bit", "train-qlora-8bit", "packing-flash-varlen")
+# What users run, each through its own process: every launcher (with one process) and mode.
+LAUNCHER_CHECKS = {
+    "launch-full-zero3": ("finetune_ds.sh", ""),
+    "launch-lora-zero2": ("finetune_lora_ds.sh", ""),
+    "launch-lora-zero3": ("finetune_lora_ds.sh", "zero3.json"),
+    "launch-qlora-single": ("finetune_qlora_single_gpu.sh", ""),
+    "launch-qlora-zero2": ("finetune_qlora_ds.sh", ""),
+    "launch-qlora-zero3": ("finetune_qlora_ds.sh", "zero3.json"),
+    "launch-fsdp-full": ("finetune_fsdp.sh", ""),
+    "launch-fsdp-lora": ("finetune_fsdp.sh", "--use_lora"),
+    "launch-lora-single": ("finetune_lora_single_gpu.sh", ""),
+}
+USER_CHECKS = ("finetune-packing-sdpa", "finetune-packing-flash", "fp16-overflow", "liger-kernel", "outputs-merge",
+               "outputs-gptq", "outputs-chat")  # fmt: skip
+ALL_CHECKS = (*CHECKS, *LAUNCHER_CHECKS, *USER_CHECKS)
+GPU_ONLY_CHECKS = ("train-qlora-4bit", "train-qlora-8bit", "packing-flash-varlen", "launch-qlora-single",
+                   "launch-fsdp-full", "launch-full-zero3", "fp16-overflow", "finetune-packing-flash")  # fmt: skip
+
+
+def test_the_check_list_names_every_launcher_and_mode():
+    # Read from the suite's own table, in a process of its own (tests do not import bench).
+    code = "import json; from bench import gpu_suite_launch as g; print(json.dumps(g.LAUNCHERS))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    launchers = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (script, marker) in LAUNCHER_CHECKS.items():
+        assert launchers[name][0] == script and marker in " ".join(launchers[name][1]), name
+    assert {script for script, _ in LAUNCHER_CHECKS.values()} == {
+        path.name for path in (REPO / "finetune").glob("finetune_*.sh")
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -31,7 +59,8 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
     # resume-sigterm starts two finetune.py processes: tests/test_training.py covers it; here it must still be
     # listed, as not selected.
-    cpu_checks = ["train-lora", "train-full", "packing-sdpa", "merge-reload", "chat-stream"]
+    cpu_checks = ["train-lora", "train-full", "packing-sdpa", "merge-reload", "chat-stream", "launch-lora-single",
+                  "finetune-packing-sdpa", "outputs-merge", "outputs-chat"]  # fmt: skip
     main(["--phase", "check", "--smoke", "--out", str(out), "--work_dir", str(work),
           "--checks", *cpu_checks, *GPU_ONLY_CHECKS])  # fmt: skip
     main(["--phase", "profile", "--smoke", "--out", str(out), "--work_dir", str(work), "--seq_lengths", "32"])
@@ -39,11 +68,14 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     report = json.loads((out / REPORT_JSON).read_text())
     assert [run["phase"] for run in report["runs"]] == ["check --smoke", "profile --smoke"]
     checks = report["checks"]
-    assert set(checks) == set(CHECKS)  # none silently missing
+    assert set(checks) == set(ALL_CHECKS)  # none silently missing
     for name in cpu_checks:
         assert checks[name]["status"] == "pass", (name, checks[name])
     for name in GPU_ONLY_CHECKS:
         assert checks[name]["status"] == "skip" and "CUDA" in checks[name]["reason"], (name, checks[name])
+    for name in ("launch-lora-zero2", "liger-kernel", "outputs-gptq"):  # listed, not selected
+        assert checks[name]["status"] == "skip" and "not selected" in checks[name]["reason"], (name, checks[name])
+    assert checks["outputs-chat"]["figures"]["replies"], checks["outputs-chat"]
     assert checks["resume-sigterm"]["status"] == "skip" and "not selected" in checks["resume-sigterm"]["reason"]
     assert (
         checks["merge-reload"]["figures"]["merge_logit_diff"]
@@ -68,7 +100,7 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     assert "MFU not computed" in report["profile"]["settings"]["peak"]
 
     markdown = (out / REPORT_MD).read_text()
-    for name in CHECKS:
+    for name in ALL_CHECKS:
         assert f"| {name} | **{checks[name]['status']}** |" in markdown
     assert "| Model Size | Method | Recipe | Sequence Length 32 |" in markdown
     assert "| tiny | Q-LoRA | ours | skip: CUDA bitsandbytes kernels" in markdown

@@ -139,10 +139,9 @@ def test_lora_deepspeed_two_processes_match_one_process(tiny_model, tmp_path, lo
     assert run_info["mode"] == "lora"
     # 2 processes x 2 samples follow 1 process x 4 samples, step by step.
     assert losses(state) == pytest.approx(losses(reference), rel=1e-4)
-    # The LR is the cosine schedule asked for, not a DeepSpeed scheduler's. DeepSpeed steps the schedule inside
-    # its own optimizer step, before the Trainer logs it: each step logs the next step's LR (the one used is the
-    # plain run's, as the equal losses show).
-    assert learning_rates(state) == pytest.approx(cosine(range(1, STEPS + 1)), rel=1e-6, abs=1e-12)
+    # The LR is the cosine schedule asked for, not a DeepSpeed scheduler's; the Trainer builds the optimizer and
+    # the schedule (the configs have no optimizer block), so each step logs the LR it used, as a plain run does.
+    assert learning_rates(state) == pytest.approx(cosine(range(STEPS)), rel=1e-6, abs=1e-12)
     assert learning_rates(reference) == pytest.approx(cosine(range(STEPS)), rel=1e-6, abs=1e-12)
     # The adapter (gathered from the shards under ZeRO-3) is the one the single process trained, and loads.
     assert_same_tensors(
@@ -196,7 +195,8 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_the_rerun_resumes(tiny_mod
     # copy lands before a worker has handled the first is a race; test_training checks that rule on its own.)
     output = tmp_path / "out"
     env = {**os.environ, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
-    command = ["bash", "finetune/finetune_lora_single_gpu.sh", "-m", tiny_model, "-d", EXAMPLES, "-o", str(output)]
+    # Two processes: the multi-process LoRA launcher (DeepSpeed ZeRO-2); the one-GPU launchers run one process.
+    command = ["bash", "finetune/finetune_lora_ds.sh", "-m", tiny_model, "-d", EXAMPLES, "-o", str(output)]
     command += [*PASSTHROUGH, "--per_device_train_batch_size", "2", "--max_steps", "500"]
     run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)  # fmt: skip
@@ -263,3 +263,42 @@ def test_launcher_help_and_missing_arguments():
             ["bash", f"finetune/{script}", "-d", EXAMPLES], cwd=REPO, capture_output=True, text=True
         )
         assert missing.returncode == 2 and "-m MODEL and -d DATA are required" in missing.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune_lora_single_gpu.sh", "finetune_qlora_single_gpu.sh"])
+def test_one_gpu_launchers_start_one_process_whatever_the_gpu_count(tmp_path, script):
+    command = [
+        "bash",
+        f"finetune/{script}",
+        "-m",
+        str(tmp_path / "no-model"),
+        "-d",
+        EXAMPLES,
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    # GPUS_PER_NODE=2 on this CPU machine: refused, naming the launchers that do start several processes.
+    env = {**os.environ, "GPUS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "error: this launcher trains in one process; GPUS_PER_NODE=2 asks for more" in run.stderr
+    assert "finetune/finetune_lora_ds.sh" in run.stderr and "torchrun" not in run.stderr
+    # An 8-GPU node with native bf16, described to the launcher: one process, in bf16 (the command, not run).
+    env = {**os.environ, "SFT_GPU_COUNT": "8", "SFT_GPU_BF16": "1", "SFT_DRY_RUN": "1"}
+    env.pop("GPUS_PER_NODE", None)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    started = next(line for line in run.stderr.splitlines() if line.startswith("+ torchrun"))
+    assert " --nproc_per_node 1 " in started and " --bf16 true " in started and "--use_cpu" not in started
+
+
+def test_multi_process_launchers_start_one_process_per_gpu_in_the_precision_it_has(tmp_path):
+    command = ["bash", "finetune/finetune_lora_ds.sh", "-m", str(tmp_path / "no-model"), "-d", EXAMPLES]
+    env = {**os.environ, "SFT_GPU_COUNT": "4", "SFT_GPU_BF16": "0", "SFT_DRY_RUN": "1"}
+    env.pop("GPUS_PER_NODE", None)
+    run = subprocess.run([*command, "-o", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    started = next(line for line in run.stderr.splitlines() if line.startswith("+ torchrun"))
+    # A V100-like GPU emulates bf16: fp16 it is.
+    assert " --nproc_per_node 4 " in started and " --fp16 true " in started and "--bf16" not in started

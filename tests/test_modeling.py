@@ -9,9 +9,12 @@ from sft.chat import pick_dtype
 from sft.errors import ConfigurationError
 from sft.modeling import (
     gpu_bf16,
+    inference_device_map,
     inference_dtype,
     merge_dtype,
     named_dtype,
+    quantization_config,
+    training_device_map,
     training_dtype,
     training_weights_dtype,
 )
@@ -79,3 +82,29 @@ def test_the_gpu_is_asked_whether_it_has_bf16_natively(monkeypatch):
     assert gpu_bf16(torch.device("cuda", 0)) is False and asked == [False]
     assert pick_dtype(torch.device("cuda")) == torch.float16  # sft.chat follows the same policy
     assert pick_dtype(torch.device("cpu"), gptq=True) == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("quantized", "cuda", "zero3", "device_map"),
+    [
+        (True, True, False, {"": 3}),  # bitsandbytes quantises on this process's GPU
+        (True, True, True, None),  # ZeRO-3 shards while loading: transformers refuses any device_map there
+        (True, False, False, None),
+        (False, True, False, None),  # the Trainer (or DeepSpeed, FSDP) moves an unquantised model
+    ],
+)
+def test_training_device_map(quantized, cuda, zero3, device_map):
+    assert training_device_map(quantized, cuda, zero3, local_rank=3) == device_map
+
+
+def test_sharded_four_bit_weights_are_stored_in_the_compute_dtype():
+    # ZeRO-3 and FSDP flatten and shard tensors of one dtype: 4-bit weights kept as uint8 could not join them.
+    assert quantization_config(4, torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(4, torch.float16, sharded=True).bnb_4bit_quant_storage == torch.float16
+    assert quantization_config(4, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8  # one process, ZeRO-2
+
+
+def test_inference_device_map_spreads_over_the_gpus():
+    assert inference_device_map("cuda") == "auto"  # a model larger than one GPU still loads
+    assert inference_device_map(torch.device("cuda", 0)) == "auto"
+    assert inference_device_map("cpu") == {"": torch.device("cpu")}

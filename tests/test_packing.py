@@ -13,6 +13,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from sft.data import IGNORE_INDEX, load_conversations, make_collator, tokenize_conversations
 from sft.packing import (
+    LeakProbe,
     PackedCollator,
     PackingError,
     best_fit_decreasing,
@@ -169,3 +170,12 @@ def test_finetune_trains_packed_and_refuses_a_leaking_attention(tiny_model, tmp_
 
     with pytest.raises(PackingError, match="--packing: attention implementation 'leaky_causal'"):
         run_finetune(*finetune_args(tiny_model, tmp_path / "leaky", "--attn_implementation", "leaky_causal"))
+
+
+def test_the_leak_probe_runs_when_training_begins_in_the_training_precision(tiny_model, tmp_path, run_finetune,
+                                                                            common_args):  # fmt: skip
+    # bf16 autocast on the CPU stands for a GPU run in bf16: the probe runs where and as training does (a
+    # flash-attention kernel refuses the fp32 of a model still on the CPU), not right after loading.
+    trainer = run_finetune(*common_args(tiny_model, tmp_path / "out", steps=2), "--packing", "--bf16", "--use_cpu")
+    probes = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, LeakProbe)]
+    assert len(probes) == 1 and probes[0].ran_with == ("cpu", torch.bfloat16)

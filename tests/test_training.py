@@ -15,7 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from sft.errors import UserError
-from sft.training import EXIT_NONFINITE, EXIT_PREEMPTED, STAGING_DIR, NonFiniteLoss, last_complete_checkpoint
+from sft.training import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    STAGING_DIR,
+    NonFiniteLoss,
+    last_complete_checkpoint,
+    nonfinite_verdict,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,6 +157,31 @@ def test_nan_guard_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model, 
     checkpoint = last_complete_checkpoint(output)
     assert int(checkpoint.rsplit("-", 1)[1]) < last_step
     assert not (output / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("loss_nonfinite", "norm_nonfinite", "engine", "step_skipped", "verdict"),
+    [
+        (False, False, "plain", False, "ok"),
+        (False, True, "plain", False, "skipped"),  # bf16/fp32: we drop the gradients, the optimizer skips
+        (True, True, "plain", False, "skipped"),
+        # fp16's loss scaler: an overflowing step (the norm is inf after unscaling) is ordinary, skipped by it
+        (False, True, "scaler", True, "overflow"),
+        (True, True, "scaler", True, "skipped"),  # a non-finite loss is counted, even though the scaler skipped
+        (False, True, "scaler", False, "applied"),
+        (False, False, "scaler", False, "ok"),
+        # DeepSpeed has applied the update before anyone sees the step: fp16 overflows it skips itself...
+        (False, True, "deepspeed", True, "overflow"),
+        (True, True, "deepspeed", True, "skipped"),
+        # ...but in bf16/fp32 a non-finite step is applied (the weights may hold NaN): stop at once
+        (False, True, "deepspeed", False, "applied"),
+        (True, False, "deepspeed", False, "applied"),
+        (False, False, "deepspeed", False, "ok"),
+        (False, False, "deepspeed", True, "overflow"),  # ZeRO skipped the step without reporting its norm
+    ],
+)
+def test_nonfinite_verdict(loss_nonfinite, norm_nonfinite, engine, step_skipped, verdict):
+    assert nonfinite_verdict(loss_nonfinite, norm_nonfinite, engine, step_skipped) == verdict
 
 
 def test_target_modules_that_match_nothing_list_the_real_ones(tiny_model, tmp_path, run_finetune, common_args):
