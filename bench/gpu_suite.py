@@ -108,6 +108,15 @@ BF16_PEAK_TFLOPS = (
 # ---------------------------------------------------------------------------------------------- the report
 
 
+def merge_results(results: dict, other: dict) -> None:
+    """Adds another run's checks or cells: a newer result replaces an older one, but a skip (not selected, no
+    time left) never replaces a result that was measured, so runs split by --checks merge into one report."""
+    for name, result in other.items():
+        if result.get("status") == "skip" and results.get(name, {}).get("status", "skip") != "skip":
+            continue
+        results[name] = result
+
+
 class Report:
     """OUT/gpu_suite.json and OUT/gpu_suite.md, merged with what is already there and rewritten on every change."""
 
@@ -120,10 +129,10 @@ class Report:
 
     def merge(self, other: dict) -> None:
         self.data["runs"] += [run for run in other.get("runs", []) if run not in self.data["runs"]]
-        self.data["checks"].update(other.get("checks", {}))
+        merge_results(self.data["checks"], other.get("checks", {}))
         self.data["check_model"] = other.get("check_model") or self.data["check_model"]
         self.data["profile"]["settings"].update(other.get("profile", {}).get("settings", {}))
-        self.data["profile"]["cells"].update(other.get("profile", {}).get("cells", {}))
+        merge_results(self.data["profile"]["cells"], other.get("profile", {}).get("cells", {}))
 
     def check(self, name: str, status: str, reason: str = "", **figures) -> None:
         with self.lock:  # checks run in threads too (bench.gpu_suite_launch)

@@ -109,3 +109,15 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     merged = tmp_path / "merged"
     main(["--phase", "report", "--out", str(merged), "--merge", str(out / REPORT_JSON)])
     assert json.loads((merged / REPORT_JSON).read_text()) == report
+
+    # A later call that did not run a check (not selected, no time left) keeps the earlier result; a later result
+    # that was measured replaces it.
+    later = json.loads(json.dumps(report))
+    later["runs"] = [{**run, "started": "later"} for run in report["runs"]]
+    later["checks"]["train-lora"] = {"status": "skip", "reason": "not selected (--checks)", "figures": {}}
+    later["checks"]["train-full"] = {"status": "fail", "reason": "a later failure", "figures": {}}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    combined = tmp_path / "combined"
+    main(["--phase", "report", "--out", str(combined), "--merge", str(out / REPORT_JSON), str(tmp_path / "later.json")])
+    checks = json.loads((combined / REPORT_JSON).read_text())["checks"]
+    assert checks["train-lora"]["status"] == "pass" and checks["train-full"]["reason"] == "a later failure"
