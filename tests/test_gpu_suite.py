@@ -114,8 +114,13 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     # that was measured replaces it.
     later = json.loads(json.dumps(report))
     later["runs"] = [{**run, "started": "later"} for run in report["runs"]]
-    later["checks"]["train-lora"] = {"status": "skip", "reason": "not selected (--checks)", "figures": {}}
-    later["checks"]["train-full"] = {"status": "fail", "reason": "a later failure", "figures": {}}
+    later["checks"]["train-lora"] = {
+        "status": "skip",
+        "reason": "not selected (--checks)",
+        "figures": {},
+        "device": "cpu",
+    }
+    later["checks"]["train-full"] = {"status": "fail", "reason": "a later failure", "figures": {}, "device": "cpu"}
     (tmp_path / "later.json").write_text(json.dumps(later))
     combined = tmp_path / "combined"
     main(["--phase", "report", "--out", str(combined), "--merge", str(out / REPORT_JSON), str(tmp_path / "later.json")])
