@@ -27,8 +27,8 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        default="tiny-qwen2", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of the model to fine-tune (required)."}
     )
     trust_remote_code: bool = field(
         default=False,
@@ -49,9 +49,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(
-        default="data/example_chatml.jsonl",
-        metadata={"help": "Training data: JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."},
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data (required): JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."
+        },
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     lazy_preprocess: bool = field(
@@ -105,7 +107,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False, metadata={"help": "Batch samples of similar length together (less padding)."}
     )
     start_over: bool = field(
-        default=False, metadata={"help": "Ignore checkpoints already in output_dir instead of resuming from them."}
+        default=False,
+        metadata={
+            "help": "Train from scratch: the earlier run in output_dir is moved aside to "
+            "<output_dir>.previous-<time> (kept), instead of resumed."
+        },
     )
     max_nonfinite_steps: int = field(
         default=1,
@@ -203,6 +209,14 @@ def parse_dataclasses(dataclass_types: Sequence[type], argv: Sequence[str]) -> t
 def parse_arguments(argv: Sequence[str]) -> RunArguments:
     """finetune.py's arguments from its command line (without the program name)."""
     return RunArguments(*parse_dataclasses((ModelArguments, DataArguments, TrainingArguments, LoraArguments), argv))
+
+
+def check_required(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """The arguments without a default: a forgotten one is an error, never a stand-in model or data set."""
+    if not model_args.model_name_or_path:
+        raise ConfigurationError("--model_name_or_path is required: the hub id or local folder of the model to train")
+    if not data_args.data_path:
+        raise ConfigurationError("--data_path is required: the training data file")
 
 
 def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
