@@ -24,12 +24,15 @@ class DiskFull(UserError):
     """A save that ran out of space: its partial folder is removed, the last complete checkpoint kept."""
 
 
+# How the writers report a full disk without an OSError: torch.save's zip writer (RuntimeError) and safetensors
+# (SafetensorError), in their own words.
+DISK_FULL_MESSAGES = ("No space left on device", "os error 28", "unexpected pos", "file write failed")
+
+
 def _is_disk_full(error: BaseException) -> bool:
-    if isinstance(error, OSError):
+    if isinstance(error, OSError) and error.errno is not None:
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    # torch.save reports a failed write as a RuntimeError from its zip writer, without an errno.
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+    return any(message in str(error) for message in DISK_FULL_MESSAGES)
 
 
 @contextmanager
@@ -38,7 +41,7 @@ def disk_full_is_a_user_error(partial: str | os.PathLike, doing: str) -> Iterato
     writing), so that the disk is not left full of a half-written folder."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         if not _is_disk_full(error):
             raise
         shutil.rmtree(partial, ignore_errors=True)
