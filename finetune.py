@@ -45,6 +45,7 @@ from sft.errors import ConfigurationError, run_main
 from sft.modeling import (
     add_lora,
     chat_special_token_ids,
+    load_lora,
     load_model,
     load_tokenizer,
     quantization_config,
@@ -235,6 +236,8 @@ def build_model(
         model.config.use_cache = False
     if not training_args.use_lora:
         return model
+    if lora_args.lora_weight_path:
+        return load_lora(model, lora_args.lora_weight_path, lora_args.q_lora, training_args.gradient_checkpointing)
     try:
         return add_lora(
             model,

@@ -145,7 +145,13 @@ class LoraArguments:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module names to adapt; 'all-linear' is every linear layer but the output layer."},
     )
-    lora_weight_path: str = field(default="", metadata={"help": "Accepted for Qwen compatibility; unused."})
+    lora_weight_path: str = field(
+        default="",
+        metadata={
+            "help": "A LoRA adapter folder to continue training (its own rank, alpha and targets are used; the "
+            "other --lora_* flags are then ignored)."
+        },
+    )
     lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
     q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: LoRA on a bitsandbytes-quantised base model."})
     bits: int = field(default=4, metadata={"help": "Q-LoRA quantisation: 4 (NF4/FP4) or 8 (LLM.int8)."})
@@ -225,6 +231,12 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
         raise ConfigurationError("--q_lora trains LoRA adapters on a quantised model: add --use_lora")
     if lora_args.bits not in (4, 8):
         raise ConfigurationError(f"--bits must be 4 or 8, got {lora_args.bits}")
+    if lora_args.lora_weight_path and not training_args.use_lora:
+        raise ConfigurationError("--lora_weight_path continues a LoRA adapter: add --use_lora")
+    if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path, "adapter_config.json").is_file():
+        raise ConfigurationError(
+            f"--lora_weight_path {lora_args.lora_weight_path}: no LoRA adapter there (no adapter_config.json)"
+        )
     if lora_args.train_special_tokens and not training_args.use_lora:
         raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
 

@@ -218,16 +218,9 @@ def add_lora(
     gradient_checkpointing: bool = False,
 ):
     """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        model.enable_input_require_grads()
+    model = prepare_for_lora(model, quantized, gradient_checkpointing)
     if isinstance(target_modules, list) and target_modules in (["all-linear"], ["all_linear"]):
         target_modules = "all-linear"
     trainable_token_indices = None
@@ -262,6 +255,37 @@ def add_lora(
         ) from None
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: %s of %s parameters trainable (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def prepare_for_lora(model: PreTrainedModel, quantized: bool, gradient_checkpointing: bool) -> PreTrainedModel:
+    """What a base model needs before adapters train on it: k-bit preparation, inputs that carry gradients for
+    gradient checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    if quantized:
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def load_lora(model: PreTrainedModel, path: str, quantized: bool = False, gradient_checkpointing: bool = False):
+    """The adapter saved in `path` on `model`, trainable: training continues from its weights, with its own LoRA
+    configuration (rank, alpha, targets, trainable token rows)."""
+    from peft import PeftModel
+
+    model = prepare_for_lora(model, quantized, gradient_checkpointing)
+    model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    config = model.peft_config["default"]
+    logger.info(
+        "LoRA: continuing the adapter in %s (r=%s, alpha=%s, targets %s)",
+        path, config.r, config.lora_alpha, sorted(config.target_modules or []),
+    )  # fmt: skip
     return model
 
 

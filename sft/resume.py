@@ -108,7 +108,15 @@ def model_identity(model: str) -> dict[str, Any]:
 # Data options that change the rows trained on.
 ROW_OPTIONS = ("train_on", "packing", "system_prompt", "drop_long_samples", "fold_system_prompt")
 # The LoRA options the saved adapter and its optimizer state belong to.
-LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_bias", "train_special_tokens")
+LORA_OPTIONS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_bias",
+    "train_special_tokens",
+    "lora_weight_path",
+)
 
 
 def _plain(value: Any) -> Any:
