@@ -4,8 +4,8 @@
 
 Also takes one JSON or YAML file holding the same arguments, optionally followed by flags that override it:
 `python finetune.py config.yaml --learning_rate 1e-4`. Flags follow Qwen's finetune.py (sft/args.py), so its
-users' commands keep working. Rerunning the same command resumes from the last checkpoint in --output_dir
-(--start_over ignores them).
+users' commands keep working. Rerunning the same command resumes from the last checkpoint in --output_dir, or
+says the run is finished; another run's folder is refused (sft/resume.py; --start_over moves the old run aside).
 
 `train()` is the whole run as a function of the parsed arguments; it raises a UserError for what the user can fix,
 which `main()` prints as one `error:` line.
@@ -54,7 +54,7 @@ from sft.modeling import (
 )
 from sft.packing import prepare_packing
 from sft.qwen1 import native_lora_targets, resolve_model_path
-from sft.resume import decide_on_rank_zero, plan_resume, run_identity
+from sft.resume import decide_resume, run_identity
 from sft.training import FinetuneTrainer, init_deepspeed_comm, save_final, train_until_done
 
 logger = logging.getLogger("finetune")
@@ -107,22 +107,8 @@ def train(
         training_args,
         lora_args,
     )
-    plan = decide_on_rank_zero(
-        lambda: plan_resume(
-            training_args.output_dir,
-            identity,
-            resume_from_checkpoint=training_args.resume_from_checkpoint,
-            start_over=training_args.start_over,
-            max_steps=training_args.max_steps,
-            num_train_epochs=training_args.num_train_epochs,
-        )
-    )
+    plan = decide_resume(training_args, identity)
     if plan.finished:
-        logger.warning(
-            "%s already holds this run, finished: nothing to do. To train it further raise --max_steps or "
-            "--num_train_epochs; to train it again pass --start_over",
-            training_args.output_dir,
-        )
         return None
     checkpoint = plan.checkpoint
 

@@ -275,6 +275,27 @@ def check_checkpoint_mode(checkpoint: str, mode: str) -> None:
         )
 
 
+def decide_resume(training_args: Any, identity: dict[str, Any]) -> ResumePlan:
+    """finetune.py's decision (made on rank 0, received by every rank): `plan_resume` on its arguments."""
+    plan = decide_on_rank_zero(
+        lambda: plan_resume(
+            training_args.output_dir,
+            identity,
+            resume_from_checkpoint=training_args.resume_from_checkpoint,
+            start_over=training_args.start_over,
+            max_steps=training_args.max_steps,
+            num_train_epochs=training_args.num_train_epochs,
+        )
+    )
+    if plan.finished:
+        logger.warning(
+            "%s already holds this run, finished: nothing to do. To train it further raise --max_steps or "
+            "--num_train_epochs; to train it again pass --start_over",
+            training_args.output_dir,
+        )
+    return plan
+
+
 def _checkpoint_step(checkpoint: str | None) -> int | None:
     if not checkpoint:
         return None

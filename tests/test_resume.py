@@ -70,7 +70,7 @@ def test_a_rerun_of_another_run_is_refused_naming_the_field(finished_run, tmp_pa
 def test_a_finished_run_is_recognised_and_left_untouched(finished_run, run_finetune, caplog):
     output, flags = finished_run
     before = folder_hashes(output)
-    caplog.set_level("WARNING", logger="finetune")
+    caplog.set_level("WARNING")
     # Logging and saving cadence may differ: still the same run.
     assert run_finetune(*flags, "--logging_steps", "5", "--save_steps", "3") is None
     assert "already holds this run, finished: nothing to do" in caplog.text
