@@ -59,9 +59,10 @@ def checkpoint_bytes(model: torch.nn.Module, full: bool, with_optimizer: bool = 
     ones, in their dtypes, for an adapter), the optimizer state of the trainable ones, and some overhead."""
     saved = trainable = 0
     for parameter in model.parameters():
-        size = parameter.numel() * parameter.element_size()
+        count = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 shards: the whole parameter's count
+        size = count * parameter.element_size()
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += count
         if full or parameter.requires_grad:
             saved += size
     optimizer = trainable * OPTIMIZER_BYTES_PER_PARAMETER if with_optimizer else 0
