@@ -4,8 +4,8 @@
 
 Also takes one JSON or YAML file holding the same arguments, optionally followed by flags that override it:
 `python finetune.py config.yaml --learning_rate 1e-4`. Flags follow Qwen's finetune.py (sft/args.py), so its
-users' commands keep working. Rerunning the same command resumes from the last checkpoint in --output_dir
-(--start_over ignores them).
+users' commands keep working. Rerunning the same command resumes from the last checkpoint in --output_dir, or
+says the run is finished; another run's folder is refused (sft/resume.py; --start_over moves the old run aside).
 
 `train()` is the whole run as a function of the parsed arguments; it raises a UserError for what the user can fix,
 which `main()` prints as one `error:` line.
@@ -35,14 +35,17 @@ from sft.args import (
     TrainingArguments,
     check_arguments,
     check_parallelism,
+    check_required,
     parse_arguments,
     training_mode,
 )
 from sft.data import load_conversations, make_collator, template_overhead, tokenize_conversations
+from sft.disk import check_room, checkpoint_bytes
 from sft.errors import ConfigurationError, run_main
 from sft.modeling import (
     add_lora,
     chat_special_token_ids,
+    load_lora,
     load_model,
     load_tokenizer,
     quantization_config,
@@ -51,7 +54,8 @@ from sft.modeling import (
 )
 from sft.packing import LeakProbe, prepare_packing
 from sft.qwen1 import native_lora_targets, resolve_model_path
-from sft.training import FinetuneTrainer, init_deepspeed_comm, resume_checkpoint, save_final, train_until_done
+from sft.resume import decide_resume, run_identity
+from sft.training import FinetuneTrainer, init_deepspeed_comm, save_final, train_until_done
 
 logger = logging.getLogger("finetune")
 
@@ -62,12 +66,14 @@ def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
 
 def train(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, lora_args: LoraArguments
-) -> FinetuneTrainer:
-    """One run: checks, data, model, Trainer, training, final save. Returns the Trainer after a finished run;
-    raises a UserError for what the user can fix, `Preempted` when a signal stopped the run (checkpoint saved)."""
+) -> FinetuneTrainer | None:
+    """One run: checks, data, model, Trainer, training, final save. Returns the Trainer after a finished run, None
+    when --output_dir held this run finished already (nothing is trained or written then); raises a UserError for
+    what the user can fix, `Preempted` when a signal stopped the run (checkpoint saved)."""
     sft.quiet.setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
 
     # 1. Every mistake in the arguments, the data and the output folder is reported before the (slow) model load.
+    check_required(model_args, data_args)
     check_arguments(training_args, lora_args)
     check_parallelism(training_args, lora_args)
     train_conversations = load_conversations(data_args.data_path, data_args.system_prompt)
@@ -75,7 +81,6 @@ def train(
     if data_args.eval_data_path:
         eval_conversations = load_conversations(data_args.eval_data_path, data_args.system_prompt)
     mode = training_mode(training_args, lora_args)
-    checkpoint = resume_checkpoint(training_args.output_dir, mode, training_args.start_over)
     logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
 
     # 2. The base model's path, resolved once: later steps and the saved adapter use the resolved one.
@@ -90,8 +95,24 @@ def train(
         qwen1_source, model_args.model_name_or_path = model_args.model_name_or_path, native
         lora_args.lora_target_modules = native_lora_targets(lora_args.lora_target_modules)
 
-    # 3. Tokenised data: the chat template's refusals, still before the model loads.
+    # 3. The tokenizer, and what --output_dir holds: this run to resume, extend or leave finished, or another
+    # run (refused), all before the model loads.
     tokenizer = tokenizer_or_error(model_args, training_args.model_max_length)
+
+    identity = run_identity(
+        mode,
+        qwen1_source or model_args.model_name_or_path,
+        tokenizer.chat_template,
+        data_args,
+        training_args,
+        lora_args,
+    )
+    plan = decide_resume(training_args, identity)
+    if plan.finished:
+        return None
+    checkpoint = plan.checkpoint
+
+    # 4. Tokenised data: the chat template's refusals, still before the model loads.
     tokenize_options = dict(
         tokenizer=tokenizer,
         max_length=training_args.model_max_length,
@@ -107,10 +128,14 @@ def train(
         if eval_conversations:
             eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
 
-    # 4. The model, with LoRA adapters unless a full fine-tune.
+    # 5. The model, with LoRA adapters unless a full fine-tune, and room on the disk for its checkpoints.
     model = build_model(model_args, training_args, lora_args, tokenizer)
+    check_room(
+        training_args.output_dir,
+        checkpoint_bytes(model, full=mode == "full", with_optimizer=training_args.save_strategy != "no"),
+    )
 
-    # 5. Batches: padded, or packed rows that each keep their samples apart.
+    # 6. Batches: padded, or packed rows that each keep their samples apart.
     data_collator = make_collator(tokenizer)
     callbacks = []
     if data_args.packing:
@@ -126,7 +151,7 @@ def train(
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
             callbacks.append(LeakProbe(data_collator.layout))
 
-    # 6. Training, stoppable by a signal and guarded against NaN.
+    # 7. Training, stoppable by a signal and guarded against NaN.
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
@@ -137,6 +162,7 @@ def train(
         max_nonfinite_steps=training_args.max_nonfinite_steps,
         run_mode=mode,
         callbacks=callbacks,
+        identity=identity,
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
@@ -144,13 +170,15 @@ def train(
         logger.info("Resuming from %s (pass --start_over to ignore it)", checkpoint)
     result = train_until_done(trainer, checkpoint, training_args.output_dir)
 
-    # 7. The final model or adapter, with what made it.
+    # 8. The final model or adapter, with what made it.
     run_info = {
         "mode": mode,
         "base_model": model_args.model_name_or_path,
         "data_path": os.path.abspath(data_args.data_path),
+        "identity": identity,
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "epoch": trainer.state.epoch,
+        "train_loss": trainer.run_train_loss(),  # the whole run's, across resumes (result's is this session's)
         **trainer.throughput(result.metrics["train_runtime"]),  # trained tokens and tokens per second
         "arguments": {**asdict(model_args), **asdict(data_args), **asdict(lora_args)},
     }
@@ -164,7 +192,8 @@ def tokenizer_or_error(model_args: ModelArguments, max_length: int):
     """The tokenizer of --model_name_or_path, checked to leave room for text within `max_length` tokens."""
     path = model_args.model_name_or_path
     try:
-        tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length)
+        # Its own model_max_length is kept (and saved with the output): --model_max_length is the training length.
+        tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
         raise ConfigurationError(f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})") from None
     overhead = template_overhead(tokenizer)
@@ -201,6 +230,8 @@ def build_model(
         model.config.use_cache = False
     if not training_args.use_lora:
         return model
+    if lora_args.lora_weight_path:
+        return load_lora(model, lora_args.lora_weight_path, lora_args.q_lora, training_args.gradient_checkpointing)
     try:
         return add_lora(
             model,

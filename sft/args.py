@@ -27,8 +27,8 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        default="tiny-qwen2", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of the model to fine-tune (required)."}
     )
     trust_remote_code: bool = field(
         default=False,
@@ -49,9 +49,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(
-        default="data/example_chatml.jsonl",
-        metadata={"help": "Training data: JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."},
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data (required): JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."
+        },
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     lazy_preprocess: bool = field(
@@ -105,7 +107,11 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False, metadata={"help": "Batch samples of similar length together (less padding)."}
     )
     start_over: bool = field(
-        default=False, metadata={"help": "Ignore checkpoints already in output_dir instead of resuming from them."}
+        default=False,
+        metadata={
+            "help": "Train from scratch: the earlier run in output_dir is moved aside to "
+            "<output_dir>.previous-<time> (kept), instead of resumed."
+        },
     )
     max_nonfinite_steps: int = field(
         default=1,
@@ -151,7 +157,13 @@ class LoraArguments:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module names to adapt; 'all-linear' is every linear layer but the output layer."},
     )
-    lora_weight_path: str = field(default="", metadata={"help": "Accepted for Qwen compatibility; unused."})
+    lora_weight_path: str = field(
+        default="",
+        metadata={
+            "help": "A LoRA adapter folder to continue training (its own rank, alpha and targets are used; the "
+            "other --lora_* flags are then ignored)."
+        },
+    )
     lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
     q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: LoRA on a bitsandbytes-quantised base model."})
     bits: int = field(default=4, metadata={"help": "Q-LoRA quantisation: 4 (NF4/FP4) or 8 (LLM.int8)."})
@@ -217,12 +229,26 @@ def parse_arguments(argv: Sequence[str]) -> RunArguments:
     return RunArguments(*parse_dataclasses((ModelArguments, DataArguments, TrainingArguments, LoraArguments), argv))
 
 
+def check_required(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """The arguments without a default: a forgotten one is an error, never a stand-in model or data set."""
+    if not model_args.model_name_or_path:
+        raise ConfigurationError("--model_name_or_path is required: the hub id or local folder of the model to train")
+    if not data_args.data_path:
+        raise ConfigurationError("--data_path is required: the training data file")
+
+
 def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
     """Argument combinations that cannot work, refused before anything is loaded."""
     if lora_args.q_lora and not training_args.use_lora:
         raise ConfigurationError("--q_lora trains LoRA adapters on a quantised model: add --use_lora")
     if lora_args.bits not in (4, 8):
         raise ConfigurationError(f"--bits must be 4 or 8, got {lora_args.bits}")
+    if lora_args.lora_weight_path and not training_args.use_lora:
+        raise ConfigurationError("--lora_weight_path continues a LoRA adapter: add --use_lora")
+    if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path, "adapter_config.json").is_file():
+        raise ConfigurationError(
+            f"--lora_weight_path {lora_args.lora_weight_path}: no LoRA adapter there (no adapter_config.json)"
+        )
     if lora_args.train_special_tokens and not training_args.use_lora:
         raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
 

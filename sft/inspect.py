@@ -40,7 +40,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sft.args import DataArguments, LoraArguments, ModelArguments, parse_dataclasses
+from sft.args import DataArguments, LoraArguments, ModelArguments, check_required, parse_dataclasses
 from sft.args import TrainingArguments as FinetuneTrainingArguments
 from sft.data import (
     IGNORE_INDEX,
@@ -140,7 +140,9 @@ def untruncated_stats(
 ) -> list[SampleStats]:
     """Each sample tokenised whole by `tokenize_conversations` (cached: rerunning with another --model_max_length
     does not tokenise again), read in batches so that no whole data set of token lists is held in memory."""
-    options = dict(tokenizer=tokenizer, train_on=data_args.train_on, drop_long=False)
+    options = dict(
+        tokenizer=tokenizer, train_on=data_args.train_on, drop_long=False, fold_system=data_args.fold_system_prompt
+    )
     try:
         whole, _ = tokenize_conversations(
             conversations,
@@ -197,6 +199,7 @@ def inspect_data(
 ) -> Inspection:
     """finetune.py's preprocessing of --data_path, and what it did to each sample. Raises a UserError for what
     finetune.py would refuse."""
+    check_required(model_args, data_args)
     max_length = training_args.model_max_length
     conversations = load_conversations(data_args.data_path, data_args.system_prompt)
     origins = read_records(data_args.data_path)  # one per conversation, in the same order
@@ -224,6 +227,7 @@ def inspect_data(
             drop_long=data_args.drop_long_samples,
             num_proc=data_args.preprocessing_num_workers,
             cache_dir=data_args.preprocessing_cache_dir,
+            fold_system=data_args.fold_system_prompt,
             description="train",
         )
     except ValueError:  # nothing left to train on: the report below says why

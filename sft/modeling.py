@@ -107,15 +107,17 @@ def merge_dtype(requested: str | None, saved: torch.dtype | str | None) -> torch
     return DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
 
 
-# Tokens a ChatML-style template adds around every turn: the rows a base model has never trained.
-CHAT_SPECIAL_TOKENS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<|begin_of_text|>",
+# Conversations rendered to find the special tokens a chat template writes: with a system message (where the
+# template takes one), two turns, and the generation prompt.
+_TEMPLATE_PROBES = (
+    [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye."},
+        {"role": "assistant", "content": "Goodbye."},
+    ],
+    [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}],
 )
 
 
@@ -139,6 +141,15 @@ def load_tokenizer(
         else:
             tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
+        vocabulary = tokenizer.get_vocab()
+        missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in vocabulary]
+        if missing:
+            # ChatML's markers would then be learned as several ordinary tokens, and generation never stops on one.
+            raise ConfigurationError(
+                f"{path}: the tokenizer has no chat template, and ChatML (the fallback) needs the tokens "
+                f"{', '.join(missing)} it does not have: add a chat template to the model folder "
+                "(chat_template.jinja), or use the model's chat (instruct) version"
+            )
         # Saved with the outputs, so what was trained on ChatML is served with ChatML.
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
@@ -159,9 +170,27 @@ def tokenizer_folder(folder: str, base_model: str) -> str:
 
 
 def chat_special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of the chat template's special tokens that this tokenizer has."""
-    vocabulary = tokenizer.get_vocab()
-    return sorted({vocabulary[token] for token in CHAT_SPECIAL_TOKENS if token in vocabulary})
+    """Ids of the special (added) tokens the tokenizer's own chat template writes around turns: its headers and
+    end-of-turn marker (ChatML's <|im_start|>/<|im_end|>, Gemma's <start_of_turn>/<end_of_turn>, Mistral's
+    [INST]/[/INST] and </s>, ...), found by rendering probe conversations. Logged by name."""
+    from sft.data.templates import try_render_many
+
+    special = set(tokenizer.added_tokens_decoder)
+    texts, _ = try_render_many(tokenizer, [list(probe) for probe in _TEMPLATE_PROBES])
+    generation, _ = try_render_many(tokenizer, [list(_TEMPLATE_PROBES[1])], add_generation_prompt=True)
+    ids: set[int] = set()
+    for text in [*texts, *generation]:
+        if text is not None:
+            ids.update(index for index in tokenizer(text, add_special_tokens=False)["input_ids"] if index in special)
+    if not ids:
+        raise ConfigurationError(
+            "--train_special_tokens: the chat template writes no special token (its markers are ordinary text): "
+            "there are no rows to train; drop the flag"
+        )
+    logger.info(
+        "--train_special_tokens: training the rows of %s", ", ".join(tokenizer.convert_ids_to_tokens(sorted(ids)))
+    )
+    return sorted(ids)
 
 
 def quantization_config(
@@ -251,16 +280,9 @@ def add_lora(
     gradient_checkpointing: bool = False,
 ):
     """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        model.enable_input_require_grads()
+    model = prepare_for_lora(model, quantized, gradient_checkpointing)
     if isinstance(target_modules, list) and target_modules in (["all-linear"], ["all_linear"]):
         target_modules = "all-linear"
     trainable_token_indices = None
@@ -295,6 +317,37 @@ def add_lora(
         ) from None
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: %s of %s parameters trainable (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def prepare_for_lora(model: PreTrainedModel, quantized: bool, gradient_checkpointing: bool) -> PreTrainedModel:
+    """What a base model needs before adapters train on it: k-bit preparation, inputs that carry gradients for
+    gradient checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    if quantized:
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def load_lora(model: PreTrainedModel, path: str, quantized: bool = False, gradient_checkpointing: bool = False):
+    """The adapter saved in `path` on `model`, trainable: training continues from its weights, with its own LoRA
+    configuration (rank, alpha, targets, trainable token rows)."""
+    from peft import PeftModel
+
+    model = prepare_for_lora(model, quantized, gradient_checkpointing)
+    model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    config = model.peft_config["default"]
+    logger.info(
+        "LoRA: continuing the adapter in %s (r=%s, alpha=%s, targets %s)",
+        path, config.r, config.lora_alpha, sorted(config.target_modules or []),
+    )  # fmt: skip
     return model
 
 

@@ -32,7 +32,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from sft.data import IGNORE_INDEX
-from sft.errors import ConfigurationError, RunStopped, UserError
+from sft.disk import disk_full_is_a_user_error
+from sft.errors import RunStopped, UserError
 from sft.outputs import publish, read_run_info, replace_folder, staging_folder, staging_path, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -72,32 +73,6 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             os.replace(checkpoint, incomplete)
             logger.warning("%s is incomplete: moved to %s", checkpoint, incomplete)
     return None
-
-
-def resume_checkpoint(output_dir: str, mode: str, start_over: bool) -> str | None:
-    """The checkpoint to resume from, if any; refuses an output_dir that holds a run of another mode."""
-    finished = read_run_info(output_dir)
-    if finished is not None and finished.get("mode") != mode:
-        raise ConfigurationError(
-            f"--output_dir {output_dir} holds a finished {finished.get('mode')} run; this run is {mode}: "
-            "choose another --output_dir"
-        )
-    checkpoint = None if start_over else last_complete_checkpoint(output_dir)
-    if checkpoint:
-        recorded = read_run_info(checkpoint)
-        if recorded is not None:
-            checkpoint_mode = recorded.get("mode")
-            same_mode = checkpoint_mode == mode
-        else:  # a checkpoint that does not say its mode (another tool's): tell adapters from full models
-            holds_adapter = Path(checkpoint, "adapter_config.json").is_file()
-            checkpoint_mode = "LoRA" if holds_adapter else "full"
-            same_mode = holds_adapter == (mode != "full")
-        if not same_mode:
-            raise ConfigurationError(
-                f"{checkpoint} is from a {checkpoint_mode} run; this run is {mode}: choose another --output_dir, "
-                "or pass --start_over to train from scratch there"
-            )
-    return checkpoint
 
 
 # A second signal this soon after the first is the same stop request arriving twice: Ctrl-C or a scheduler
@@ -200,10 +175,14 @@ class _GuardAfterStep(TrainerCallback):
 class FinetuneTrainer(Trainer):
     """transformers.Trainer with atomic checkpoints and a NaN/inf guard."""
 
-    def __init__(self, *args, max_nonfinite_steps: int = 1, run_mode: str | None = None, **kwargs):
+    def __init__(
+        self, *args, max_nonfinite_steps: int = 1, run_mode: str | None = None, identity: dict | None = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.max_nonfinite_steps = max_nonfinite_steps
         self.run_mode = run_mode  # written into each checkpoint, so a resume in another mode is refused
+        self.identity = identity  # likewise: a resume of another run is refused (sft.resume)
+        self._resumed_loss_sum = 0.0  # the sum of the per-step losses of the sessions before this one
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_stop_step: int | None = None
         self._loss_nonfinite = False  # this process, this optimizer step
@@ -272,7 +251,22 @@ class FinetuneTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             recorded = read_run_info(resume_from_checkpoint) or {}
             self._resumed_counts = {key: int(recorded.get(key, 0)) for key in self._resumed_counts}
+            self._resumed_loss_sum = float(recorded.get("loss_sum", 0.0))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _session_loss_sum(self) -> float:
+        """The sum of this session's per-step losses (mean over processes): what transformers divides by the
+        session's steps for its train_loss, with the part not yet logged. Every process must call it."""
+        pending = getattr(self, "_tr_loss", None)
+        pending_sum = 0.0
+        if isinstance(pending, torch.Tensor):
+            pending_sum = float(self.accelerator.gather(pending.detach().reshape(1).float()).mean())
+        return float(getattr(self, "_total_loss_scalar", 0.0)) + pending_sum
+
+    def run_train_loss(self) -> float:
+        """The mean per-step training loss of the whole run, resumed sessions included (after train())."""
+        steps = max(self.state.global_step, 1)
+        return (self._resumed_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0))) / steps
 
     # ---- NaN / inf guard ----
 
@@ -349,24 +343,30 @@ class FinetuneTrainer(Trainer):
         staging_root = os.path.join(run_dir, STAGING_DIR)
         if self.args.should_save and os.path.exists(staging_root):
             shutil.rmtree(staging_root)  # what a killed save left behind
-        counts = self.token_counts()  # a collective: before the rank-0-only writing below
+        counts = self.token_counts()  # collectives: before the rank-0-only writing below
+        loss_sum = self._resumed_loss_sum + self._session_loss_sum()
         self.accelerator.wait_for_everyone()
         self._staging_root = staging_root
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_full_is_a_user_error(staging_root, f"saving {name}"):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()
+        final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
+        best = self.state.best_model_checkpoint
+        if best and os.path.abspath(best).startswith(os.path.abspath(staging_root)):
+            # The Trainer recorded the best checkpoint where it wrote it: record where it is kept.
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
         if self.args.should_save:
-            final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
-            if self.run_mode is not None:
-                write_run_info(staged, {"mode": self.run_mode, **counts})
+            with disk_full_is_a_user_error(staging_root, f"saving {name}"):
+                if best != self.state.best_model_checkpoint:
+                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+                if self.run_mode is not None:
+                    record = {"mode": self.run_mode, "identity": self.identity, **counts, "loss_sum": loss_sum}
+                    write_run_info(staged, record)
             replace_folder(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
-                self.state.best_model_checkpoint = os.path.join(
-                    run_dir, os.path.basename(self.state.best_model_checkpoint)
-                )
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -421,9 +421,11 @@ def save_final(trainer: Trainer, tokenizer, output_dir: str, run_info: dict) -> 
     if trainer.is_world_process_zero():
         staging_folder(output_dir)  # emptied of what a killed save left
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
+    with disk_full_is_a_user_error(staging, "saving the final output"):
+        trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(staging)
+            write_run_info(staging, run_info)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
-        write_run_info(staging, run_info)
         publish(staging, output_dir)
         logger.info("Saved the final %s to %s", "adapter" if run_info["mode"] != "full" else "model", output_dir)

@@ -121,6 +121,7 @@ def test_rerun_resumes_from_the_last_checkpoint_onto_the_same_weights(
     run_finetune(*args, *extra)
     shutil.rmtree(resumed / "checkpoint-6")
     (resumed / weights_file).unlink()
+    (resumed / "finetune_run.json").unlink()  # written last: a run stopped before the end has none
 
     caplog.set_level("INFO", logger="finetune")
     second = run_finetune(*args, *extra)
@@ -243,3 +244,41 @@ def test_a_corrupt_run_record_in_the_output_dir_is_one_error_line(tiny_model, tm
     done = run_script("finetune.py", "--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir",
                       str(output), "--report_to", "none")  # fmt: skip
     assert_user_error(done, f"{output / 'finetune_run.json'}: not a valid run record")
+
+
+@pytest.mark.parametrize("missing", ["--model_name_or_path", "--data_path"])
+def test_a_missing_model_or_data_is_an_error_not_a_stand_in(tmp_path, user_error, missing):
+    flags = {"--model_name_or_path": str(tmp_path / "no-model"), "--data_path": EXAMPLES}
+    del flags[missing]
+    args = [item for pair in flags.items() for item in pair]
+    line = user_error("finetune.py", *args, "--output_dir", str(tmp_path / "out"), "--report_to", "none")
+    assert line.startswith(f"error: {missing} is required")
+
+
+def test_lora_weight_path_continues_training_the_given_adapter(chat_adapter, tiny_model, tmp_path, run_finetune,
+                                                               common_args):  # fmt: skip
+    output = tmp_path / "continued"
+    # A learning rate of 0: what is saved is what training started from.
+    run_finetune(*common_args(tiny_model, output, steps=1), "--use_lora", "--lora_weight_path", chat_adapter,
+                 "--learning_rate", "0", "--lora_r", "4")  # fmt: skip
+    given, saved = (
+        load_file(Path(chat_adapter, "adapter_model.safetensors")),
+        load_file(output / "adapter_model.safetensors"),
+    )
+    assert given.keys() == saved.keys()
+    for name in given:
+        torch.testing.assert_close(saved[name], given[name], rtol=0, atol=0)
+    assert json.loads((output / "adapter_config.json").read_text())["r"] == 8  # the adapter's, not --lora_r's
+
+
+def test_lora_weight_path_without_an_adapter_is_refused(tiny_model, tmp_path, run_finetune, common_args):
+    with pytest.raises(UserError, match="--lora_weight_path .*: no LoRA adapter there"):
+        run_finetune(*common_args(tiny_model, tmp_path / "out"), "--use_lora", "--lora_weight_path", str(tmp_path))
+
+
+def test_the_saved_tokenizer_keeps_its_own_model_max_length(tiny_model, tmp_path, run_finetune, common_args):
+    output = tmp_path / "out"
+    run_finetune(*common_args(tiny_model, output, steps=1), "--use_lora", "--model_max_length", "200")
+    own = AutoTokenizer.from_pretrained(tiny_model).model_max_length
+    assert own != 200
+    assert AutoTokenizer.from_pretrained(output).model_max_length == own

@@ -225,3 +225,21 @@ def test_training_config_file_and_bf16_without_a_gpu(tiny_model, tmp_path):
     model_args, data_args, training_args, inspect_args = parse_arguments([str(config), "--show", "5"])
     assert training_args.model_max_length == 128 and inspect_args.show == 5
     assert inspect_data(model_args, data_args, training_args).report["steps_per_epoch"] == 3
+
+
+def test_fold_system_prompt_reaches_the_inspection(tiny_model, tmp_path):
+    from chat_templates import GEMMA2_STYLE
+
+    tokenizer = load_tokenizer(tiny_model)
+    tokenizer.chat_template = GEMMA2_STYLE  # refuses a system message
+    data = tmp_path / "system.jsonl"
+    sample = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                           {"role": "assistant", "content": "Hello."}]}  # fmt: skip
+    data.write_text(json.dumps(sample) + "\n")
+    cache = ["--preprocessing_cache_dir", str(tmp_path / "cache")]
+    model_args, data_args, training_args, _ = inspect_args(tiny_model, str(data), *cache)
+    assert inspect_data(model_args, data_args, training_args, tokenizer=tokenizer).report["samples"] == 1
+    model_args, data_args, training_args, _ = inspect_args(tiny_model, str(data), "--fold_system_prompt", "false",
+                                                           *cache)  # fmt: skip
+    with pytest.raises(UserError, match="System role not supported"):
+        inspect_data(model_args, data_args, training_args, tokenizer=tokenizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,63 @@ def test_inference_device_map_spreads_over_the_gpus():
     assert inference_device_map("cuda") == "auto"  # a model larger than one GPU still loads
     assert inference_device_map(torch.device("cuda", 0)) == "auto"
     assert inference_device_map("cpu") == {"": torch.device("cpu")}
+
+
+def templated_tokenizer(tokenizer, template: str, added: dict):
+    """A copy of the tiny tokenizer with `added` special tokens and another chat template."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens(added)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def special_tokens_trained(tokenizer) -> set[str]:
+    from sft.modeling import chat_special_token_ids
+
+    return set(tokenizer.convert_ids_to_tokens(chat_special_token_ids(tokenizer)))
+
+
+def test_train_special_tokens_takes_the_markers_of_the_model_s_own_template(tokenizer):
+    from chat_templates import GEMMA2_STYLE, MISTRAL_STYLE
+
+    assert special_tokens_trained(tokenizer) == {"<|im_start|>", "<|im_end|>"}  # ChatML's, not <|endoftext|>
+    markers = ["<start_of_turn>", "<end_of_turn>"]
+    gemma = templated_tokenizer(tokenizer, GEMMA2_STYLE, {"bos_token": "<bos>", "additional_special_tokens": markers})
+    assert special_tokens_trained(gemma) == {"<bos>", "<start_of_turn>", "<end_of_turn>"}
+    mistral = templated_tokenizer(
+        tokenizer,
+        MISTRAL_STYLE,
+        {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]},
+    )
+    assert special_tokens_trained(mistral) == {"<s>", "[INST]", "[/INST]", "</s>"}
+
+
+def test_train_special_tokens_with_a_template_of_plain_text_is_refused(tokenizer):
+    from chat_templates import ALPACA_STYLE
+
+    with pytest.raises(ConfigurationError, match="the chat template writes no special token"):
+        special_tokens_trained(templated_tokenizer(tokenizer, ALPACA_STYLE, {}))
+
+
+def test_no_template_and_no_chatml_tokens_is_an_error_not_multi_token_markers(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sft.modeling import load_tokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "with-chatml-tokens")
+    (tmp_path / "with-chatml-tokens" / "chat_template.jinja").unlink(missing_ok=True)
+    assert "<|im_start|>" in load_tokenizer(str(tmp_path / "with-chatml-tokens")).chat_template
+
+    folder = tmp_path / "without"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(
+        (tmp_path / "with-chatml-tokens" / "tokenizer.json").read_text().replace("<|im_start|>", "<|xx_start|>")
+    )
+    config = '{"eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}'
+    (folder / "tokenizer_config.json").write_text(config)
+    with pytest.raises(ConfigurationError, match=re.escape("needs the tokens <|im_start|> it does not have")):
+        load_tokenizer(str(folder))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,25 +201,28 @@ def test_model_max_length_below_the_template_overhead(tiny_model, tmp_path, run_
 
 
 def test_output_dir_of_another_mode_is_refused_before_loading(tiny_model, tmp_path, run_finetune, common_args):
+    # The tiny model's tokenizer without its weights: reaching the model load would fail with another error.
+    no_weights = tmp_path / "tokenizer-only"
+    shutil.copytree(tiny_model, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     output = tmp_path / "out"
     run_finetune(*common_args(tiny_model, output, steps=2), "--use_lora")
-    with pytest.raises(UserError, match="holds a finished lora run; this run is full"):
-        run_finetune(*common_args(str(tmp_path / "no-model"), output, steps=2))
+    with pytest.raises(UserError, match='holds another run: mode: "lora" there, "full" now'):
+        run_finetune(*common_args(str(no_weights), output, steps=2))
 
     checkpoints_only = tmp_path / "checkpoints"
     run_finetune(*common_args(tiny_model, checkpoints_only, steps=2), "--use_lora",
                  "--save_strategy", "steps", "--save_steps", "2")  # fmt: skip
     (checkpoints_only / "finetune_run.json").unlink()
-    with pytest.raises(UserError, match="checkpoint-2 is from a lora run; this run is full"):
-        run_finetune(*common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
+    with pytest.raises(UserError, match='checkpoint-2 holds another run: mode: "lora" there, "full" now'):
+        run_finetune(*common_args(str(no_weights), checkpoints_only, steps=2))
     # Resuming LoRA checkpoints as Q-LoRA would silently train on a quantised base: refused as well.
-    with pytest.raises(UserError, match="checkpoint-2 is from a lora run; this run is qlora-4bit"):
-        run_finetune(*common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2),
+    with pytest.raises(UserError, match='checkpoint-2 holds another run: mode: "lora" there, "qlora-4bit" now'):
+        run_finetune(*common_args(str(no_weights), checkpoints_only, steps=2),
                      "--use_lora", "--q_lora")  # fmt: skip
     # A checkpoint that does not say its mode is still told apart by its files.
     (checkpoints_only / "checkpoint-2" / "finetune_run.json").unlink()
     with pytest.raises(UserError, match="checkpoint-2 is from a LoRA run; this run is full"):
-        run_finetune(*common_args(str(tmp_path / "no-model"), checkpoints_only, steps=2))
+        run_finetune(*common_args(str(no_weights), checkpoints_only, steps=2))
 
 
 def test_bf16_without_a_gpu_says_so(tmp_path, run_finetune):
