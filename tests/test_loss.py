@@ -98,6 +98,13 @@ def test_lora_with_trained_output_layer():
     assert_fused_matches_plain(model, batch())
 
 
+def test_lora_on_the_output_layer():
+    # a LoRA-wrapped lm_head: its own forward per chunk, its adapter weights trained
+    config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    model = get_peft_model(tiny(tie_word_embeddings=False), config)
+    assert type(assert_fused_matches_plain(model, batch()).head) is not torch.nn.Linear
+
+
 def test_lora_trainable_token_indices():
     config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 5, 7]})
     model = get_peft_model(tiny(tie_word_embeddings=True), config)
