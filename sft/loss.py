@@ -242,10 +242,9 @@ def fused_loss_for(
     return FusedLoss(lm.get_decoder(), head, transform, factor, chunk, gather)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, num_items_in_batch=None, fused: FusedLoss | None = None):
-    """The training loss of `model` (a transformers CausalLM or a peft model) on `batch`, fused where possible:
-    a drop-in for `model(**batch).loss` in a hand-written loop (e.g. bench/gpu_profile.py)."""
-    fused = fused or fused_loss_for(model)
+def causal_lm_loss(model: nn.Module, batch: dict, fused: FusedLoss | None, num_items_in_batch=None):
+    """`model(**batch).loss` for a hand-written loop (e.g. bench/gpu_profile.py), fused when `fused` (from
+    `fused_loss_for(model)`, decided once) is given, the model's own loss when it is None."""
     if fused is None:
         return model(**batch).loss
     return fused(model, batch, num_items_in_batch)[0]
