@@ -7,6 +7,8 @@
   torchrun every rank stops at the same step.
 - A loss or gradient norm that is not finite skips that optimizer step (its gradients are dropped);
   `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint.
+- The training loss is fused with the output layer (sft/loss.py) unless `--fused_loss false`: set up once, used
+  in `compute_loss` wherever nobody needs the logits.
 - Tokens are counted as they are trained on (`token_counts`, `throughput`), across resumes: each checkpoint's
   finetune_run.json records the counts so far.
 """
@@ -256,7 +258,7 @@ class FinetuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Fused where nobody needs the logits: training, and evaluation that keeps only the loss.
         needs_logits = return_outputs and not self._loss_only
-        if self.fused_loss is None or needs_logits or "labels" not in inputs:
+        if self.fused_loss is None or needs_logits or "labels" not in inputs or "shift_labels" in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # As Trainer.compute_loss: the model sees num_items_in_batch only if it takes loss kwargs, and the loss
         # summed over this process's share of the batch is scaled back up by the number of processes.
