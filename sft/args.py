@@ -121,6 +121,13 @@ class TrainingArguments(transformers.TrainingArguments):
             "DeepSpeed, whose update is already applied, the first stops the run); the last good checkpoint is kept."
         },
     )
+    fused_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the training loss chunk by chunk over trained positions only, without the whole "
+            "[tokens x vocabulary] logits (same loss and gradients, far less memory); false: the model's own loss."
+        },
+    )
 
     def __post_init__(self):
         if self.bf16 and self.fp16:

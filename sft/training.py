@@ -10,6 +10,8 @@
   and `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint; an
   ordinary fp16 overflow the scaler skips is not counted; a non-finite step DeepSpeed has already applied stops
   the run at once.
+- The training loss is fused with the output layer (sft/loss.py) unless `--fused_loss false`: set up once, used
+  in `compute_loss` wherever nobody needs the logits.
 - Tokens are counted as they are trained on (`token_counts`, `throughput`), across resumes: each checkpoint's
   finetune_run.json records the counts so far.
 """
@@ -34,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from sft.data import IGNORE_INDEX
 from sft.disk import disk_full_is_a_user_error
 from sft.errors import RunStopped, UserError
+from sft.loss import fused_loss_for
 from sft.outputs import publish, read_run_info, replace_folder, staging_folder, staging_path, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -192,6 +195,8 @@ class FinetuneTrainer(Trainer):
         self._staging_root: str | None = None
         self._session_counts: torch.Tensor | None = None  # this process's [trained, non-padding] tokens so far
         self._resumed_counts = {"trained_tokens": 0, "tokens": 0}  # all processes', before this session
+        self.fused_loss = self._fused_loss_setup()  # None: the model's own (plain) loss
+        self._loss_only = False  # inside a prediction_step that keeps only the loss
 
     # ---- token counts ----
 
@@ -267,6 +272,49 @@ class FinetuneTrainer(Trainer):
         """The mean per-step training loss of the whole run, resumed sessions included (after train())."""
         steps = max(self.state.global_step, 1)
         return (self._resumed_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0))) / steps
+
+    # ---- fused output layer and loss (sft/loss.py) ----
+
+    def _fused_loss_setup(self):
+        """The fused loss, or None with one log line saying why not; decided once, here."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        trainer_reason = None
+        if self.label_smoother is not None:
+            trainer_reason = "--label_smoothing_factor needs the whole logits"
+        elif self.compute_loss_func is not None:
+            trainer_reason = "a compute_loss_func was given"
+        if trainer_reason and getattr(self.args, "fused_loss", True):
+            logger.info("Loss: plain, not fused: %s", trainer_reason)
+            return None
+        return fused_loss_for(
+            self.model,
+            zero3=is_deepspeed_zero3_enabled(),
+            fsdp=self.is_fsdp_enabled,
+            liger=self.args.use_liger_kernel,
+            enabled=getattr(self.args, "fused_loss", True),  # plain transformers.TrainingArguments: on
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Fused where nobody needs the logits: training, and evaluation that keeps only the loss.
+        needs_logits = return_outputs and not self._loss_only
+        if self.fused_loss is None or needs_logits or "labels" not in inputs or "shift_labels" in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # As Trainer.compute_loss: the model sees num_items_in_batch only if it takes loss kwargs, and the loss
+        # summed over this process's share of the batch is scaled back up by the number of processes.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, outputs = self.fused_loss(model, inputs, items)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+            loss_scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._loss_only = prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._loss_only = False
 
     # ---- NaN / inf guard ----
 

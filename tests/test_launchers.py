@@ -154,9 +154,13 @@ def test_full_zero3_two_processes_save_the_trained_model(tiny_model, tmp_path, r
     output = tmp_path / "zero3"
     state = launched("finetune_ds.sh", tiny_model, output, 2)
 
-    # The same run in one plain process (no DeepSpeed) at the global batch, with the launcher's defaults.
+    # The same run in one plain process (no DeepSpeed) at the global batch, with the launcher's defaults. ZeRO-3
+    # with a trained output layer keeps the plain loss (sft/loss.py), so the reference does too: the fused loss's
+    # gradients differ from it by rounding alone, but Adam turns rounding on near-zero gradients into updates of
+    # the learning rate's size, beyond this comparison's tolerance.
     reference_output = tmp_path / "plain"
     argv = ["--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir", str(reference_output)]
+    argv += ["--fused_loss", "false"]
     argv += PASSTHROUGH + ["--per_device_train_batch_size", str(GLOBAL_BATCH), "--adam_beta2", "0.95"]
     argv += ["--logging_steps", "1", "--gradient_checkpointing", "true", "--report_to", "none", "--use_cpu", "true"]
     reference = run_finetune(*argv)
