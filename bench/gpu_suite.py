@@ -519,7 +519,8 @@ def start_finetune(args: list[str]) -> subprocess.Popen:
 
 
 def check_resume(ctx: CheckContext, report: Report, steps: int) -> None:
-    from sft.training import EXIT_PREEMPTED, last_complete_checkpoint
+    from sft.stopping import EXIT_PREEMPTED
+    from sft.training import last_complete_checkpoint
 
     reference = ctx.train_results.get("train-lora")
     if reference is None:

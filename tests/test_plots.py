@@ -14,7 +14,8 @@ from PIL import Image
 from sft.data import IGNORE_INDEX, load_conversations, tokenize_conversations
 from sft.packing import pack_dataset
 from sft.plots import plotted_data, training_curves_figure
-from sft.training import EXIT_PREEMPTED, FinetuneTrainer, Preempted
+from sft.stopping import EXIT_PREEMPTED, Preempted
+from sft.training import FinetuneTrainer
 
 EXAMPLES = "data/example_chatml.jsonl"
 

@@ -16,14 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from sft.errors import UserError
-from sft.training import (
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    STAGING_DIR,
-    NonFiniteLoss,
-    last_complete_checkpoint,
-    nonfinite_verdict,
-)
+from sft.stopping import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, nonfinite_verdict
+from sft.training import STAGING_DIR, last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +84,7 @@ def test_a_repeated_signal_is_one_request_and_a_later_one_exits_at_once():
     # twice within milliseconds, and must still save. A second signal sent later means "stop now".
     script = (
         "import os, signal, sys, time\n"
-        "from sft.training import PreemptionHandler, REPEATED_SIGNAL_WINDOW_S\n"
+        "from sft.stopping import PreemptionHandler, REPEATED_SIGNAL_WINDOW_S\n"
         "handler = PreemptionHandler()\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
