@@ -19,9 +19,12 @@ if __name__ == "__main__":
     sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 
 import torch
@@ -35,6 +38,8 @@ from sft.args import (
     TrainingArguments,
     check_arguments,
     check_parallelism,
+    lora_init,
+    lora_init_moves_base_weights,
     parse_arguments,
     training_mode,
 )
@@ -51,7 +56,14 @@ from sft.modeling import (
 )
 from sft.packing import prepare_packing
 from sft.qwen1 import native_lora_targets, resolve_model_path
-from sft.training import FinetuneTrainer, init_deepspeed_comm, resume_checkpoint, save_final, train_until_done
+from sft.training import (
+    FinetuneTrainer,
+    init_deepspeed_comm,
+    resume_checkpoint,
+    save_final,
+    save_initial_adapter,
+    train_until_done,
+)
 
 logger = logging.getLogger("finetune")
 
@@ -109,6 +121,13 @@ def train(
 
     # 4. The model, with LoRA adapters unless a full fine-tune.
     model = build_model(model_args, training_args, lora_args, tokenizer)
+    initial_adapter = None
+    if training_args.use_lora and lora_init_moves_base_weights(lora_args.init_lora_weights):
+        # PiSSA/OLoRA moved part of each base weight into the adapter: the final adapter is saved as its difference
+        # from this initial one, which applies to the unchanged base (what merge_lora.py and the demos load).
+        initial_adapter = tempfile.mkdtemp(prefix="initial-adapter-")
+        atexit.register(shutil.rmtree, initial_adapter, ignore_errors=True)  # also when the run stops early
+        save_initial_adapter(model, initial_adapter, training_args.should_save)
 
     # 5. Batches: padded, or packed rows that each keep their samples apart.
     data_collator = make_collator(tokenizer)
@@ -133,6 +152,7 @@ def train(
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
         run_mode=mode,
+        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
@@ -152,7 +172,7 @@ def train(
     }
     if qwen1_source:
         run_info["qwen1_source"] = qwen1_source
-    save_final(trainer, tokenizer, training_args.output_dir, run_info)
+    save_final(trainer, tokenizer, training_args.output_dir, run_info, initial_adapter)
     return trainer
 
 
@@ -204,6 +224,9 @@ def build_model(
             trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
             quantized=lora_args.q_lora,
             gradient_checkpointing=training_args.gradient_checkpointing,
+            use_dora=lora_args.use_dora,
+            use_rslora=lora_args.use_rslora,
+            init_lora_weights=lora_init(lora_args.init_lora_weights),
         )
     except ValueError as error:  # e.g. target modules that match nothing
         raise ConfigurationError(str(error)) from None

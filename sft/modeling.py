@@ -216,8 +216,12 @@ def add_lora(
     trainable_token_ids: list[int] | None = None,
     quantized: bool = False,
     gradient_checkpointing: bool = False,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
 ):
-    """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer)."""
+    """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer).
+    `use_dora`, `use_rslora` and `init_lora_weights` are peft's LoraConfig variants, passed as they are."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -243,6 +247,9 @@ def add_lora(
         bias=bias,
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_indices,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        init_lora_weights=init_lora_weights,
     )
     try:
         model = get_peft_model(model, config)

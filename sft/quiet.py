@@ -19,6 +19,8 @@ redirected. What is silenced, and why it is harmless:
 - bitsandbytes logs that its optional `kernels` package is missing on the CPU and falls back to its own code.
 - FutureWarning "`is_gradient_checkpointing` is deprecated" (peft asks transformers for it) and torch's
   "'pin_memory' argument is set as true but no accelerator is found" UserWarning on the CPU.
+- peft's "PiSSA/OLoRA changes the base weights of the model ... Consider converting ..." UserWarning: finetune.py
+  saves such adapters converted (--init_lora_weights).
 
 `--verbose` on any script's command line (`setup()` takes it off before the script parses its arguments) or
 SFT_VERBOSE=1 lets all of it through; so does a library's own variable for its own messages (TORCH_LOGS for torch's
@@ -63,6 +65,10 @@ def _silence_known_chatter() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings(
         "ignore", message=r"'pin_memory' argument is set as true but no accelerator is found", category=UserWarning
+    )
+    # finetune.py converts PiSSA/OLoRA adapters to plain LoRA on save, which is what peft's warning recommends.
+    warnings.filterwarnings(
+        "ignore", message=r"(PiSSA|OLoRA) changes the base weights of the model", category=UserWarning
     )
     import torch
 

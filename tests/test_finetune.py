@@ -243,3 +243,20 @@ def test_a_corrupt_run_record_in_the_output_dir_is_one_error_line(tiny_model, tm
     done = run_script("finetune.py", "--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir",
                       str(output), "--report_to", "none")  # fmt: skip
     assert_user_error(done, f"{output / 'finetune_run.json'}: not a valid run record")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--use_dora"], "--use_dora is a LoRA option: add --use_lora"),
+        (["--use_lora", "--init_lora_weights", "eva"], "--init_lora_weights eva: expected one of true, gaussian,"),
+        (["--use_lora", "--q_lora", "--init_lora_weights", "pissa"], "changes the base weights: not with --q_lora"),
+        (["--use_lora", "--use_dora", "--init_lora_weights", "olora"], "peft cannot convert it to a plain adapter"),
+        (["--use_lora", "--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be above 0, got 0.0"),
+    ],
+)
+def test_lora_variant_mistakes_stop_before_the_model_load(tmp_path, run_finetune, flags, message):
+    argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", "data/example_chatml.jsonl"]
+    with pytest.raises(UserError) as stopped:
+        run_finetune(*argv, "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags)
+    assert message in str(stopped.value)
