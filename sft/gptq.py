@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import sft.quiet
 from sft.errors import UserError
 
 GPTQ_REQUIREMENTS = "requirements-gptq.txt"
@@ -24,10 +25,12 @@ def missing_gptq_packages() -> list[str]:
 
 
 def require_gptq(what: str) -> None:
-    """Raises GptqMissingError, naming `what` needed them and how to install them, if a GPTQ package is missing."""
+    """Raises GptqMissingError, naming `what` needed them and how to install them, if a GPTQ package is missing;
+    otherwise quiets their INFO chatter (sft.quiet.quiet_gptq) before they are imported."""
     missing = missing_gptq_packages()
     if missing:
         raise GptqMissingError(
             f"{what} needs the GPTQ packages, not installed here ({', '.join(missing)}): "
             f"pip install -r {GPTQ_REQUIREMENTS} (GPT-QModel builds from source: it needs a C/C++ compiler)"
         )
+    sft.quiet.quiet_gptq()
