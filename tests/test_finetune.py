@@ -260,3 +260,33 @@ def test_lora_variant_mistakes_stop_before_the_model_load(tmp_path, run_finetune
     with pytest.raises(UserError) as stopped:
         run_finetune(*argv, "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags)
     assert message in str(stopped.value)
+
+
+def test_report_to_tensorboard_writes_the_logged_losses_as_event_files(tiny_model, tmp_path, run_finetune, common_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "out"
+    trainer = run_finetune(*common_args(tiny_model, output, steps=3), "--use_lora", "--report_to", "tensorboard")
+    event_files = sorted((output / "runs").glob("*/events.out.tfevents.*"))
+    assert len(event_files) == 1, sorted(output.rglob("*"))
+    events = EventAccumulator(str(event_files[0].parent))
+    events.Reload()
+    logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    written = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert [step for step, _ in written] == [1, 2, 3] == [step for step, _ in logged]
+    assert [value for _, value in written] == pytest.approx([value for _, value in logged], rel=1e-6)
+
+
+def test_neftune_noise_reaches_the_embeddings_under_lora(tiny_model, tmp_path, run_finetune, common_args):
+    def first_loss(*flags: str) -> tuple:
+        trainer = run_finetune(*common_args(tiny_model, tmp_path / str(len(flags)), steps=1), "--use_lora", *flags)
+        return trainer, next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+
+    _, plain = first_loss()
+    trainer, noisy = first_loss("--neftune_noise_alpha", "50")
+    # Same seed, data and weights: only noise on the input embeddings (through the LoRA wrapper) changes the loss.
+    assert trainer.args.neftune_noise_alpha == 50
+    assert abs(noisy - plain) > 1e-3
+    # After training the Trainer took its hook off again: the saved model is not noisy.
+    embeddings = trainer.model.get_input_embeddings()
+    assert not hasattr(embeddings, "neftune_noise_alpha") and not embeddings._forward_hooks
