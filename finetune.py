@@ -51,6 +51,7 @@ from sft.modeling import (
     load_model,
     load_tokenizer,
     quantization_config,
+    read_chat_template,
     training_dtype,
     training_weights_dtype,
 )
@@ -179,8 +180,9 @@ def train(
 def tokenizer_or_error(model_args: ModelArguments, max_length: int):
     """The tokenizer of --model_name_or_path, checked to leave room for text within `max_length` tokens."""
     path = model_args.model_name_or_path
+    chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
     try:
-        tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length)
+        tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length, chat_template)
     except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
         raise ConfigurationError(f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})") from None
     overhead = template_overhead(tokenizer)

@@ -45,6 +45,13 @@ class ModelArguments:
             "--fp16 precision for the frozen base of LoRA."
         },
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template to train with instead of the model's own: a Jinja file, or chatml (built in). "
+            "Saved with the output (chat_template.jinja), so the demos and merge_lora.py use it too."
+        },
+    )
 
 
 @dataclass

@@ -119,10 +119,39 @@ CHAT_SPECIAL_TOKENS = (
 )
 
 
+BUILT_IN_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def read_chat_template(value: str) -> str:
+    """--chat_template: a built-in template's name (chatml) or a Jinja file's text. ConfigurationError for a file
+    that is missing, unreadable or not valid Jinja (with its line), before any model is loaded."""
+    if value.strip().lower() in BUILT_IN_CHAT_TEMPLATES:
+        return BUILT_IN_CHAT_TEMPLATES[value.strip().lower()]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        names = ", ".join(BUILT_IN_CHAT_TEMPLATES)
+        raise ConfigurationError(f"--chat_template {value}: no such file, nor a built-in template ({names})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigurationError(f"--chat_template {path}: cannot read it ({error})") from None
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)  # the compiler apply_chat_template uses, with its extensions
+    except jinja2.TemplateSyntaxError as error:
+        raise ConfigurationError(
+            f"--chat_template {path}, line {error.lineno}: not a valid Jinja template ({error.message})"
+        ) from None
+    return text
+
+
 def load_tokenizer(
-    path: str, trust_remote_code: bool = False, model_max_length: int | None = None
+    path: str, trust_remote_code: bool = False, model_max_length: int | None = None, chat_template: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, right-padded, with a pad token and a chat template (ChatML if it has none).
+    """The model's tokenizer, right-padded, with a pad token and a chat template: `chat_template` (a template's text)
+    when given, else its own, else ChatML.
 
     `path` is already resolved: a Qwen-1 model's native conversion (sft.qwen1.resolve_model_path), as in load_model.
     """
@@ -138,6 +167,9 @@ def load_tokenizer(
             tokenizer.pad_token = "<|endoftext|>"
         else:
             tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        # Replaces the model's own: saved with the outputs (chat_template.jinja), which the demos then use.
+        tokenizer.chat_template = chat_template
     if not tokenizer.chat_template:
         # Saved with the outputs, so what was trained on ChatML is served with ChatML.
         tokenizer.chat_template = CHATML_TEMPLATE

@@ -290,3 +290,50 @@ def test_neftune_noise_reaches_the_embeddings_under_lora(tiny_model, tmp_path, r
     # After training the Trainer took its hook off again: the saved model is not noisy.
     embeddings = trainer.model.get_input_embeddings()
     assert not hasattr(embeddings, "neftune_noise_alpha") and not embeddings._forward_hooks
+
+
+@pytest.mark.parametrize("template", ["RESPONSE_TEMPLATE", "GENERATION_TEMPLATE"])
+def test_chat_template_file_is_trained_on_saved_and_labelled_as_a_models_own(
+    tiny_model, tmp_path, run_finetune, common_args, template
+):
+    import chat_templates
+
+    from sft.chat import load_for_chat
+    from sft.data import load_conversations, tokenize_conversations
+    from sft.modeling import load_tokenizer
+
+    text = getattr(chat_templates, template)
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(text)
+    output = tmp_path / "out"
+    trainer = run_finetune(
+        *common_args(tiny_model, output, steps=1), "--use_lora", "--chat_template", str(template_file)
+    )
+
+    # The same samples and labels as for a model whose own template this is.
+    own = load_tokenizer(tiny_model, model_max_length=256)
+    own.chat_template = text
+    expected, _ = tokenize_conversations(load_conversations("data/example_chatml.jsonl"), own, 256)
+    assert trainer.train_dataset["input_ids"] == expected["input_ids"]
+    assert trainer.train_dataset["labels"] == expected["labels"]
+    # Saved with the adapter, and what the demos load.
+    assert (output / "chat_template.jinja").read_text() == text
+    _, tokenizer = load_for_chat(str(output))
+    assert tokenizer.chat_template == text
+
+
+def test_chat_template_chatml_and_its_mistakes(tiny_model, tmp_path, run_finetune, common_args):
+    from sft.data import CHATML_TEMPLATE
+    from sft.modeling import read_chat_template
+
+    assert read_chat_template("chatml") == CHATML_TEMPLATE
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    for value, message in [
+        (str(tmp_path / "nowhere.jinja"), "no such file, nor a built-in template (chatml)"),
+        (str(broken), f"--chat_template {broken}, line 2: not a valid Jinja template"),
+    ]:
+        with pytest.raises(UserError) as stopped:
+            run_finetune(*common_args(str(tmp_path / "no-model"), tmp_path / "out"), "--chat_template", value)
+        assert message in str(stopped.value)
+        assert not (tmp_path / "out").exists()
