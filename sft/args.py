@@ -284,6 +284,14 @@ def check_lora_variant(training_args: TrainingArguments, lora_args: LoraArgument
         raise ConfigurationError(f"{asked[0]} is a LoRA option: add --use_lora")
     if lora_args.loraplus_lr_ratio is not None and not lora_args.loraplus_lr_ratio > 0:
         raise ConfigurationError(f"--loraplus_lr_ratio must be above 0, got {lora_args.loraplus_lr_ratio}")
+    if lora_args.loraplus_lr_ratio is not None and training_args.deepspeed:
+        if "optimizer" in training_args.hf_deepspeed_config.config:
+            # DeepSpeed would build that optimizer itself, with one learning rate for every matrix.
+            raise ConfigurationError(
+                "--loraplus_lr_ratio needs the Trainer's optimizer, but the DeepSpeed config "
+                f"{training_args.deepspeed} defines its own (its \"optimizer\" section would train A and B at one "
+                "rate): remove that section"
+            )
     if lora_init_moves_base_weights(lora_args.init_lora_weights):
         init = lora_args.init_lora_weights
         if lora_args.q_lora:

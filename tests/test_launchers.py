@@ -238,6 +238,11 @@ def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
             ["--deepspeed", str(tmp_path / "no_gather.json")],
             "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save = true",
         ),
+        (
+            "finetune_lora_ds.sh",
+            ["--loraplus_lr_ratio", "16"],
+            "--loraplus_lr_ratio needs the Trainer's optimizer, but the DeepSpeed config",
+        ),
     ]:
         run = launch(script, tiny_model, tmp_path / "out", 1, *extra)
         assert run.returncode != 0
