@@ -289,7 +289,7 @@ def check_lora_variant(training_args: TrainingArguments, lora_args: LoraArgument
             # DeepSpeed would build that optimizer itself, with one learning rate for every matrix.
             raise ConfigurationError(
                 "--loraplus_lr_ratio needs the Trainer's optimizer, but the DeepSpeed config "
-                f"{training_args.deepspeed} defines its own (its \"optimizer\" section would train A and B at one "
+                f'{training_args.deepspeed} defines its own (its "optimizer" section would train A and B at one '
                 "rate): remove that section"
             )
     if lora_init_moves_base_weights(lora_args.init_lora_weights):
