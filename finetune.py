@@ -19,9 +19,12 @@ if __name__ == "__main__":
     sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 
 import torch
@@ -36,6 +39,8 @@ from sft.args import (
     check_arguments,
     check_parallelism,
     check_required,
+    lora_init,
+    lora_init_moves_base_weights,
     parse_arguments,
     training_mode,
 )
@@ -49,13 +54,20 @@ from sft.modeling import (
     load_model,
     load_tokenizer,
     quantization_config,
+    read_chat_template,
     training_dtype,
     training_weights_dtype,
 )
 from sft.packing import LeakProbe, prepare_packing
 from sft.qwen1 import native_lora_targets, resolve_model_path
 from sft.resume import decide_resume, run_identity
-from sft.training import FinetuneTrainer, init_deepspeed_comm, save_final, train_until_done
+from sft.training import (
+    FinetuneTrainer,
+    init_deepspeed_comm,
+    save_final,
+    save_initial_adapter,
+    train_until_done,
+)
 
 logger = logging.getLogger("finetune")
 
@@ -134,6 +146,13 @@ def train(
         training_args.output_dir,
         checkpoint_bytes(model, full=mode == "full", with_optimizer=training_args.save_strategy != "no"),
     )
+    initial_adapter = None
+    if training_args.use_lora and lora_init_moves_base_weights(lora_args.init_lora_weights):
+        # PiSSA/OLoRA moved part of each base weight into the adapter: the final adapter is saved as its difference
+        # from this initial one, which applies to the unchanged base (what merge_lora.py and the demos load).
+        initial_adapter = tempfile.mkdtemp(prefix="initial-adapter-")
+        atexit.register(shutil.rmtree, initial_adapter, ignore_errors=True)  # also when the run stops early
+        save_initial_adapter(model, initial_adapter, training_args.should_save)
 
     # 6. Batches: padded, or packed rows that each keep their samples apart.
     data_collator = make_collator(tokenizer)
@@ -163,6 +182,7 @@ def train(
         run_mode=mode,
         callbacks=callbacks,
         identity=identity,
+        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
@@ -184,16 +204,17 @@ def train(
     }
     if qwen1_source:
         run_info["qwen1_source"] = qwen1_source
-    save_final(trainer, tokenizer, training_args.output_dir, run_info)
+    save_final(trainer, tokenizer, training_args.output_dir, run_info, initial_adapter)
     return trainer
 
 
 def tokenizer_or_error(model_args: ModelArguments, max_length: int):
     """The tokenizer of --model_name_or_path, checked to leave room for text within `max_length` tokens."""
     path = model_args.model_name_or_path
+    chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
     try:
         # Its own model_max_length is kept (and saved with the output): --model_max_length is the training length.
-        tokenizer = load_tokenizer(path, model_args.trust_remote_code)
+        tokenizer = load_tokenizer(path, model_args.trust_remote_code, chat_template=chat_template)
     except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
         raise ConfigurationError(f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})") from None
     overhead = template_overhead(tokenizer)
@@ -243,6 +264,9 @@ def build_model(
             trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
             quantized=lora_args.q_lora,
             gradient_checkpointing=training_args.gradient_checkpointing,
+            use_dora=lora_args.use_dora,
+            use_rslora=lora_args.use_rslora,
+            init_lora_weights=lora_init(lora_args.init_lora_weights),
         )
     except ValueError as error:  # e.g. target modules that match nothing
         raise ConfigurationError(str(error)) from None

@@ -38,6 +38,7 @@ from sft.evaluation import (
     tokenize_samples,
     weights_size,
 )
+from sft.gptq import require_gptq
 from sft.modeling import (
     ModelPathError,
     gpu_bf16,
@@ -142,6 +143,7 @@ def read_data(args: GptqArguments) -> tuple[list[Conversation], list[Conversatio
 def main() -> None:
     (args,) = HfArgumentParser(GptqArguments).parse_args_into_dataclasses()
     sft.quiet.setup_logging(logging.INFO)
+    require_gptq("run_gptq.py")
     if args.bits not in (4, 8):
         raise ConfigurationError(f"--bits must be 4 or 8, got {args.bits}")
     check_new_output(args.out_path, args.overwrite, inputs=(args.model_name_or_path,))

@@ -26,7 +26,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sft.chat import ChatTemplateError, GenerationSettings, conversation, load_for_chat, stream_reply
-from sft.data import Conversation
+from sft.data import Conversation, load_tools
 from sft.errors import run_main
 from sft.modeling import ModelPathError
 
@@ -45,15 +45,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-name", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--server-port", type=int, default=8000)
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+    parser.add_argument("--tools", default=None, help="JSON file with a list of tool schemas the model may call")
     args = parser.parse_args()
     if not os.path.isdir(args.checkpoint_path):
         raise ModelPathError(f"--checkpoint-path {args.checkpoint_path}: no such folder")
+    args.tools = load_tools(args.tools) if args.tools else None  # a bad file fails here, before the model loads
     return args
 
 
+def tool_name(tool: dict) -> str:
+    """A schema's function name, in OpenAI's form ({"type": "function", "function": {...}}) or bare."""
+    return str(tool.get("function", tool).get("name", "?"))
+
+
 def build_demo(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings, name: str, system: str
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: GenerationSettings,
+    name: str,
+    system: str,
+    tools: list[dict] | None = None,
 ) -> gr.Blocks:
+    """The chat page; `tools` (schemas, as cli_demo.py --tools takes them) go with every message, rendered by the
+    chat template as in training."""
+
     def respond(
         query: str, history: Conversation, system: str, temperature: float, top_p: float, max_new_tokens: int
     ) -> Iterator[ChatUpdate]:
@@ -64,7 +79,7 @@ def build_demo(
         reply_settings = replace(
             settings, temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens)
         ).checked()
-        messages = conversation(history, query, system.strip() or None)
+        messages = conversation(history, query, system.strip() or None, tools)
         try:
             stream = stream_reply(model, tokenizer, messages, reply_settings)
         except ChatTemplateError as error:  # shown on the page; the message stays in the box to be rephrased
@@ -81,6 +96,9 @@ def build_demo(
     # No telemetry or version check, and system fonts rather than Google's: the page talks only to this server.
     with gr.Blocks(title=f"Chat: {name}", analytics_enabled=False) as demo:
         gr.Markdown(f"## Chat with `{name}`")
+        if tools:
+            names = ", ".join(f"`{tool_name(tool)}`" for tool in tools)
+            gr.Markdown(f"Tools the model may call: {names}", elem_id="tools")
         history = gr.State([])
         chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Conversation", buttons=["copy", "copy_all"])
         with gr.Row():
@@ -114,7 +132,8 @@ def main() -> None:
     transformers.logging.disable_progress_bar()  # no "Loading weights" bar in the chat
     model, tokenizer = load_for_chat(args.checkpoint_path, args.trust_remote_code, cpu_only=args.cpu_only)
     settings = GenerationSettings.from_model(model)
-    demo = build_demo(model, tokenizer, settings, os.path.basename(os.path.normpath(args.checkpoint_path)), args.system)
+    name = os.path.basename(os.path.normpath(args.checkpoint_path))
+    demo = build_demo(model, tokenizer, settings, name, args.system, args.tools)
     # One reply at a time: the model is shared by every browser tab.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     demo.queue(default_concurrency_limit=1).launch(

@@ -2,9 +2,12 @@
 # other argument on to finetune.py, and starts it through torchrun on this node's GPUs, or on the CPU
 # (GPUS_PER_NODE processes over gloo) when none is visible.
 #
-# A launcher sets, before calling `launch "$@"`:
-#   USAGE          its description, printed by -h
+# A launcher sets, at its top, the lines a user edits (-m/-d/-o override them):
+#   MODEL          Hugging Face model id or local folder
+#   DATA           training data; DATA_PLACEHOLDER (below) until the user edits it, which stops the launch
 #   OUTPUT         default --output_dir
+# and, before calling `launch "$@"`:
+#   USAGE          its description, printed by -h
 #   DEEPSPEED      default DeepSpeed config ("" for none; --deepspeed PATH replaces it)
 #   MODE_ARGS      (array) its finetune.py defaults; the user's arguments come after them and win
 #   ONE_PROCESS    1 for a one-GPU launcher: one process whatever the GPU count (GPUS_PER_NODE>1 is refused)
@@ -26,15 +29,19 @@ set -euo pipefail
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# What every launcher's DATA= line holds as shipped: a launch with it stops and says what to edit.
+DATA_PLACEHOLDER="path_to_data.json"
 
 usage() {
     cat <<USAGE
 $USAGE
 
-usage: bash $0 -m MODEL -d DATA [-o OUTPUT] [--deepspeed CONFIG] [finetune.py arguments...]
+usage: bash $0 [-m MODEL] [-d DATA] [-o OUTPUT] [--deepspeed CONFIG] [finetune.py arguments...]
 
-  -m, --model PATH     Hugging Face model id or local folder
+Edit MODEL=, DATA= and OUTPUT= at the top of $0 and run it, or give them here:
+  -m, --model PATH     Hugging Face model id or local folder (default: ${MODEL:-none})
   -d, --data PATH      training data (JSON list or JSONL: Qwen conversations, ChatML messages or alpaca)
+                       (default: ${DATA:-none})
   -o, --output PATH    output folder (default: $OUTPUT)
       --deepspeed PATH DeepSpeed config (default: ${DEEPSPEED:-none})
   -h, --help           this help
@@ -49,19 +56,25 @@ USAGE
 }
 
 launch() {
-    local model="" data="" passthrough=()
+    local passthrough=()
     while [[ $# -gt 0 ]]; do
         case "$1" in
-            -m | --model) model="${2:?$1 needs a value}"; shift 2 ;;
-            -d | --data) data="${2:?$1 needs a value}"; shift 2 ;;
+            -m | --model) MODEL="${2:?$1 needs a value}"; shift 2 ;;
+            -d | --data) DATA="${2:?$1 needs a value}"; shift 2 ;;
             -o | --output) OUTPUT="${2:?$1 needs a value}"; shift 2 ;;
             --deepspeed) DEEPSPEED="${2:?$1 needs a value}"; shift 2 ;;
             -h | --help) usage; exit 0 ;;
             *) passthrough+=("$1"); shift ;;
         esac
     done
-    if [[ -z "$model" || -z "$data" ]]; then
-        echo "error: -m MODEL and -d DATA are required (bash $0 --help)" >&2
+    local model="${MODEL:-}" data="${DATA:-}"
+    if [[ -z "$data" || "$data" == "$DATA_PLACEHOLDER" ]]; then
+        echo "error: no training data: DATA= at the top of $0 still holds the placeholder $DATA_PLACEHOLDER;" \
+            "edit it to your data file, or pass -d DATA (bash $0 --help)" >&2
+        exit 2
+    fi
+    if [[ -z "$model" ]]; then
+        echo "error: no model: set MODEL= at the top of $0, or pass -m MODEL (bash $0 --help)" >&2
         exit 2
     fi
     if [[ -n "$DEEPSPEED" && ! -f "$DEEPSPEED" ]]; then

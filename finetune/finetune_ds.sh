@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Full-parameter fine-tuning, DeepSpeed ZeRO-3, on every GPU of the node (on the CPU without one).
-#   bash finetune/finetune_ds.sh -m MODEL -d DATA [-o OUTPUT] [finetune.py arguments...]   (-h for help)
+#
+# Edit the three lines below, then run: bash finetune/finetune_ds.sh
+# (-m/-d/-o on the command line override them; -h for help; every other argument goes to finetune.py)
+MODEL="Qwen/Qwen2.5-7B-Instruct" # Hugging Face model id, or the path of a local model folder
+DATA="path_to_data.json"         # your training data: JSON list or JSONL (Qwen conversations, ChatML messages or alpaca)
+OUTPUT="output/full"             # output folder
+
 source "$(dirname "$0")/common.sh"
 USAGE="Full-parameter fine-tuning, DeepSpeed ZeRO-3, on every GPU of the node (on the CPU without one)."
-OUTPUT=output/full
 DEEPSPEED="$REPO/ds_configs/zero3.json"
 MODE_ARGS=("${COMMON_ARGS[@]}" --learning_rate 1e-5)
 launch "$@"

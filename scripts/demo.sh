@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install --quiet torch==2.13.0
-pip install --quiet -r requirements.txt
+pip install --quiet -r requirements.txt -r requirements-gptq.txt  # GPTQ: for the quantisation step
 
 DATA=data/example_chatml.jsonl
 [ -f tiny-qwen2/config.json ] || python -m scripts.make_tiny_model --output tiny-qwen2

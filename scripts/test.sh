@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install --quiet torch==2.13.0
-pip install --quiet -r requirements.txt -r requirements-dev.txt
+pip install --quiet -r requirements.txt -r requirements-gptq.txt -r requirements-dev.txt
 # The web demo's test drives Debian's chromium with Playwright (which cannot download its own browsers here).
 if ! command -v chromium >/dev/null; then
     SUDO=$([ "$(id -u)" = 0 ] || echo sudo)

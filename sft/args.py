@@ -45,6 +45,13 @@ class ModelArguments:
             "--fp16 precision for the frozen base of LoRA."
         },
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template to train with instead of the model's own: a Jinja file, or chatml (built in). "
+            "Saved with the output (chat_template.jinja), so the demos and merge_lora.py use it too."
+        },
+    )
 
 
 @dataclass
@@ -183,6 +190,30 @@ class LoraArguments:
             "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them."
         },
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA (peft): LoRA on the direction of each weight plus a trained magnitude per output."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "rsLoRA (peft): scale the adapter by lora_alpha / sqrt(r) instead of lora_alpha / r."},
+    )
+    init_lora_weights: str = field(
+        default="true",
+        metadata={
+            "help": "How peft initialises the adapter: true (A random, B zero: starts as the base model), gaussian, "
+            "orthogonal, pissa or pissa_niter_N (principal singular vectors of each weight, fast SVD with N "
+            "iterations), olora (QR of each weight). pissa/olora move part of each base weight into the adapter: "
+            "the saved adapter is converted to a plain LoRA of rank 2r on the unchanged base."
+        },
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+ (peft's optimizer helper): the B matrices learn this many times faster than the A "
+            "matrices (the paper suggests 16). Unset: one learning rate."
+        },
+    )
 
 
 class RunArguments(NamedTuple):
@@ -258,6 +289,67 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
         )
     if lora_args.train_special_tokens and not training_args.use_lora:
         raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
+    check_lora_variant(training_args, lora_args)
+
+
+# peft's initialisations that need nothing but the weights (eva, corda and loftq need data or a quantised copy).
+LORA_INITS = ("true", "gaussian", "orthogonal", "pissa", "pissa_niter_N", "olora")
+
+
+def lora_init(value: str) -> bool | str:
+    """--init_lora_weights as peft's LoraConfig takes it (True or the method's name); ConfigurationError if it is
+    none of LORA_INITS."""
+    name = value.strip().lower()
+    if name == "true":
+        return True
+    niter = name.removeprefix("pissa_niter_")
+    if name in ("gaussian", "orthogonal", "pissa", "olora") or (niter != name and niter.isdigit()):
+        return name
+    raise ConfigurationError(f"--init_lora_weights {value}: expected one of {', '.join(LORA_INITS)} (N a number)")
+
+
+def lora_init_moves_base_weights(value: str) -> bool:
+    """PiSSA and OLoRA take part of each base weight into the adapter at the start (the base changes with it)."""
+    return str(lora_init(value)).startswith(("pissa", "olora"))
+
+
+def check_lora_variant(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    """--use_dora, --use_rslora, --init_lora_weights and --loraplus_lr_ratio: LoRA only, and what peft can save."""
+    asked = [
+        flag
+        for flag, given in [
+            ("--use_dora", lora_args.use_dora),
+            ("--use_rslora", lora_args.use_rslora),
+            ("--init_lora_weights", lora_init(lora_args.init_lora_weights) is not True),
+            ("--loraplus_lr_ratio", lora_args.loraplus_lr_ratio is not None),
+        ]
+        if given
+    ]
+    if asked and not training_args.use_lora:
+        raise ConfigurationError(f"{asked[0]} is a LoRA option: add --use_lora")
+    if lora_args.loraplus_lr_ratio is not None and not lora_args.loraplus_lr_ratio > 0:
+        raise ConfigurationError(f"--loraplus_lr_ratio must be above 0, got {lora_args.loraplus_lr_ratio}")
+    if lora_args.loraplus_lr_ratio is not None and training_args.deepspeed:
+        if "optimizer" in training_args.hf_deepspeed_config.config:
+            # DeepSpeed would build that optimizer itself, with one learning rate for every matrix.
+            raise ConfigurationError(
+                "--loraplus_lr_ratio needs the Trainer's optimizer, but the DeepSpeed config "
+                f'{training_args.deepspeed} defines its own (its "optimizer" section would train A and B at one '
+                "rate): remove that section"
+            )
+    if lora_init_moves_base_weights(lora_args.init_lora_weights):
+        init = lora_args.init_lora_weights
+        if lora_args.q_lora:
+            raise ConfigurationError(f"--init_lora_weights {init} changes the base weights: not with --q_lora")
+        if lora_args.use_dora:
+            raise ConfigurationError(
+                f"--init_lora_weights {init} with --use_dora: peft cannot convert it to a plain adapter"
+            )
+        if is_deepspeed_zero3_enabled():
+            raise ConfigurationError(
+                f"--init_lora_weights {init} is not supported with ZeRO-3 here (the conversion of the saved adapter "
+                "needs whole weights): use ZeRO-2 or one process"
+            )
 
 
 def check_parallelism(

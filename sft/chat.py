@@ -28,6 +28,7 @@ from transformers import (
 
 from sft.data import Conversation, end_of_turn, render, with_tools
 from sft.errors import ConfigurationError, UserError
+from sft.gptq import require_gptq
 from sft.modeling import (
     ModelPathError,
     gpu_bf16,
@@ -115,8 +116,11 @@ def load_for_chat(
     base_path = resolve_model_path(base_path)  # a Qwen-1 model: its native conversion (raises Qwen1Error)
     if not adapter_config.is_file():
         path = base_path
+    gptq = _is_gptq(base_path)
+    if gptq:
+        require_gptq(f"{base_path} is a GPTQ model: loading it")
     device = pick_device(cpu_only)
-    dtype = dtype or pick_dtype(device, gptq=_is_gptq(base_path))
+    dtype = dtype or pick_dtype(device, gptq=gptq)
     tokenizer = load_tokenizer(tokenizer_folder(path, base_path), trust_remote_code)
     model = load_model(
         base_path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=inference_device_map(device)

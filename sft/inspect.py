@@ -54,7 +54,7 @@ from sft.data import (
 )
 from sft.errors import ConfigurationError, run_main
 from sft.inspect_view import FATES, format_report, render_row, trained_count, use_color
-from sft.modeling import load_tokenizer
+from sft.modeling import load_tokenizer, read_chat_template
 from sft.packing import pack_dataset
 from sft.plots import length_histogram_figure, save_figure
 from sft.qwen1 import resolve_model_path
@@ -205,8 +205,9 @@ def inspect_data(
     origins = read_records(data_args.data_path)  # one per conversation, in the same order
     if tokenizer is None:
         path = resolve_model_path(model_args.model_name_or_path)
+        chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
         try:
-            tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length)
+            tokenizer = load_tokenizer(path, model_args.trust_remote_code, max_length, chat_template)
         except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
             raise ConfigurationError(
                 f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})"

@@ -121,10 +121,39 @@ _TEMPLATE_PROBES = (
 )
 
 
+BUILT_IN_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def read_chat_template(value: str) -> str:
+    """--chat_template: a built-in template's name (chatml) or a Jinja file's text. ConfigurationError for a file
+    that is missing, unreadable or not valid Jinja (with its line), before any model is loaded."""
+    if value.strip().lower() in BUILT_IN_CHAT_TEMPLATES:
+        return BUILT_IN_CHAT_TEMPLATES[value.strip().lower()]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        names = ", ".join(BUILT_IN_CHAT_TEMPLATES)
+        raise ConfigurationError(f"--chat_template {value}: no such file, nor a built-in template ({names})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigurationError(f"--chat_template {path}: cannot read it ({error})") from None
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)  # the compiler apply_chat_template uses, with its extensions
+    except jinja2.TemplateSyntaxError as error:
+        raise ConfigurationError(
+            f"--chat_template {path}, line {error.lineno}: not a valid Jinja template ({error.message})"
+        ) from None
+    return text
+
+
 def load_tokenizer(
-    path: str, trust_remote_code: bool = False, model_max_length: int | None = None
+    path: str, trust_remote_code: bool = False, model_max_length: int | None = None, chat_template: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, right-padded, with a pad token and a chat template (ChatML if it has none).
+    """The model's tokenizer, right-padded, with a pad token and a chat template: `chat_template` (a template's text)
+    when given, else its own, else ChatML.
 
     `path` is already resolved: a Qwen-1 model's native conversion (sft.qwen1.resolve_model_path), as in load_model.
     """
@@ -140,6 +169,9 @@ def load_tokenizer(
             tokenizer.pad_token = "<|endoftext|>"
         else:
             tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        # Replaces the model's own: saved with the outputs (chat_template.jinja), which the demos then use.
+        tokenizer.chat_template = chat_template
     if not tokenizer.chat_template:
         vocabulary = tokenizer.get_vocab()
         missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in vocabulary]
@@ -278,8 +310,12 @@ def add_lora(
     trainable_token_ids: list[int] | None = None,
     quantized: bool = False,
     gradient_checkpointing: bool = False,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
 ):
-    """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer)."""
+    """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer).
+    `use_dora`, `use_rslora` and `init_lora_weights` are peft's LoraConfig variants, passed as they are."""
     from peft import LoraConfig, get_peft_model
 
     model = prepare_for_lora(model, quantized, gradient_checkpointing)
@@ -298,6 +334,9 @@ def add_lora(
         bias=bias,
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_indices,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        init_lora_weights=init_lora_weights,
     )
     try:
         model = get_peft_model(model, config)

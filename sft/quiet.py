@@ -10,15 +10,21 @@ redirected. What is silenced, and why it is harmless:
 - torchao, when imported by transformers, fails to load its CUDA-only `.so` files on a CPU-only torch
   ("Failed to load ... .so") and registers two enums with torch's pytree ("... is an Enum subclass and is now
   natively supported by torch.compile ..."); neither changes what we run.
-- GPT-QModel prints a banner and sets `PYTORCH_ALLOC_CONF` and `CUDA_DEVICE_ORDER` when imported, and warns that the
-  GIL is enabled. peft imports it for every layer it wraps with LoRA merely to ask whether the layer is a GPT-QModel
-  layer; a layer can only be one once gptqmodel is imported, so until then peft is told that gptqmodel is absent:
-  only GPTQ paths (run_gptq.py, loading a GPTQ model) import it. Its GIL warning is turned off with its own
-  GPTQMODEL_DISABLE_GIL_WARNING variable.
+- GPT-QModel prints a banner and sets `PYTORCH_ALLOC_CONF` and `CUDA_DEVICE_ORDER` when imported (saying so in
+  `INFO  ENV:` lines), logs its kernel choices and compile steps, and warns that the GIL is enabled; optimum logs
+  each module it quantises. `quiet_gptq()`, called on the GPTQ paths only, keeps both libraries' warnings and drops
+  their INFO lines (optimum's block progress bars stay). peft imports GPT-QModel for every layer it wraps with
+  LoRA merely to ask whether the layer is a GPT-QModel layer; a layer can only be one once gptqmodel is imported,
+  so until then peft is told that gptqmodel is absent: only GPTQ paths (run_gptq.py, loading a GPTQ model)
+  import it. Its GIL warning is turned off with its own GPTQMODEL_DISABLE_GIL_WARNING variable.
 - DeepSpeed, imported by accelerate, logs "Setting accelerator to CPU" when torch sees no GPU (silenced only then).
 - bitsandbytes logs that its optional `kernels` package is missing on the CPU and falls back to its own code.
+- transformers' "`loss_type=None` was set in the config but it is unrecognized. Using the default loss" notice:
+  models whose config names no loss (most) get the causal-LM loss, which is what we train with.
 - FutureWarning "`is_gradient_checkpointing` is deprecated" (peft asks transformers for it) and torch's
   "'pin_memory' argument is set as true but no accelerator is found" UserWarning on the CPU.
+- peft's "PiSSA/OLoRA changes the base weights of the model ... Consider converting ..." UserWarning: finetune.py
+  saves such adapters converted (--init_lora_weights).
 
 `--verbose` on any script's command line (`setup()` takes it off before the script parses its arguments) or
 SFT_VERBOSE=1 lets all of it through; so does a library's own variable for its own messages (TORCH_LOGS for torch's
@@ -48,6 +54,27 @@ class _DropMessages(logging.Filter):
         return not (message.startswith(self.starts) and self.contains in message)
 
 
+class _BelowWarning(logging.Filter):
+    """Drops a logger's DEBUG and INFO records; its warnings and errors get through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_gptq() -> None:
+    """On the GPTQ paths, before gptqmodel is imported: GPT-QModel's INFO lines (its banner, `INFO  ENV:` notices of
+    the environment variables it sets, kernel choices, extension and compile notices) and optimum's per-module
+    "Quantizing ... in block" lines are dropped; both libraries' warnings get through. Nothing when verbose."""
+    if VERBOSE:
+        return
+    try:
+        from logbar import LogBar  # GPT-QModel's logger: a logging.Logger of its own that prints by itself
+    except ImportError:
+        return
+    LogBar.shared().setLevel(logging.WARNING)
+    logging.getLogger("optimum.gptq.quantizer").addFilter(_BelowWarning())
+
+
 def _silence_known_chatter() -> None:
     # Filters, not levels: the libraries set their loggers' levels themselves on import, and other messages of the
     # same loggers should still get through.
@@ -60,9 +87,17 @@ def _silence_known_chatter() -> None:
         _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community")
     )
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    # The Trainer and GPTQ packing ask a model config without `loss_type` (most have none) for its loss: the default.
+    logging.getLogger("transformers.modeling_utils").addFilter(
+        _DropMessages("`loss_type=None` was set in the config but it is unrecognized")
+    )
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings(
         "ignore", message=r"'pin_memory' argument is set as true but no accelerator is found", category=UserWarning
+    )
+    # finetune.py converts PiSSA/OLoRA adapters to plain LoRA on save, which is what peft's warning recommends.
+    warnings.filterwarnings(
+        "ignore", message=r"(PiSSA|OLoRA) changes the base weights of the model", category=UserWarning
     )
     import torch
 

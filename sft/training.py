@@ -80,8 +80,15 @@ class FinetuneTrainer(Trainer):
     """transformers.Trainer with atomic checkpoints and a NaN/inf guard."""
 
     def __init__(
-        self, *args, max_nonfinite_steps: int = 1, run_mode: str | None = None, identity: dict | None = None, **kwargs
+        self,
+        *args,
+        max_nonfinite_steps: int = 1,
+        run_mode: str | None = None,
+        identity: dict | None = None,
+        loraplus_lr_ratio: float | None = None,
+        **kwargs,
     ):
+        self.loraplus_lr_ratio = loraplus_lr_ratio  # read by create_optimizer, which the Trainer may call early
         super().__init__(*args, **kwargs)
         self.max_nonfinite_steps = max_nonfinite_steps
         self.run_mode = run_mode  # written into each checkpoint, so a resume in another mode is refused
@@ -98,6 +105,27 @@ class FinetuneTrainer(Trainer):
         self._resumed_counts = {"trained_tokens": 0, "tokens": 0}  # all processes', before this session
         self.fused_loss = self._fused_loss_setup()  # None: the model's own (plain) loss
         self._loss_only = False  # inside a prediction_step that keeps only the loss
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (--optim and its settings); with --loraplus_lr_ratio, built by peft's LoRA+ helper,
+        which gives the B matrices that many times the learning rate of the A matrices."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        learning_rate = optimizer_kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr=learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
     # ---- token counts ----
 
@@ -364,14 +392,36 @@ def train_until_done(trainer: FinetuneTrainer, checkpoint: str | None, output_di
     return result
 
 
-def save_final(trainer: Trainer, tokenizer, output_dir: str, run_info: dict) -> None:
-    """Model (or adapter), tokenizer and chat template, written to a staging folder and moved into output_dir."""
+def save_initial_adapter(model, folder: str, is_main_process: bool) -> str:
+    """PiSSA/OLoRA: the adapter as initialised, before any step, saved to `folder` (the main process writes it).
+    save_final converts the trained adapter against it."""
+    if is_main_process:
+        model.save_pretrained(folder)
+    return folder
+
+
+def save_final(
+    trainer: Trainer, tokenizer, output_dir: str, run_info: dict, initial_adapter: str | None = None
+) -> None:
+    """Model (or adapter), tokenizer and chat template, written to a staging folder and moved into output_dir.
+
+    `initial_adapter`: where a PiSSA/OLoRA adapter was saved before training (see save_initial_adapter); the final
+    adapter is then converted by peft into a plain LoRA on the unchanged base model."""
     staging = staging_path(output_dir)
     if trainer.is_world_process_zero():
         staging_folder(output_dir)  # emptied of what a killed save left
     trainer.accelerator.wait_for_everyone()
     with disk_full_is_a_user_error(staging, "saving the final output"):
         trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
+        if initial_adapter and trainer.is_world_process_zero():
+            # The adapter just saved is trained against base weights PiSSA/OLoRA changed: replaced by the
+            # difference from the initial adapter, a LoRA of twice the rank on the original base (peft's conversion).
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            peft_model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=initial_adapter)
+            rank = peft_model.peft_config["default"].r
+            logger.info(
+                "Adapter converted to a plain LoRA of rank %d on the unchanged base model (PiSSA/OLoRA)", 2 * rank
+            )
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(staging)
             write_run_info(staging, run_info)

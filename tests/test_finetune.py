@@ -282,3 +282,97 @@ def test_the_saved_tokenizer_keeps_its_own_model_max_length(tiny_model, tmp_path
     own = AutoTokenizer.from_pretrained(tiny_model).model_max_length
     assert own != 200
     assert AutoTokenizer.from_pretrained(output).model_max_length == own
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--use_dora"], "--use_dora is a LoRA option: add --use_lora"),
+        (["--use_lora", "--init_lora_weights", "eva"], "--init_lora_weights eva: expected one of true, gaussian,"),
+        (["--use_lora", "--q_lora", "--init_lora_weights", "pissa"], "changes the base weights: not with --q_lora"),
+        (["--use_lora", "--use_dora", "--init_lora_weights", "olora"], "peft cannot convert it to a plain adapter"),
+        (["--use_lora", "--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be above 0, got 0.0"),
+    ],
+)
+def test_lora_variant_mistakes_stop_before_the_model_load(tmp_path, run_finetune, flags, message):
+    argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--data_path", "data/example_chatml.jsonl"]
+    with pytest.raises(UserError) as stopped:
+        run_finetune(*argv, "--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags)
+    assert message in str(stopped.value)
+
+
+def test_report_to_tensorboard_writes_the_logged_losses_as_event_files(tiny_model, tmp_path, run_finetune, common_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "out"
+    trainer = run_finetune(*common_args(tiny_model, output, steps=3), "--use_lora", "--report_to", "tensorboard")
+    event_files = sorted((output / "runs").glob("*/events.out.tfevents.*"))
+    assert len(event_files) == 1, sorted(output.rglob("*"))
+    events = EventAccumulator(str(event_files[0].parent))
+    events.Reload()
+    logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    written = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert [step for step, _ in written] == [1, 2, 3] == [step for step, _ in logged]
+    assert [value for _, value in written] == pytest.approx([value for _, value in logged], rel=1e-6)
+
+
+def test_neftune_noise_reaches_the_embeddings_under_lora(tiny_model, tmp_path, run_finetune, common_args):
+    def first_loss(*flags: str) -> tuple:
+        trainer = run_finetune(*common_args(tiny_model, tmp_path / str(len(flags)), steps=1), "--use_lora", *flags)
+        return trainer, next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+
+    _, plain = first_loss()
+    trainer, noisy = first_loss("--neftune_noise_alpha", "50")
+    # Same seed, data and weights: only noise on the input embeddings (through the LoRA wrapper) changes the loss.
+    assert trainer.args.neftune_noise_alpha == 50
+    assert abs(noisy - plain) > 1e-3
+    # After training the Trainer took its hook off again: the saved model is not noisy.
+    embeddings = trainer.model.get_input_embeddings()
+    assert not hasattr(embeddings, "neftune_noise_alpha") and not embeddings._forward_hooks
+
+
+@pytest.mark.parametrize("template", ["RESPONSE_TEMPLATE", "GENERATION_TEMPLATE"])
+def test_chat_template_file_is_trained_on_saved_and_labelled_as_a_models_own(
+    tiny_model, tmp_path, run_finetune, common_args, template
+):
+    import chat_templates
+
+    from sft.chat import load_for_chat
+    from sft.data import load_conversations, tokenize_conversations
+    from sft.modeling import load_tokenizer
+
+    text = getattr(chat_templates, template)
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(text)
+    output = tmp_path / "out"
+    trainer = run_finetune(
+        *common_args(tiny_model, output, steps=1), "--use_lora", "--chat_template", str(template_file)
+    )
+
+    # The same samples and labels as for a model whose own template this is.
+    own = load_tokenizer(tiny_model, model_max_length=256)
+    own.chat_template = text
+    expected, _ = tokenize_conversations(load_conversations("data/example_chatml.jsonl"), own, 256)
+    assert trainer.train_dataset["input_ids"] == expected["input_ids"]
+    assert trainer.train_dataset["labels"] == expected["labels"]
+    # Saved with the adapter, and what the demos load.
+    assert (output / "chat_template.jinja").read_text() == text
+    _, tokenizer = load_for_chat(str(output))
+    assert tokenizer.chat_template == text
+
+
+def test_chat_template_chatml_and_its_mistakes(tiny_model, tmp_path, run_finetune, common_args):
+    from sft.data import CHATML_TEMPLATE
+    from sft.modeling import read_chat_template
+
+    assert read_chat_template("chatml") == CHATML_TEMPLATE
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    for value, message in [
+        (str(tmp_path / "nowhere.jinja"), "no such file, nor a built-in template (chatml)"),
+        (str(broken), f"--chat_template {broken}, line 2: not a valid Jinja template"),
+    ]:
+        with pytest.raises(UserError) as stopped:
+            run_finetune(*common_args(str(tmp_path / "no-model"), tmp_path / "out"), "--chat_template", value)
+        assert message in str(stopped.value)
+        assert not (tmp_path / "out").exists()

@@ -242,6 +242,11 @@ def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
             ["--deepspeed", str(tmp_path / "no_gather.json")],
             "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save = true",
         ),
+        (
+            "finetune_lora_ds.sh",
+            ["--loraplus_lr_ratio", "16"],
+            "--loraplus_lr_ratio needs the Trainer's optimizer, but the DeepSpeed config",
+        ),
     ]:
         run = launch(script, tiny_model, tmp_path / "out", 1, *extra)
         assert run.returncode != 0
@@ -257,16 +262,20 @@ def test_qlora_with_fsdp_names_the_supported_launchers(tiny_model, tmp_path, run
     assert "--q_lora does not run with FSDP here: use finetune/finetune_qlora_single_gpu.sh" in str(stopped.value)
 
 
-def test_launcher_help_and_missing_arguments():
+def test_launcher_help_and_unedited_data():
     for script in sorted(os.listdir(REPO / "finetune")):
-        if not script.endswith(".sh") or script == "common.sh":
+        if not script.endswith(".sh") or script == "common.sh" or script.startswith("_"):
             continue
         shown = subprocess.run(["bash", f"finetune/{script}", "--help"], cwd=REPO, capture_output=True, text=True)
         assert shown.returncode == 0 and "GPUS_PER_NODE" in shown.stdout and "-m, --model" in shown.stdout
-        missing = subprocess.run(
-            ["bash", f"finetune/{script}", "-d", EXAMPLES], cwd=REPO, capture_output=True, text=True
+        # As shipped, DATA= holds the placeholder: the launch stops before torchrun, saying what to edit.
+        unedited = subprocess.run(["bash", f"finetune/{script}"], cwd=REPO, capture_output=True, text=True)
+        assert unedited.returncode == 2, unedited.stderr
+        assert unedited.stderr.startswith(
+            f"error: no training data: DATA= at the top of finetune/{script} still holds the placeholder "
+            "path_to_data.json; edit it to your data file, or pass -d DATA"
         )
-        assert missing.returncode == 2 and "-m MODEL and -d DATA are required" in missing.stderr
+        assert "torchrun" not in unedited.stderr
 
 
 @pytest.mark.parametrize("script", ["finetune_lora_single_gpu.sh", "finetune_qlora_single_gpu.sh"])
@@ -306,3 +315,45 @@ def test_multi_process_launchers_start_one_process_per_gpu_in_the_precision_it_h
     started = next(line for line in run.stderr.splitlines() if line.startswith("+ torchrun"))
     # A V100-like GPU emulates bf16: fp16 it is.
     assert " --nproc_per_node 4 " in started and " --fp16 true " in started and "--bf16" not in started
+
+
+def edited_copy(script: str, **lines: str) -> Path:
+    """finetune/<script> with its `NAME=` lines at the top replaced, as a user edits it, saved next to it (where it
+    finds common.sh) as finetune/_edited_<pid>_<script>; the caller removes it."""
+    text = (REPO / "finetune" / script).read_text()
+    for name, value in lines.items():
+        start = text.index(f"\n{name}=") + 1
+        end = text.index("\n", start)
+        text = text[:start] + f'{name}="{value}"' + text[end:]
+    copy = REPO / "finetune" / f"_edited_{os.getpid()}_{script}"
+    copy.write_text(text)
+    return copy
+
+
+def test_a_launcher_with_model_and_data_edited_trains(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    copy = edited_copy("finetune_lora_single_gpu.sh", MODEL=tiny_model, DATA=EXAMPLES, OUTPUT=str(output))
+    env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        run = subprocess.run(
+            ["bash", str(copy.relative_to(REPO)), "--max_steps", "2", "--per_device_train_batch_size", "2",
+             "--gradient_checkpointing", "false", "--model_max_length", "128"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    finally:
+        copy.unlink()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    # The edited lines are what ran: that model, that data, that folder.
+    assert f"--model_name_or_path {tiny_model} --data_path {EXAMPLES} --output_dir {output}" in run.stderr
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+
+
+def test_command_line_paths_override_the_edited_lines(tiny_model, tmp_path):
+    # -d given: the placeholder is no error; -m/-o replace MODEL/OUTPUT. --help after them shows what would run.
+    run = subprocess.run(
+        ["bash", "finetune/finetune_lora_single_gpu.sh", "-m", "some/model", "-d", EXAMPLES, "-o", "x", "--help"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "(default: some/model)" in run.stdout and "(default: x)" in run.stdout

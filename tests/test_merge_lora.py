@@ -169,3 +169,63 @@ def test_an_adapter_config_without_base_model_is_an_error(tmp_path, user_error):
         f"error: {adapter / 'adapter_config.json'} names no base model (base_model_name_or_path): set it to the base "
         "model's folder or hub id, or pass --base_model"
     )
+
+
+# peft's LoRA variants, each from its finetune.py flags: what the adapter records about it.
+VARIANTS = {
+    "dora": (["--use_dora"], {"use_dora": True, "r": 8}),
+    "rslora": (["--use_rslora"], {"use_rslora": True, "r": 8}),
+    "gaussian": (["--init_lora_weights", "gaussian"], {"init_lora_weights": "gaussian", "r": 8}),
+    # PiSSA/OLoRA changed the base while training: saved as a plain LoRA of twice the rank on the unchanged base.
+    "pissa": (["--init_lora_weights", "pissa"], {"init_lora_weights": True, "r": 16}),
+    "olora": (["--init_lora_weights", "olora"], {"init_lora_weights": True, "r": 16}),
+    "loraplus": (["--loraplus_lr_ratio", "16"], {"r": 8}),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tiny_model, tmp_path_factory, run_finetune, samples) -> dict[str, tuple[Path, list, object]]:
+    """Per variant: the adapter folder, the logits of the model as it finished training, and the Trainer."""
+    runs = {}
+    for variant, (flags, _) in VARIANTS.items():
+        output = tmp_path_factory.mktemp("variants") / variant
+        argv = ["--model_name_or_path", tiny_model, "--data_path", EXAMPLES, "--output_dir", str(output)]
+        argv += ["--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--seed", "0"]
+        argv += ["--save_strategy", "no", "--report_to", "none", "--lora_r", "8", "--lora_dropout", "0"]
+        argv += ["--dataloader_pin_memory", "false", "--model_max_length", "256", "--use_lora", *flags]
+        trainer = run_finetune(*argv)
+        runs[variant] = (output, sample_logits(trainer.model, samples), trainer)
+    return runs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_variant_is_saved_and_merges_into_the_model_as_trained(
+    variant_runs, tiny_model, samples, tmp_path, monkeypatch, variant
+):
+    adapter, trained, _ = variant_runs[variant]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for key, value in VARIANTS[variant][1].items():
+        assert config[key] == value, key
+    run_merge(monkeypatch, "--adapter", str(adapter), "--output", str(tmp_path / "merged"), "--dtype", "fp32")
+
+    merged = sample_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), samples)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base_logits = sample_logits(base, samples)
+    with_adapter = sample_logits(PeftModel.from_pretrained(base, adapter), samples)
+    assert max_abs_diff(with_adapter, merged) <= 1e-4  # merged = unchanged base + adapter
+    assert max_abs_diff(trained, merged) <= 1e-4  # = the model training ended with (PiSSA/OLoRA: after conversion)
+    assert max_abs_diff(base_logits, merged) > 1e-2  # and training changed it
+
+
+def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(variant_runs):
+    trainer = variant_runs["loraplus"][2]
+    names = {id(parameter): name for name, parameter in trainer.model.named_parameters()}
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for parameter in group["params"]:
+            kind = "B" if "lora_B" in names[id(parameter)] else "A" if "lora_A" in names[id(parameter)] else "other"
+            rates.setdefault(kind, set()).add(group["initial_lr"])
+    assert rates["A"] == {1e-2} and [rate / 1e-2 for rate in rates["B"]] == [pytest.approx(16)]
+    # Without the flag, one rate for all.
+    rates = {group["initial_lr"] for group in variant_runs["dora"][2].optimizer.param_groups if group["params"]}
+    assert rates == {1e-2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pytest
@@ -29,11 +31,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def web_demo(chat_adapter):
+@contextlib.contextmanager
+def serving(checkpoint: str, *extra: str) -> Iterator[str]:
+    """web_demo.py on a free localhost port, as a user starts it; yields its URL."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
-    command = [sys.executable, "web_demo.py", "-c", chat_adapter, "--server-port", str(port)]
+    command = [sys.executable, "web_demo.py", "-c", checkpoint, "--server-port", str(port), *extra]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
@@ -46,9 +49,17 @@ def web_demo(chat_adapter):
                 server.kill()
                 pytest.fail(f"web_demo.py did not start:\n{server.communicate()[0]}")
             time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def web_demo(chat_adapter):
+    with serving(chat_adapter) as url:
+        yield url
 
 
 @needs_chromium
@@ -163,3 +174,68 @@ def test_a_message_the_template_refuses_is_shown_as_an_error_and_changes_nothing
     with pytest.raises(gr.Error, match="the chat template refuses this conversation: the word forbidden"):
         next(replies)  # before anything is shown: the message stays in its box, the history as it was
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+@pytest.fixture(scope="module")
+def tools_file(tmp_path_factory) -> str:
+    """The tool schemas of data/example_tools.jsonl's first sample, as a --tools file."""
+    import json
+    from pathlib import Path
+
+    schemas = json.loads(Path("data/example_tools.jsonl").read_text().splitlines()[0])["tools"]
+    path = tmp_path_factory.mktemp("tools") / "tools.json"
+    path.write_text(json.dumps(schemas))
+    return str(path)
+
+
+def test_tools_go_with_every_message(tool_model, tools_file, monkeypatch):
+    import web_demo
+    from sft.data import load_tools
+
+    tools = load_tools(tools_file)
+    model, tokenizer = load_for_chat(tool_model)
+    demo = web_demo.build_demo(model, tokenizer, GenerationSettings.from_model(model), "tiny", "", tools)
+    respond = next(block.fn for block in demo.fns.values() if getattr(block.fn, "__name__", "") == "respond")
+    calls: list[list[int]] = []
+    real_generate = model.generate
+
+    def observed(**kwargs):
+        calls.append(kwargs["input_ids"][0].tolist())
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", observed)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    list(respond("Weather in Paris?", history, "", 0, 1, 5))
+    rendered = render(tokenizer, conversation(history, "Weather in Paris?", None, tools), add_generation_prompt=True)
+    assert "get_weather" in rendered  # the template wrote the schemas into the prompt
+    assert calls == [tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
+def test_a_bad_tools_file_stops_before_the_model_loads(chat_adapter, tmp_path, user_error):
+    missing = tmp_path / "nowhere.json"
+    line = user_error("web_demo.py", "-c", chat_adapter, "--tools", str(missing))
+    assert line.startswith("error: ") and str(missing) in line
+
+
+@needs_chromium
+def test_browser_shows_the_tools_and_the_reply_made_with_them(tool_model, tools_file):
+    from playwright.sync_api import expect, sync_playwright
+
+    from sft.data import load_tools
+
+    model, tokenizer = load_for_chat(tool_model)
+    settings = GenerationSettings.from_model(model)
+    query = "What is the weather in Paris?"
+    conversation_with_tools = conversation([], query, None, load_tools(tools_file))
+    expected = "".join(stream_reply(model, tokenizer, conversation_with_tools, settings)).strip()
+
+    with serving(tool_model, "--tools", tools_file) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        page.goto(url)
+        expect(page.locator("#tools")).to_contain_text("Tools the model may call: get_weather", timeout=60_000)
+        message = page.locator("#message textarea")
+        message.fill(query)
+        message.press("Enter")
+        expect(page.locator("#chatbot .message.bot").last).to_have_text(expected, timeout=60_000)
+        browser.close()
