@@ -38,7 +38,7 @@ from sft.args import (
     parse_arguments,
     training_mode,
 )
-from sft.data import load_conversations, make_collator, template_overhead, tokenize_conversations
+from sft.data import load_train_eval, make_collator, template_overhead, tokenize_conversations
 from sft.errors import ConfigurationError, run_main
 from sft.modeling import (
     add_lora,
@@ -70,10 +70,7 @@ def train(
     # 1. Every mistake in the arguments, the data and the output folder is reported before the (slow) model load.
     check_arguments(training_args, lora_args)
     check_parallelism(training_args, lora_args)
-    train_conversations = load_conversations(data_args.data_path, data_args.system_prompt)
-    eval_conversations = None
-    if data_args.eval_data_path:
-        eval_conversations = load_conversations(data_args.eval_data_path, data_args.system_prompt)
+    train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
     mode = training_mode(training_args, lora_args)
     checkpoint = resume_checkpoint(training_args.output_dir, mode, training_args.start_over)
     logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
@@ -144,7 +141,7 @@ def train(
     run_info = {
         "mode": mode,
         "base_model": model_args.model_name_or_path,
-        "data_path": os.path.abspath(data_args.data_path),
+        "data_path": data_path_record(data_args.data_path),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         **trainer.throughput(result.metrics["train_runtime"]),  # trained tokens and tokens per second
@@ -154,6 +151,11 @@ def train(
         run_info["qwen1_source"] = qwen1_source
     save_final(trainer, tokenizer, training_args.output_dir, run_info)
     return trainer
+
+
+def data_path_record(data_path: str) -> str:
+    """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
+    return " ".join(os.path.abspath(name) if os.path.exists(name) else name for name in data_path.split())
 
 
 def tokenizer_or_error(model_args: ModelArguments, max_length: int):
