@@ -15,6 +15,7 @@ import pytest
 
 from sft.data import DataError, DataErrors, load_data, load_train_eval, parse_sources, resample
 from sft.errors import ConfigurationError
+from sft.outputs import read_run_info
 
 
 def chat(k: int) -> dict:
@@ -160,7 +161,7 @@ def test_errors_name_row_or_line_and_up_to_twenty_are_reported(tmp_path):
     assert "many.jsonl, line 2, field 'messages'" in message and "line 21," in message and "line 22," not in message
     assert caught.value.where == "line 2"  # a DataError naming the first
     (tmp_path / "two.jsonl").write_text(json.dumps(chat(0)) + "\n{}\n[]\n")
-    with pytest.raises(DataErrors, match=r"^2 problems in the data:\n  .*line 2.*\n  .*line 3"):
+    with pytest.raises(DataErrors, match=r"^2 problems in the data: \(1\) .*two.jsonl, line 2: .*; \(2\) .*line 3"):
         load_data(str(tmp_path / "two.jsonl"))
 
 
@@ -201,3 +202,27 @@ def test_val_size_and_max_samples(tmp_path):
             load_train_eval(_data_args(data, **options), seed=0)
     with pytest.raises(DataError, match="both need at least one"):
         load_train_eval(_data_args(data, val_size=20), seed=0)
+
+
+def test_finetune_trains_on_a_mix_with_a_validation_split(run_finetune, common_args, tiny_model, tmp_path):
+    datasets.Dataset.from_list([chat(k) for k in range(6)]).to_parquet(tmp_path / "extra.parquet")
+    examples = len(load_data("data/example_chatml.jsonl"))
+    flags = common_args(tiny_model, tmp_path / "out", steps=1)
+    trainer = run_finetune(
+        *flags, "--data_path", f"data/example_chatml.jsonl {tmp_path / 'extra.parquet'}", "--val_size", "3"
+    )
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (examples + 6 - 3, 3)
+    recorded = read_run_info(tmp_path / "out")["data_path"].split()
+    assert recorded == [os.path.abspath("data/example_chatml.jsonl"), str(tmp_path / "extra.parquet")]
+
+
+def test_finetune_reports_every_data_problem_on_one_error_line(user_error, tiny_model, tmp_path):
+    rows = [chat(0), {"instruction": "q", "output": " "}, chat(2), {"messages": [{"role": "user", "content": "q"}]}]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = user_error(
+        "finetune.py",
+        *("--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out")),
+        *("--data_path", str(tmp_path / "bad.jsonl")),
+    )
+    assert line.startswith("error: 2 problems in the data: (1) ")
+    assert "bad.jsonl, line 2, field 'output': is empty" in line and "bad.jsonl, line 4, field 'messages'" in line

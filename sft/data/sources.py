@@ -53,8 +53,8 @@ class DataErrors(DataError):
             self,
             f"{len(errors)}{'+' if more else ''} problems in the data"
             + (f" (the first {MAX_REPORTED} shown)" if more else "")
-            + ":\n"
-            + "\n".join(f"  {error}" for error in errors),
+            + ": "
+            + "; ".join(f"({n}) {error}" for n, error in enumerate(errors, start=1)),
         )
         self.path, self.where, self.field = first.path, first.where, first.field
 
