@@ -82,3 +82,4 @@ class Conversations(list):
         super().__init__(conversations)
         self.path, self.wheres = str(path), wheres
         self.paths: list[str] | None = None  # each conversation's own file, where they come from several
+        self.formats: list[str] | None = None  # each one's record format (`sft.data.formats.record_format`)

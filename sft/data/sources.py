@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sft.data.formats import parse_record, with_default_system
+from sft.data.formats import parse_record, record_format, with_default_system
 from sft.data.reading import Conversations, DataError, read_records
 
 # The file types `datasets` reads, by extension (.json and .jsonl are read by `read_records`, which names lines).
@@ -204,7 +204,7 @@ def load_data(
 ) -> Conversations:
     """Every conversation of the sources `data_path` names, checked, with its file and place (`paths`, `wheres`).
     Raises a DataError naming every problem found (up to `MAX_REPORTED`)."""
-    conversations, paths, wheres = [], [], []
+    conversations, paths, wheres, formats = [], [], [], []
     errors: list[DataError] = []
     more = False
     for number, source in enumerate(parse_sources(data_path)):
@@ -213,7 +213,8 @@ def load_data(
             if max_samples is not None and len(conversations) - start >= max_samples:
                 break
             try:
-                messages = parse_record(_renamed(record, source.columns), file, where)
+                record = _renamed(record, source.columns)
+                messages = parse_record(record, file, where)
             except DataError as error:
                 if len(errors) == MAX_REPORTED:
                     more = True
@@ -223,18 +224,19 @@ def load_data(
             conversations.append(with_default_system(messages, source.system_prompt or default_system))
             paths.append(file)
             wheres.append(where)
+            formats.append(record_format(record))
         if more:
             break
         if len(conversations) == start and not errors:
             raise DataError(source.path, "", None, "no samples in this source")
         if source.num_samples is not None and len(conversations) > start:
             picked = [start + k for k in resample(len(conversations) - start, source.num_samples, seed + number)]
-            for column in (conversations, paths, wheres):
+            for column in (conversations, paths, wheres, formats):
                 column[start:] = [column[k] for k in picked]
     if errors:
         raise errors[0] if len(errors) == 1 else DataErrors(errors, more)
     result = Conversations(conversations, data_path, wheres)
-    result.paths = paths
+    result.paths, result.formats = paths, formats
     return result
 
 
@@ -256,7 +258,8 @@ def split_validation(conversations: Conversations, val_size: float, seed: int) -
         indices = [k for k in range(len(conversations)) if keep(k)]
         part = Conversations([conversations[k] for k in indices], conversations.path, [])
         part.wheres = [conversations.wheres[k] for k in indices]
-        part.paths = [conversations.paths[k] for k in indices] if hasattr(conversations, "paths") else None
+        part.paths = [conversations.paths[k] for k in indices] if conversations.paths else None
+        part.formats = [conversations.formats[k] for k in indices] if conversations.formats else None
         parts.append(part)
     return parts[0], parts[1]
 
