@@ -103,6 +103,8 @@ def train(
         eval_dataset = None
         if eval_conversations:
             eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
+    # From here on the data is the tokenised Arrow files (memory-mapped): the conversations are not kept for the run.
+    del train_conversations, eval_conversations
 
     # 4. The model, with LoRA adapters unless a full fine-tune.
     model = build_model(model_args, training_args, lora_args, tokenizer)
