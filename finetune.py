@@ -39,6 +39,7 @@ from sft.args import (
     training_mode,
 )
 from sft.data import load_train_eval, make_collator, template_overhead, tokenize_conversations
+from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
 from sft.modeling import (
     add_lora,
@@ -98,7 +99,8 @@ def train(
         cache_dir=data_args.preprocessing_cache_dir,
         fold_system=data_args.fold_system_prompt,
     )
-    with training_args.main_process_first(desc="tokenising"):
+    # Once per node (the others open its cache), however long it takes: not bound by --ddp_timeout.
+    with local_main_first(training_args.local_process_index):
         train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
         eval_dataset = None
         if eval_conversations:
