@@ -226,3 +226,22 @@ def test_finetune_reports_every_data_problem_on_one_error_line(user_error, tiny_
     )
     assert line.startswith("error: 2 problems in the data: (1) ")
     assert "bad.jsonl, line 2, field 'output': is empty" in line and "bad.jsonl, line 4, field 'messages'" in line
+
+
+def test_nested_columns_read_from_parquet_keep_their_meaning(tmp_path):
+    # Arrow gives every struct of a column the same fields (None where a sample had none): text parts of both
+    # spellings, a tool call in one message only, a marked answer.
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "question 0"}]},
+                {"role": "assistant", "content": [{"type": "text", "value": "answer 0"}], "train": False},
+                {"role": "user", "content": [{"type": "text", "text": "again"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "answer 1"}]},
+            ]
+        }
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "parts.parquet")
+    (messages,) = load_data(str(tmp_path / "parts.parquet"))
+    assert [m["content"] for m in messages] == ["question 0", "answer 0", "again", "answer 1"]
+    assert [m.get("train", True) for m in messages] == [True, False, True, True]

@@ -67,10 +67,10 @@ def _content(value: Any, path: Path, where: str, field: str, allow_empty: bool =
             continue
         if not isinstance(part, dict):
             raise DataError(path, where, part_field, f"expected a text part, got {type(part).__name__}")
-        kind = part.get("type", "text")
+        kind = part.get("type") or "text"  # None where Arrow gave every part of a column the same keys
         if kind != "text":
             raise DataError(path, where, f"{part_field}.type", f"a {kind!r} part: only text can be trained on")
-        key = "text" if "text" in part else "value"
+        key = "text" if part.get("text") is not None else "value"
         texts.append(_text(part.get(key), path, where, f"{part_field}.{key}", allow_empty=True))
     return _text("".join(texts), path, where, field, allow_empty)
 
