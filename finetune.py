@@ -44,8 +44,9 @@ from sft.args import (
     parse_arguments,
     training_mode,
 )
-from sft.data import load_conversations, make_collator, template_overhead, tokenize_conversations
+from sft.data import load_train_eval, make_collator, template_overhead, tokenize_conversations
 from sft.disk import check_room, checkpoint_bytes
+from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
 from sft.modeling import (
     add_lora,
@@ -88,10 +89,7 @@ def train(
     check_required(model_args, data_args)
     check_arguments(training_args, lora_args)
     check_parallelism(training_args, lora_args)
-    train_conversations = load_conversations(data_args.data_path, data_args.system_prompt)
-    eval_conversations = None
-    if data_args.eval_data_path:
-        eval_conversations = load_conversations(data_args.eval_data_path, data_args.system_prompt)
+    train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
     mode = training_mode(training_args, lora_args)
     logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
 
@@ -134,11 +132,14 @@ def train(
         cache_dir=data_args.preprocessing_cache_dir,
         fold_system=data_args.fold_system_prompt,
     )
-    with training_args.main_process_first(desc="tokenising"):
+    # Once per node (the others open its cache), however long it takes: not bound by --ddp_timeout.
+    with local_main_first(training_args.local_process_index):
         train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
         eval_dataset = None
         if eval_conversations:
             eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
+    # From here on the data is the tokenised Arrow files (memory-mapped): the conversations are not kept for the run.
+    del train_conversations, eval_conversations
 
     # 5. The model, with LoRA adapters unless a full fine-tune, and room on the disk for its checkpoints.
     model = build_model(model_args, training_args, lora_args, tokenizer)
@@ -194,7 +195,7 @@ def train(
     run_info = {
         "mode": mode,
         "base_model": model_args.model_name_or_path,
-        "data_path": os.path.abspath(data_args.data_path),
+        "data_path": data_path_record(data_args.data_path),
         "identity": identity,
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
@@ -206,6 +207,11 @@ def train(
         run_info["qwen1_source"] = qwen1_source
     save_final(trainer, tokenizer, training_args.output_dir, run_info, initial_adapter)
     return trainer
+
+
+def data_path_record(data_path: str) -> str:
+    """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
+    return " ".join(os.path.abspath(name) if os.path.exists(name) else name for name in data_path.split())
 
 
 def tokenizer_or_error(model_args: ModelArguments, max_length: int):

@@ -59,10 +59,23 @@ class DataArguments:
     data_path: str | None = field(
         default=None,
         metadata={
-            "help": "Training data (required): JSON list or JSONL of Qwen 'conversations', ChatML 'messages' or alpaca."
+            "help": "Training data (required): one or more sources, space-separated: files (.json, .jsonl, .parquet, "
+            ".csv, .tsv, .arrow), globs, folders (a downloaded hub dataset, a save_to_disk folder), hub dataset ids, "
+            "or a data config file (YAML, or JSON with 'sources') listing sources with options. Samples: Qwen "
+            "'conversations', ChatML 'messages', 'prompt'/'completion', alpaca or plain 'text'."
         },
     )
-    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same sources and formats."})
+    val_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "Without --eval_data_path: cut a validation set off the training data, a fraction (0.05) or a "
+            "count (500) of samples, drawn with --seed."
+        },
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Take at most the first N samples of each source (quick runs)."}
+    )
     lazy_preprocess: bool = field(
         default=False,
         metadata={"help": "Accepted for Qwen compatibility; preprocessing is always done once up front and cached."},

@@ -45,9 +45,7 @@ from sft.args import TrainingArguments as FinetuneTrainingArguments
 from sft.data import (
     IGNORE_INDEX,
     Conversation,
-    load_conversations,
-    read_records,
-    record_format,
+    load_data,
     template_overhead,
     tokenize_conversations,
     tokenize_many,
@@ -201,8 +199,7 @@ def inspect_data(
     finetune.py would refuse."""
     check_required(model_args, data_args)
     max_length = training_args.model_max_length
-    conversations = load_conversations(data_args.data_path, data_args.system_prompt)
-    origins = read_records(data_args.data_path)  # one per conversation, in the same order
+    conversations = load_data(data_args.data_path, data_args.system_prompt, data_args.max_samples)
     if tokenizer is None:
         path = resolve_model_path(model_args.model_name_or_path)
         chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
@@ -237,7 +234,9 @@ def inspect_data(
     stats = untruncated_stats(conversations, tokenizer, data_args, max_length)
     fates = [sample_fate(sample, max_length, data_args.drop_long_samples) for sample in stats]
     fate_counts = Counter(fates)
-    if counts is not None and +fate_counts != +counts:
+    # Plain texts longer than max_length train as several rows (chunks), which the per-sample fates do not count.
+    chunked = "text" in (conversations.formats or [])
+    if counts is not None and not chunked and +fate_counts != +counts:
         raise RuntimeError(f"sft.inspect disagrees with sft.data on the samples' fates: {fate_counts} != {counts}")
     kept = [k for k, fate in enumerate(fates) if fate in ("ok", "truncated")]
 
@@ -251,7 +250,8 @@ def inspect_data(
 
     packing = None
     # JSONL samples are found by their line; a JSON list's by their index, which is k itself.
-    where = [f"sample {k} ({origins[k][0]})" if origins[k][0].startswith("line") else f"sample {k}" for k in kept]
+    wheres = conversations.wheres
+    where = [f"sample {k} ({wheres[k]})" if not wheres[k].startswith("sample") else f"sample {k}" for k in kept]
     if data_args.packing and dataset is not None:
         dataset = pack_dataset(dataset, max_length)
         packing = {
@@ -279,7 +279,7 @@ def inspect_data(
         "drop_long_samples": data_args.drop_long_samples,
         "system_prompt": data_args.system_prompt,
         "samples": len(conversations),
-        "formats": dict(Counter(record_format(record) for _, record in origins)),
+        "formats": dict(Counter(conversations.formats)),
         "messages": sum(len(messages) for messages in conversations),
         "assistant_turns": sum(_assistant_turns(messages) for messages in conversations),
         "length_percentiles": percentile_table(lengths),

@@ -13,6 +13,7 @@ decision, so that on a shared file system no two processes move the same folder.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
+from sft.data import parse_sources
 from sft.errors import ConfigurationError, UserError
 from sft.outputs import read_run_info
 from sft.training import last_complete_checkpoint
@@ -72,8 +74,8 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def data_fingerprint(sources: list[str]) -> list[dict[str, Any]]:
-    """Each data source's fingerprint: a local file's content, a folder's files, or a name as given (a hub data
-    set is recorded by name)."""
+    """Each data source's fingerprint: a local file's content, a folder's or a glob's files, or a name as given (a
+    hub data set is recorded by name). A data config file's sources are fingerprinted, not the config."""
     fingerprints = []
     for source in sources:
         path = Path(source)
@@ -82,6 +84,9 @@ def data_fingerprint(sources: list[str]) -> list[dict[str, Any]]:
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             fingerprints.append({"path": str(path.resolve()), "files": [file_fingerprint(p) for p in files]})
+        elif glob.has_magic(source):
+            files = sorted(Path(name) for name in glob.glob(source, recursive=True) if Path(name).is_file())
+            fingerprints.append({"glob": source, "files": [file_fingerprint(p) for p in files]})
         else:
             fingerprints.append({"name": source})
     return fingerprints
@@ -133,7 +138,7 @@ def run_identity(
     identity = {
         "mode": mode,
         "base_model": model_identity(model),
-        "data": data_fingerprint([data_args.data_path]),
+        "data": data_fingerprint([source.path for source in parse_sources(data_args.data_path)]),
         "lora": {name: getattr(lora_args, name) for name in LORA_OPTIONS} if training_args.use_lora else None,
         "model_max_length": training_args.model_max_length,
         **{name: getattr(data_args, name) for name in ROW_OPTIONS},

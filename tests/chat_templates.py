@@ -118,3 +118,12 @@ LEAKING_TEMPLATE = (
     "{{ messages[0]['content'] }} {% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+# Like Qwen3's with reasoning_content: the last answer's reasoning in a <think> block, earlier answers' dropped.
+REASONING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n{{ m.get('reasoning_content', '') }}\n</think>\n\n"
+    "{{ m['content'] }}{% else %}{{ m['content'] | trim }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

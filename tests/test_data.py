@@ -169,8 +169,8 @@ GOOD = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "co
         ('[{"messages": [}]', ["line 1", "invalid JSON"]),
         (json.dumps(GOOD) + "\n{not json}\n", ["line 2", "invalid JSON"]),
         (
-            json.dumps(GOOD) + '\n{"prompt": "q", "completion": "a"}\n',
-            ["line 2", "unknown format", "'prompt'", "'completion'"],
+            json.dumps(GOOD) + '\n{"question": "q", "answer": "a"}\n',
+            ["line 2", "unknown format", "'question'", "'answer'"],
         ),
         (
             json.dumps({"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}),

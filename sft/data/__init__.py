@@ -3,7 +3,8 @@
 Every entry point (finetune.py, merge_lora.py, run_gptq.py, the demos) goes through this package, so a data file
 means the same thing everywhere:
 
-1. `reading`: a JSON list or JSONL file into records with their place ("line N", "sample N");
+1. `reading`, `sources`: a JSON list or JSONL file into records with their place ("line N", "sample N"); every
+   source of `--data_path` (files, globs, folders, hub ids, a data config) mixed, sampled, split (`load_data`);
 2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, with tools) checked and turned into
    messages, a `DataError` naming file, place and field otherwise (`load_conversations` does 1 and 2);
 3. `templates`: a conversation rendered with the tokenizer's chat template, what the template refuses;
@@ -16,11 +17,12 @@ means the same thing everywhere:
 Every public name is importable from `sft.data` itself.
 """
 
-from sft.data.cache import CACHE_FORMAT, NothingToTrainError, tokenize_conversations
+from sft.data.cache import CACHE_FORMAT, NothingToTrainError, check_reasoning_rendered, tokenize_conversations
 from sft.data.collate import make_collator
 from sft.data.formats import (
     ALPACA_KEYS,
     ROLE_NAMES,
+    TEXT_ROLE,
     TOOLS_ROLE,
     Conversation,
     Message,
@@ -29,10 +31,20 @@ from sft.data.formats import (
     load_tools,
     parse_record,
     record_format,
+    with_default_system,
 )
 from sft.data.labels import IGNORE_INDEX, add_stops, label_many, label_spans, label_spans_many, repeated_prompt
 from sft.data.profile import TemplateProfile, compute_profile, template_profile
 from sft.data.reading import Conversations, DataError, read_records
+from sft.data.sources import (
+    DataErrors,
+    Source,
+    load_data,
+    load_train_eval,
+    parse_sources,
+    resample,
+    split_validation,
+)
 from sft.data.spans import ANSWER_CLOSE, ANSWER_OPEN, spans_by_generation, spans_by_markers, spans_by_prefixes
 from sft.data.templates import (
     CHATML_TEMPLATE,
@@ -57,9 +69,18 @@ from sft.data.tokenizing import (
     tokenize_conversation,
     tokenize_many,
     tokenize_pieces,
+    tokenize_text,
 )
 
 __all__ = [
+    "check_reasoning_rendered",
+    "with_default_system",
+    "tokenize_text",
+    "split_validation",
+    "resample",
+    "parse_sources",
+    "load_train_eval",
+    "load_data",
     "ALPACA_KEYS",
     "ANSWER_CLOSE",
     "ANSWER_OPEN",
@@ -67,11 +88,14 @@ __all__ = [
     "CHATML_TEMPLATE",
     "IGNORE_INDEX",
     "ROLE_NAMES",
+    "TEXT_ROLE",
     "TOOLS_ROLE",
     "Conversation",
     "Conversations",
     "DataError",
+    "DataErrors",
     "Message",
+    "Source",
     "NothingToTrainError",
     "TemplateProfile",
     "TemplateRefusal",

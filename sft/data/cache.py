@@ -19,11 +19,11 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.formats import Conversation, TrainOn
+from sft.data.formats import TEXT_ROLE, Conversation, TrainOn
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
-from sft.data.templates import TemplateRefusal, chat_template_of
-from sft.data.tokenizing import tokenize_many
+from sft.data.templates import TemplateRefusal, chat_template_of, render
+from sft.data.tokenizing import tokenize_many, tokenize_text
 from sft.errors import UserError
 
 logger = logging.getLogger("sft.data")
@@ -45,10 +45,20 @@ def _tokenize_batch(
 ) -> dict:
     conversations = [json.loads(messages) for messages in batch["messages"]]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "folded": []}
+    chats = [k for k, messages in enumerate(conversations) if messages[0]["role"] != TEXT_ROLE]
     try:
-        tokenized_many = tokenize_many(tokenizer, conversations, max_length, train_on, drop_long, fold_system, profile)
+        tokenized_chats = tokenize_many(
+            tokenizer, [conversations[k] for k in chats], max_length, train_on, drop_long, fold_system, profile
+        )
     except TemplateRefusal as error:  # name the sample by its index in the whole data set
-        raise TemplateRefusal(indices[error.index], error.message) from None
+        raise TemplateRefusal(indices[chats[error.index]], error.message) from None
+    # Plain texts (continued pre-training) in their places, as one row per chunk.
+    by_sample = dict(zip(chats, ([tokenized] for tokenized in tokenized_chats)))
+    tokenized_many = [
+        row
+        for k, messages in enumerate(conversations)
+        for row in by_sample.get(k) or tokenize_text(tokenizer, messages[0]["content"], max_length)
+    ]
     for tokenized in tokenized_many:
         out["input_ids"].append(tokenized.input_ids)
         out["labels"].append(tokenized.labels)
@@ -77,6 +87,44 @@ def _fingerprint(records: list[str], tokenizer, max_length: int, train_on: str, 
     return digest.hexdigest()[:24]
 
 
+def _place(conversations: list[Conversation], index: int, description: str) -> tuple[str, str]:
+    """(file, place) of a conversation: from `load_data` or `load_conversations`, else its index."""
+    paths = getattr(conversations, "paths", None)
+    wheres = getattr(conversations, "wheres", None)
+    path = paths[index] if paths else getattr(conversations, "path", f"{description} data")
+    return path, wheres[index] if wheres else f"sample {index}"
+
+
+REASONING_PROBE = "reasoning-probe-7f3a"
+
+
+def check_reasoning_rendered(conversations: list[Conversation], tokenizer, description: str = "train") -> None:
+    """A DataError naming the first sample with `reasoning_content` when the chat template never writes it (the
+    reasoning would silently not be trained on). Templates that drop it only from earlier turns (Qwen3) pass."""
+    first = next(
+        (k for k, messages in enumerate(conversations) if any("reasoning_content" in m for m in messages)), None
+    )
+    if first is None:
+        return
+    probe = [
+        {"role": "user", "content": "question"},
+        {"role": "assistant", "content": "answer", "reasoning_content": REASONING_PROBE},
+    ]
+    try:
+        rendered = render(tokenizer, probe)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe writes no reasoning either
+        rendered = ""
+    if REASONING_PROBE not in rendered:
+        path, where = _place(conversations, first, description)
+        raise DataError(
+            path,
+            where,
+            "reasoning_content",
+            "the chat template never writes an assistant message's reasoning_content, so it would not be "
+            "trained on: use a template that renders it (Qwen3's), or put the reasoning into the content",
+        )
+
+
 def tokenize_conversations(
     conversations: list[Conversation],
     tokenizer: PreTrainedTokenizerBase,
@@ -98,6 +146,7 @@ def tokenize_conversations(
     conversations come from `load_conversations`), and the template's message. Where the template refuses
     only the system message and `fold_system`, the system text goes into the first user message instead.
     """
+    check_reasoning_rendered(conversations, tokenizer, description)
     cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Each conversation as one JSON string: Arrow stores and hands back strings far faster than nested lists of
@@ -127,9 +176,7 @@ def tokenize_conversations(
             desc=f"Tokenising {description} data",
         )
     except TemplateRefusal as error:
-        wheres = getattr(conversations, "wheres", None)
-        path = getattr(conversations, "path", f"{description} data")
-        raise DataError(path, wheres[error.index] if wheres else f"sample {error.index}", None, error.message) from None
+        raise DataError(*_place(conversations, error.index, description), None, error.message) from None
     folded = sum(dataset["folded"])
     if folded:
         logger.info(

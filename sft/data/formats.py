@@ -1,5 +1,7 @@
 """Stage 2 of the data pipeline, record formats: each record (Qwen/ShareGPT `conversations`, ChatML `messages`,
-alpaca, with tools and tool calls in either) checked field by field and turned into one list of messages.
+with tools and tool calls in either, trl's `prompt`/`completion`, alpaca, plain `text`) checked field by field and
+turned into one list of messages. Message content may be a list of text parts; an assistant message may carry
+`reasoning_content`, and `"train": false` (or `"loss_weight": 0`) to keep it out of the loss.
 
 Anything wrong is a `DataError` naming the file, the line or sample and the field. No model is needed here.
 """
@@ -22,6 +24,9 @@ Message = dict[str, Any]
 Conversation = list[Message]
 TrainOn = Literal["assistant", "last_assistant", "all"]
 TOOLS_ROLE = "tools"
+# A plain-text sample ({"text": ...}, continued pre-training) is one {"role": TEXT_ROLE, "content": text} entry:
+# no chat template, every token trained, eos appended (sft.data.tokenizing.tokenize_text).
+TEXT_ROLE = "text"
 
 ROLE_NAMES = {
     "system": "system",
@@ -47,6 +52,27 @@ def _text(value: Any, path: Path, where: str, field: str, allow_empty: bool = Fa
     except UnicodeEncodeError as error:
         raise DataError(path, where, field, f"invalid unicode: {error.reason} at character {error.start}") from None
     return value
+
+
+def _content(value: Any, path: Path, where: str, field: str, allow_empty: bool = False) -> str:
+    """Message content: a string, or a list of text parts (OpenAI {"type": "text", "text": ...}, LLaMA-Factory
+    {"type": "text", "value": ...}) joined into one; parts we cannot train on (images, audio) are an error."""
+    if not isinstance(value, list):
+        return _text(value, path, where, field, allow_empty)
+    texts = []
+    for index, part in enumerate(value):
+        part_field = f"{field}[{index}]"
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise DataError(path, where, part_field, f"expected a text part, got {type(part).__name__}")
+        kind = part.get("type") or "text"  # None where Arrow gave every part of a column the same keys
+        if kind != "text":
+            raise DataError(path, where, f"{part_field}.type", f"a {kind!r} part: only text can be trained on")
+        key = "text" if part.get("text") is not None else "value"
+        texts.append(_text(part.get(key), path, where, f"{part_field}.{key}", allow_empty=True))
+    return _text("".join(texts), path, where, field, allow_empty)
 
 
 def _role(value: Any, path: Path, where: str, field: str) -> str:
@@ -133,7 +159,9 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
             if not isinstance(calls, list) or not calls:
                 raise DataError(path, where, f"{field}.tool_calls", "expected a non-empty list of calls")
             content = turn.get(content_key)
-            message["content"] = "" if content is None else _text(content, path, where, f"{field}.{content_key}", True)
+            message["content"] = (
+                "" if content is None else _content(content, path, where, f"{field}.{content_key}", True)
+            )
             message["tool_calls"] = [
                 _tool_call(call, path, where, f"{field}.tool_calls[{n}]") for n, call in enumerate(calls)
             ]
@@ -141,7 +169,11 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
             if content_key not in turn:
                 found = ", ".join(map(repr, turn)) or "none"
                 raise DataError(path, where, f"{field}.{content_key}", f"missing (keys found: {found})")
-            message["content"] = _text(turn[content_key], path, where, f"{field}.{content_key}", role == "tool")
+            message["content"] = _content(turn[content_key], path, where, f"{field}.{content_key}", role == "tool")
+        if role == "assistant" and turn.get("reasoning_content") not in (None, ""):
+            message["reasoning_content"] = _text(turn["reasoning_content"], path, where, f"{field}.reasoning_content")
+        if role == "assistant" and (turn.get("train") is False or turn.get("loss_weight") in (0, 0.0)):
+            message["train"] = False  # this answer is context only: no loss on it (sft.data.labels)
         if role == "tool":
             if call_ids is None:
                 raise DataError(path, where, field, "a tool result with no tool call before it")
@@ -179,6 +211,29 @@ def _alpaca(record: dict, path: Path, where: str) -> Conversation:
     return messages
 
 
+def _prompt_completion(record: dict, path: Path, where: str) -> Conversation:
+    """trl's prompt/completion form: two strings (a user turn and its answer), or two message lists; only the
+    completion is trained on (answers inside the prompt are context)."""
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise DataError(path, where, "prompt", "prompt and completion must both be strings or both message lists")
+        messages = _turns(record, "prompt", "role", "content", path, where)
+        messages = [{**m, "train": False} if m["role"] == "assistant" else m for m in messages]
+        return messages + _turns(record, "completion", "role", "content", path, where)
+    return [
+        {"role": "user", "content": _content(prompt, path, where, "prompt")},
+        {"role": "assistant", "content": _content(completion, path, where, "completion")},
+    ]
+
+
+def with_default_system(messages: Conversation, system: str | None) -> Conversation:
+    """`messages` with `system` as their first message when they have no system message (plain text never)."""
+    if system and not any(m["role"] in ("system", TEXT_ROLE) for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
 def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversation:
     """Turns one record of any supported format into messages, checking every field."""
     path = Path(path)
@@ -190,19 +245,24 @@ def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversati
     elif "messages" in record:
         messages = _turns(record, "messages", "role", "content", path, where)
         key = "messages"
+    elif "prompt" in record and "completion" in record:
+        messages = _prompt_completion(record, path, where)
+        key = "completion"
     elif any(key in record for key in ALPACA_KEYS):
         return _alpaca(record, path, where)
+    elif "text" in record:
+        return [{"role": TEXT_ROLE, "content": _content(record["text"], path, where, "text")}]
     else:
         found = ", ".join(repr(k) for k in record) or "none"
-        candidates = ["conversations", "messages", *ALPACA_KEYS]
+        candidates = ["conversations", "messages", "prompt", "completion", "text", *ALPACA_KEYS]
         hints = {m for k in record if isinstance(k, str) for m in difflib.get_close_matches(k, candidates, n=1)}
         hint = f"; did you mean {', '.join(sorted(hints))}?" if hints else ""
         raise DataError(
             path,
             where,
             None,
-            f"unknown format: keys found {found}; expected 'conversations' (Qwen), 'messages' (ChatML) "
-            f"or 'instruction'/'input'/'output' (alpaca){hint}",
+            f"unknown format: keys found {found}; expected 'conversations' (Qwen), 'messages' (ChatML), "
+            f"'prompt'/'completion', 'instruction'/'input'/'output' (alpaca) or 'text' (plain text){hint}",
         )
     for index, message in enumerate(messages):
         if message["role"] == "system" and index != 0:
@@ -222,8 +282,12 @@ def record_format(record: Any) -> str:
             return "qwen"
         if "messages" in record:
             return "chatml"
+        if "prompt" in record and "completion" in record:
+            return "prompt_completion"
         if any(key in record for key in ALPACA_KEYS):
             return "alpaca"
+        if "text" in record:
+            return "text"
     return "unknown"
 
 
@@ -242,8 +306,6 @@ def load_conversations(path: str | os.PathLike, default_system: str | None = Non
     conversations.wheres = [where for where, _ in records]
     if not conversations:
         raise DataError(path, "", None, "no samples in the file")
-    if default_system:
-        for messages in conversations:
-            if not any(message["role"] == "system" for message in messages):
-                messages.insert(0, {"role": "system", "content": default_system})
+    for messages in conversations:
+        with_default_system(messages, default_system)
     return conversations

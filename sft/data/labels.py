@@ -8,7 +8,8 @@ One story for every conversation, whatever its batch:
    where that way cannot label this conversation;
 3. check that no system or user text is written inside an answer's turn (the prompt-leak check);
 4. add the eos token after each answer that the template ends with no end-of-turn marker (the stop-token rule);
-5. keep the spans of the turns `train_on` asks for: every answer, the last one, or the whole text ("all").
+5. keep the spans of the turns `train_on` asks for: every answer, the last one, or the whole text ("all");
+6. drop the spans of answers the data marks `"train": false`.
 Steps 1 to 4 run for every `train_on`, "all" included, so its texts and refusals are those of the other options.
 """
 
@@ -91,6 +92,8 @@ def label_many(
                     "so that text would be trained on as the answer",
                 )
         text, spans = add_stops(messages, turns, text, spans, turn_end, eos, call_ends)
+        # 6. an answer marked "train": false in the data is context only.
+        spans = [span for i, span in zip(turns, spans) if messages[i].get("train", True)]
         if train_on == "all":
             spans = [(0, len(text))]
         results.append((text, spans, folded[k]))

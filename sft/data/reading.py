@@ -81,3 +81,5 @@ class Conversations(list):
     def __init__(self, conversations: list[list[dict[str, Any]]], path: str | os.PathLike, wheres: list[str]):
         super().__init__(conversations)
         self.path, self.wheres = str(path), wheres
+        self.paths: list[str] | None = None  # each conversation's own file, where they come from several
+        self.formats: list[str] | None = None  # each one's record format (`sft.data.formats.record_format`)

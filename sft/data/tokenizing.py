@@ -129,3 +129,13 @@ def tokenize_many(
             continue
         results.append(Tokenized(input_ids, labels, status, folded))
     return results
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[Tokenized]:
+    """A plain text for continued pre-training: its tokens and eos, every token trained, no chat template; split
+    into chunks of `max_length` tokens so that nothing is dropped."""
+    input_ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer.eos_token_id is not None:
+        input_ids.append(tokenizer.eos_token_id)
+    chunks = [input_ids[start : start + max_length] for start in range(0, len(input_ids), max_length)]
+    return [Tokenized(chunk, list(chunk), "ok") for chunk in chunks]

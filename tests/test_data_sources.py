@@ -1,0 +1,247 @@
+"""Where training data comes from (sft.data.sources): files by extension, globs, hub-layout and save_to_disk folders,
+an offline hub cache, data config files; mixing, resampling, --val_size, --max_samples; errors by row or line."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+
+from sft.data import DataError, DataErrors, load_data, load_train_eval, parse_sources, resample
+from sft.errors import ConfigurationError
+from sft.outputs import read_run_info
+
+
+def chat(k: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {k}"}, {"role": "assistant", "content": f"answer {k}"}]}
+
+
+def answers(conversations) -> list[str]:
+    return [messages[-1]["content"] for messages in conversations]
+
+
+def test_parquet_csv_tsv_arrow_and_jsonl_files_by_extension(tmp_path):
+    table = datasets.Dataset.from_list([chat(k) for k in range(3)])
+    table.to_parquet(tmp_path / "a.parquet")
+    table.to_json(tmp_path / "a.jsonl")
+    alpaca = datasets.Dataset.from_list([{"instruction": f"question {k}", "output": f"answer {k}"} for k in range(3)])
+    alpaca.to_csv(tmp_path / "a.csv", index=False)
+    alpaca.to_pandas().to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    table.save_to_disk(tmp_path / "disk")
+    shutil.copy(glob.glob(str(tmp_path / "disk" / "*.arrow"))[0], tmp_path / "a.arrow")
+    for name in ("a.parquet", "a.jsonl", "a.csv", "a.tsv", "a.arrow"):
+        conversations = load_data(str(tmp_path / name))
+        assert answers(conversations) == ["answer 0", "answer 1", "answer 2"], name
+    assert load_data(str(tmp_path / "a.parquet")).wheres == ["row 0", "row 1", "row 2"]
+    assert load_data(str(tmp_path / "a.jsonl")).wheres == ["line 1", "line 2", "line 3"]
+
+
+def test_several_sources_and_a_glob_are_mixed_in_order(tmp_path):
+    for name, k in (("x1.jsonl", 1), ("x2.jsonl", 2), ("y.jsonl", 3)):
+        (tmp_path / name).write_text(json.dumps(chat(k)) + "\n")
+    conversations = load_data(f"{tmp_path}/y.jsonl {tmp_path}/x*.jsonl")
+    assert answers(conversations) == ["answer 3", "answer 1", "answer 2"]
+    assert conversations.paths == [str(tmp_path / n) for n in ("y.jsonl", "x1.jsonl", "x2.jsonl")]
+
+
+def test_hub_layout_folder_and_save_to_disk_folders(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n# a dataset\n")
+    datasets.Dataset.from_list([chat(k) for k in range(4)]).to_parquet(repo / "data" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_list([chat(9)]).to_parquet(repo / "data" / "test-00000-of-00001.parquet")
+    assert answers(load_data(str(repo))) == [f"answer {k}" for k in range(4)]
+
+    datasets.Dataset.from_list([chat(k) for k in range(2)]).save_to_disk(tmp_path / "one")
+    assert answers(load_data(str(tmp_path / "one"))) == ["answer 0", "answer 1"]
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([chat(5)]), "test": datasets.Dataset.from_list([chat(6)])}
+    )
+    splits.save_to_disk(tmp_path / "dict")
+    assert answers(load_data(str(tmp_path / "dict"))) == ["answer 5"]
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"sources:\n  - path: {tmp_path / 'dict'}\n    split: test\n  - path: {repo}\n    split: test\n")
+    assert answers(load_data(str(config))) == ["answer 6", "answer 9"]
+    config.write_text(f"sources:\n  - path: {tmp_path / 'dict'}\n    split: valid\n")
+    with pytest.raises(DataError, match="no split 'valid'"):
+        load_data(str(config))
+
+
+def test_hub_dataset_id_from_the_offline_cache(tmp_path, monkeypatch):
+    # A cache as `datasets` leaves it after downloading someone/tiny-chat: the prepared Arrow file and its info.
+    builder = datasets.load_dataset_builder(
+        "parquet", data_files=str(_parquet(tmp_path, [chat(k) for k in range(3)])), cache_dir=str(tmp_path / "b")
+    )
+    builder.download_and_prepare()
+    prepared = next(p for p in glob.glob(str(tmp_path / "b" / "parquet" / "*" / "*" / "*")) if os.path.isdir(p))
+    cached = tmp_path / "cache" / "someone___tiny-chat" / "default" / "0.0.0" / "0123abcd"
+    shutil.copytree(prepared, cached)
+    os.rename(cached / "parquet-train.arrow", cached / "tiny-chat-train.arrow")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    conversations = load_data("someone/tiny-chat")
+    assert answers(conversations) == ["answer 0", "answer 1", "answer 2"]
+    assert conversations.paths[0] == "someone/tiny-chat [train]" and conversations.wheres[2] == "row 2"
+    with pytest.raises(DataError, match="someone/missing"):
+        load_data("someone/missing")
+
+
+def _parquet(folder: Path, rows: list[dict]) -> Path:
+    datasets.Dataset.from_list(rows).to_parquet(folder / "rows.parquet")
+    return folder / "rows.parquet"
+
+
+def test_data_config_options_columns_system_and_resampling(tmp_path):
+    rows = [{"q": f"question {k}", "a": f"answer {k}"} for k in range(10)]
+    path = _parquet(tmp_path, [{"instruction": r["q"], "output": r["a"]} for r in rows])
+    (tmp_path / "named.jsonl").write_text("".join(json.dumps({"ask": r["q"], "reply": r["a"]}) + "\n" for r in rows))
+    config = {
+        "sources": [
+            {"path": str(path), "num_samples": 4},
+            {"path": "named.jsonl", "columns": {"ask": "instruction", "reply": "output"}, "num_samples": 25},
+            {"path": str(path), "system_prompt": "Be brief.", "num_samples": 1},
+        ]
+    }
+    (tmp_path / "mix.json").write_text(json.dumps(config))  # a relative path is relative to the config file
+    conversations = load_data(str(tmp_path / "mix.json"), seed=7)
+    assert len(conversations) == 4 + 25 + 1
+    first = answers(conversations[:4])
+    assert len(set(first)) == 4  # drawn without repeats
+    upsampled = answers(conversations[4:29])
+    assert all(upsampled.count(f"answer {k}") in (2, 3) for k in range(10))  # two whole copies and 5 drawn
+    assert conversations[29][0] == {"role": "system", "content": "Be brief."}
+    assert conversations[0][0]["role"] == "user"
+    assert answers(load_data(str(tmp_path / "mix.json"), seed=7)) == answers(conversations)  # seeded
+    assert answers(load_data(str(tmp_path / "mix.json"), seed=8))[:4] != first  # another seed, another draw
+
+
+def test_resample_draws_without_repeats_below_the_count_and_whole_copies_above():
+    assert resample(10, 4, 0) == sorted(set(resample(10, 4, 0))) and len(resample(10, 4, 0)) == 4
+    assert resample(3, 7, 0).count(0) + resample(3, 7, 0).count(1) + resample(3, 7, 0).count(2) == 7
+    assert all(resample(3, 7, 0).count(k) in (2, 3) for k in range(3))
+    assert resample(5, 5, 1) == [0, 1, 2, 3, 4]
+
+
+def test_config_mistakes_name_the_source(tmp_path):
+    config = tmp_path / "mix.yaml"
+    for text, expected in (
+        ("sources: []\n", "non-empty list 'sources'"),
+        ("sources:\n  - split: train\n", r"sources\[0\], field 'path': missing"),
+        ("sources:\n  - path: a.jsonl\n    weight: 2\n", r"sources\[0\], field 'weight': unknown option"),
+        ("sources:\n  - path: a.jsonl\n    num_samples: 0\n", "expected a positive integer"),
+    ):
+        config.write_text(text)
+        with pytest.raises(DataError, match=expected):
+            parse_sources(str(config))
+
+
+def test_errors_name_row_or_line_and_up_to_twenty_are_reported(tmp_path):
+    rows = [chat(0), {"messages": [{"role": "user", "content": "q"}]}, {"instruction": "q", "output": ""}]
+    datasets.Dataset.from_list([{"payload": json.dumps(r)} for r in rows]).to_parquet(tmp_path / "wrapped.parquet")
+    datasets.Dataset.from_list(rows[1:2]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet, row 0, field 'messages': no assistant turn"):
+        load_data(str(tmp_path / "bad.parquet"))
+    pd = datasets.Dataset.from_list([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": " "}])
+    pd.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"bad.csv, row 1, field 'output': is empty"):
+        load_data(str(tmp_path / "bad.csv"))
+
+    lines = [json.dumps(chat(0))] + ['{"messages": []}'] * 25
+    (tmp_path / "many.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataErrors) as caught:
+        load_data(str(tmp_path / "many.jsonl"))
+    message = str(caught.value)
+    assert message.startswith("20+ problems in the data (the first 20 shown):")
+    assert "many.jsonl, line 2, field 'messages'" in message and "line 21," in message and "line 22," not in message
+    assert caught.value.where == "line 2"  # a DataError naming the first
+    (tmp_path / "two.jsonl").write_text(json.dumps(chat(0)) + "\n{}\n[]\n")
+    with pytest.raises(DataErrors, match=r"^2 problems in the data: \(1\) .*two.jsonl, line 2: .*; \(2\) .*line 3"):
+        load_data(str(tmp_path / "two.jsonl"))
+
+
+def test_missing_sources_are_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_data(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="the glob matches no file"):
+        load_data(str(tmp_path / "*.parquet"))
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="broken.parquet: cannot read as parquet"):
+        load_data(str(tmp_path / "broken.parquet"))
+
+
+def _data_args(data_path: str, **options) -> SimpleNamespace:
+    defaults = dict(eval_data_path=None, system_prompt=None, val_size=None, max_samples=None)
+    return SimpleNamespace(data_path=data_path, **{**defaults, **options})
+
+
+def test_val_size_and_max_samples(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(chat(k)) + "\n" for k in range(20)))
+    data = str(tmp_path / "d.jsonl")
+    train, evaluation = load_train_eval(_data_args(data, val_size=0.25), seed=3)
+    assert (len(train), len(evaluation)) == (15, 5)
+    assert sorted(answers(train) + answers(evaluation), key=lambda a: int(a.split()[1])) == answers(load_data(data))
+    assert answers(load_train_eval(_data_args(data, val_size=0.25), seed=3)[1]) == answers(evaluation)
+    assert answers(load_train_eval(_data_args(data, val_size=0.25), seed=4)[1]) != answers(evaluation)
+    train, evaluation = load_train_eval(_data_args(data, val_size=3), seed=3)
+    assert (len(train), len(evaluation)) == (17, 3)
+    assert evaluation.wheres == [w for w in load_data(data).wheres if w in evaluation.wheres]  # places kept
+    train, evaluation = load_train_eval(_data_args(data, max_samples=4), seed=3)
+    assert answers(train) == [f"answer {k}" for k in range(4)] and evaluation is None
+    for options, expected in (
+        (dict(val_size=1.5), "fraction between 0 and 1 or a whole count"),
+        (dict(val_size=0.1, eval_data_path=data), "drop --eval_data_path"),
+        (dict(max_samples=0), "at least 1"),
+    ):
+        with pytest.raises(ConfigurationError, match=expected):
+            load_train_eval(_data_args(data, **options), seed=0)
+    with pytest.raises(DataError, match="both need at least one"):
+        load_train_eval(_data_args(data, val_size=20), seed=0)
+
+
+def test_finetune_trains_on_a_mix_with_a_validation_split(run_finetune, common_args, tiny_model, tmp_path):
+    datasets.Dataset.from_list([chat(k) for k in range(6)]).to_parquet(tmp_path / "extra.parquet")
+    examples = len(load_data("data/example_chatml.jsonl"))
+    flags = common_args(tiny_model, tmp_path / "out", steps=1)
+    trainer = run_finetune(
+        *flags, "--data_path", f"data/example_chatml.jsonl {tmp_path / 'extra.parquet'}", "--val_size", "3"
+    )
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (examples + 6 - 3, 3)
+    recorded = read_run_info(tmp_path / "out")["data_path"].split()
+    assert recorded == [os.path.abspath("data/example_chatml.jsonl"), str(tmp_path / "extra.parquet")]
+
+
+def test_finetune_reports_every_data_problem_on_one_error_line(user_error, tiny_model, tmp_path):
+    rows = [chat(0), {"instruction": "q", "output": " "}, chat(2), {"messages": [{"role": "user", "content": "q"}]}]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = user_error(
+        "finetune.py",
+        *("--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out")),
+        *("--data_path", str(tmp_path / "bad.jsonl")),
+    )
+    assert line.startswith("error: 2 problems in the data: (1) ")
+    assert "bad.jsonl, line 2, field 'output': is empty" in line and "bad.jsonl, line 4, field 'messages'" in line
+
+
+def test_nested_columns_read_from_parquet_keep_their_meaning(tmp_path):
+    # Arrow gives every struct of a column the same fields (None where a sample had none): text parts of both
+    # spellings, a tool call in one message only, a marked answer.
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "question 0"}]},
+                {"role": "assistant", "content": [{"type": "text", "value": "answer 0"}], "train": False},
+                {"role": "user", "content": [{"type": "text", "text": "again"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "answer 1"}]},
+            ]
+        }
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "parts.parquet")
+    (messages,) = load_data(str(tmp_path / "parts.parquet"))
+    assert [m["content"] for m in messages] == ["question 0", "answer 0", "again", "answer 1"]
+    assert [m.get("train", True) for m in messages] == [True, False, True, True]
