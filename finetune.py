@@ -59,16 +59,11 @@ from sft.modeling import (
     training_dtype,
     training_weights_dtype,
 )
+from sft.outputs import save_final, save_initial_adapter
 from sft.packing import LeakProbe, prepare_packing
 from sft.qwen1 import native_lora_targets, resolve_model_path
 from sft.resume import decide_resume, run_identity
-from sft.training import (
-    FinetuneTrainer,
-    init_deepspeed_comm,
-    save_final,
-    save_initial_adapter,
-    train_until_done,
-)
+from sft.training import FinetuneTrainer, init_deepspeed_comm, train_until_done
 
 logger = logging.getLogger("finetune")
 

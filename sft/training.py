@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from sft.data import IGNORE_INDEX
 from sft.disk import disk_full_is_a_user_error
 from sft.loss import fused_loss_for
-from sft.outputs import publish, read_run_info, replace_folder, staging_folder, staging_path, write_run_info
+from sft.outputs import read_run_info, replace_folder, write_run_info
 from sft.stopping import (
     NonFiniteLoss,
     Preempted,
@@ -390,41 +390,3 @@ def train_until_done(trainer: FinetuneTrainer, checkpoint: str | None, output_di
         )
     trainer.save_state()
     return result
-
-
-def save_initial_adapter(model, folder: str, is_main_process: bool) -> str:
-    """PiSSA/OLoRA: the adapter as initialised, before any step, saved to `folder` (the main process writes it).
-    save_final converts the trained adapter against it."""
-    if is_main_process:
-        model.save_pretrained(folder)
-    return folder
-
-
-def save_final(
-    trainer: Trainer, tokenizer, output_dir: str, run_info: dict, initial_adapter: str | None = None
-) -> None:
-    """Model (or adapter), tokenizer and chat template, written to a staging folder and moved into output_dir.
-
-    `initial_adapter`: where a PiSSA/OLoRA adapter was saved before training (see save_initial_adapter); the final
-    adapter is then converted by peft into a plain LoRA on the unchanged base model."""
-    staging = staging_path(output_dir)
-    if trainer.is_world_process_zero():
-        staging_folder(output_dir)  # emptied of what a killed save left
-    trainer.accelerator.wait_for_everyone()
-    with disk_full_is_a_user_error(staging, "saving the final output"):
-        trainer.save_model(str(staging))  # every rank takes part: ZeRO-3 gathers the weights here
-        if initial_adapter and trainer.is_world_process_zero():
-            # The adapter just saved is trained against base weights PiSSA/OLoRA changed: replaced by the
-            # difference from the initial adapter, a LoRA of twice the rank on the original base (peft's conversion).
-            peft_model = trainer.accelerator.unwrap_model(trainer.model)
-            peft_model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=initial_adapter)
-            rank = peft_model.peft_config["default"].r
-            logger.info(
-                "Adapter converted to a plain LoRA of rank %d on the unchanged base model (PiSSA/OLoRA)", 2 * rank
-            )
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(staging)
-            write_run_info(staging, run_info)
-    if trainer.is_world_process_zero():
-        publish(staging, output_dir)
-        logger.info("Saved the final %s to %s", "adapter" if run_info["mode"] != "full" else "model", output_dir)
