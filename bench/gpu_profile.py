@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from sft.loss import causal_lm_loss, fused_loss_for  # noqa: E402
 from sft.modeling import add_lora, load_model, quantization_config  # noqa: E402
 
 # From the released config.json files (Qwen/Qwen2.5-0.5B-Instruct, Qwen/Qwen2.5-1.5B-Instruct, Qwen/Qwen2-7B-Instruct).
@@ -104,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn_implementation", default="sdpa", help="sdpa, eager or flash_attention_2")
     parser.add_argument("--use_liger_kernel", action="store_true", help="Liger kernels (as transformers' flag)")
+    parser.add_argument(
+        "--plain_loss", action="store_true", help="the model's own loss (whole logits), not finetune.py's fused loss"
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per cell")
     parser.add_argument("--no_gradient_checkpointing", action="store_true", help="Qwen's profile uses it")
@@ -215,6 +219,9 @@ def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tup
     # Training mode, as the Trainer sets it: transformers recomputes activations (gradient checkpointing) and
     # applies LoRA dropout only in training mode, so a model left in eval mode would be measured without either.
     model.train()
+    # The loss finetune.py trains with (sft/loss.py: no whole logits), or the model's own with --plain_loss; decided
+    # once per cell, as the Trainer decides once per run.
+    fused = fused_loss_for(model, liger=args.use_liger_kernel, enabled=not getattr(args, "plain_loss", False))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -227,7 +234,7 @@ def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tup
             batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batches[index].items()}
             if index == 0:
                 check_recomputation(model, batch, not args.no_gradient_checkpointing)
-            loss = model(**batch, use_cache=False).loss / args.gradient_accumulation_steps
+            loss = causal_lm_loss(model, {**batch, "use_cache": False}, fused) / args.gradient_accumulation_steps
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -272,7 +279,8 @@ def table(cells: dict[tuple[str, int], str], args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     memory = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak process RSS"
     lines = [
-        f"{args.model}, {device}, {args.attn_implementation}{', Liger' if args.use_liger_kernel else ''}, "
+        f"{args.model}, {device}, {args.attn_implementation}{', Liger' if args.use_liger_kernel else ''}"
+        f"{', plain loss' if args.plain_loss else ', fused loss'}, "
         f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}; cells: {memory} / s per step",
         "",

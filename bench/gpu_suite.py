@@ -74,8 +74,8 @@ REPORT_MD = "gpu_suite.md"
 PHASES = ("check", "profile-lora", "profile-qlora", "profile-full", "profile", "all", "report")
 PROFILE_MODES = ("lora", "qlora", "full")
 RECIPES = {
-    "ours": "packed rows (best-fit decreasing, sdpa block mask or flash-attention varlen)",
-    "official": "Qwen's recipe: one sample per row, padded to the length, eager attention",
+    "ours": "packed rows (best-fit decreasing, sdpa block mask or flash-attention varlen), the fused loss",
+    "official": "Qwen's recipe: one sample per row, padded to the length, eager attention, the whole logits' loss",
 }
 # name: what it shows. Order is the report's.
 CHECKS = {
@@ -787,6 +787,7 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
         device=DEVICE,
         attn_implementation=ours_attention,
         use_liger_kernel=False,
+        plain_loss=False,
         no_gradient_checkpointing=False,
         lora_r=64,
         gradient_accumulation_steps=accumulation,
@@ -822,6 +823,8 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
                         continue
                     attention = ours_attention if recipe == "ours" else "eager"
                     model.set_attn_implementation(attention)
+                    # Ours trains with finetune.py's fused loss; Qwen's recipe computes the whole logits.
+                    profile_args.plain_loss = recipe == "official"
                     layout = "flat" if "flash" in attention else "rows"
                     batches, real_rows = make_batches(recipe, n, (steps + 1) * accumulation, vocabulary, layout)
                     timed = batches[accumulation:]  # the first optimizer step is the warm-up
@@ -849,6 +852,7 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
                         n,
                         status="ok",
                         attention=attention,
+                        loss="plain" if profile_args.plain_loss else "fused",
                         peak_gib=peak_gib,
                         s_per_it=seconds / len(step_seconds),
                         tokens_per_s=real / seconds,

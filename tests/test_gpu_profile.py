@@ -16,6 +16,7 @@ def test_gpu_profile_smoke_run_prints_the_qwen_layout(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "| Model Size | Method | Sequence Length 16 |" in lines
+    assert any(", fused loss, " in line for line in lines)  # finetune.py's loss unless --plain_loss
     rows = [line for line in lines if line.startswith("| ") and "s/it" in line]
     assert [row.split("|")[2].strip() for row in rows] == ["LoRA", "Q-LoRA", "Full-parameter"]
     for row in rows:

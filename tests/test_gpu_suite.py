@@ -94,6 +94,8 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
             # Padding is processed but not counted as real tokens; packed rows hold only real tokens.
             assert cell["processed_tokens"] >= cell["real_tokens"] > 0
         assert cells[f"{mode}/ours/32"]["attention"] == "sdpa"
+        # Ours trains with finetune.py's fused loss, Qwen's recipe with the whole logits: both measured.
+        assert (cells[f"{mode}/ours/32"]["loss"], cells[f"{mode}/official/32"]["loss"]) == ("fused", "plain")
         assert cells[f"{mode}/official/32"]["attention"] == "eager"
     for recipe in ("ours", "official"):
         assert cells[f"qlora/{recipe}/32"]["status"] == "skip" and "CUDA" in cells[f"qlora/{recipe}/32"]["reason"]
