@@ -1,7 +1,7 @@
 """GPU proof: checks every training mode for correctness and profiles it, in one command, on a CUDA machine.
 
     python -m bench.gpu_suite --phase all --out report/                  # everything, one process
-    python -m bench.gpu_suite --phase check --out report/ --budget_s 540 # one device call each (under 10 min):
+    python -m bench.gpu_suite --phase check --out report/ --budget_s 540 # split into shorter runs (each under 10 min):
     python -m bench.gpu_suite --phase profile-lora --out report/ --budget_s 540
     python -m bench.gpu_suite --phase profile-qlora --out report/ --budget_s 540
     python -m bench.gpu_suite --phase profile-full --out report/ --budget_s 540
