@@ -244,7 +244,7 @@ def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
         ),
         (
             "finetune_lora_ds.sh",
-            ["--loraplus_lr_ratio", "16"],
+            ["--loraplus_lr_ratio", "16", "--deepspeed", "ds_configs/zero3_offload.json"],
             "--loraplus_lr_ratio needs the Trainer's optimizer, but the DeepSpeed config",
         ),
     ]:
