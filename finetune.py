@@ -68,10 +68,6 @@ from sft.training import FinetuneTrainer, init_deepspeed_comm, train_until_done
 logger = logging.getLogger("finetune")
 
 
-def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
-    return training_dtype(training_args.bf16, training_args.fp16)
-
-
 def train(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, lora_args: LoraArguments
 ) -> FinetuneTrainer | None:
@@ -237,7 +233,7 @@ def build_model(
     if lora_args.q_lora:
         quantization = quantization_config(
             lora_args.bits,
-            compute_dtype(training_args),
+            training_dtype(training_args.bf16, training_args.fp16),
             lora_args.bnb_4bit_quant_type,
             lora_args.double_quant,
             sharded=is_deepspeed_zero3_enabled() or bool(training_args.fsdp),  # 4-bit weights split by ZeRO-3/FSDP
