@@ -13,7 +13,6 @@ decision, so that on a shared file system no two processes move the same folder.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 import torch.distributed as dist
 
 from sft.data import parse_sources
+from sft.data.sources import glob_files
 from sft.errors import ConfigurationError, UserError
 from sft.outputs import read_run_info
 from sft.training import last_complete_checkpoint
@@ -84,8 +84,7 @@ def data_fingerprint(sources: list[str]) -> list[dict[str, Any]]:
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             fingerprints.append({"path": str(path.resolve()), "files": [file_fingerprint(p) for p in files]})
-        elif glob.has_magic(source):
-            files = sorted(Path(name) for name in glob.glob(source, recursive=True) if Path(name).is_file())
+        elif (files := glob_files(source)) is not None:
             fingerprints.append({"glob": source, "files": [file_fingerprint(p) for p in files]})
         else:
             fingerprints.append({"name": source})

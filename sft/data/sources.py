@@ -163,12 +163,18 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"row {index}", {key: value for key, value in row.items() if value is not None}
 
 
+def glob_files(pattern: str) -> list[Path] | None:
+    """The files a glob source names, in order; None when `pattern` is not a glob."""
+    if not any(c in pattern for c in "*?["):
+        return None
+    return [Path(match) for match in sorted(glob.glob(pattern, recursive=True)) if Path(match).is_file()]
+
+
 def source_rows(source: Source) -> Iterator[tuple[str, str, Any]]:
     """(file, place, record) of every record of one source."""
     path = Path(source.path)
-    if any(c in source.path for c in "*?["):
-        matches = sorted(glob.glob(source.path, recursive=True))
-        files = [Path(m) for m in matches if Path(m).is_file()]
+    files = glob_files(source.path)
+    if files is not None:
         if not files:
             raise DataError(source.path, "", None, "the glob matches no file")
         for file in files:
