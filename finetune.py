@@ -60,7 +60,7 @@ from sft.modeling import (
     training_weights_dtype,
 )
 from sft.outputs import save_final, save_initial_adapter
-from sft.packing import LeakProbe, prepare_packing
+from sft.packing import LeakProbe, pack_dataset, packing_collator
 from sft.qwen1 import native_lora_targets, resolve_model_path
 from sft.resume import decide_resume, run_identity
 from sft.training import FinetuneTrainer, init_deepspeed_comm, train_until_done
@@ -80,7 +80,9 @@ def train(
     check_required(model_args, data_args)
     check_arguments(training_args, lora_args)
     check_parallelism(training_args, lora_args)
-    train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
+    # Read into memory-mapped Arrow files once per node (the other processes open them), however long it takes.
+    with local_main_first(training_args.local_process_index):
+        train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
     mode = training_mode(training_args, lora_args)
     logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
 
@@ -127,9 +129,13 @@ def train(
     with local_main_first(training_args.local_process_index):
         train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
         eval_dataset = None
-        if eval_conversations:
+        if eval_conversations is not None:
             eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
-    # From here on the data is the tokenised Arrow files (memory-mapped): the conversations are not kept for the run.
+        if data_args.packing:  # rows of many samples, written next to the tokenised data
+            train_dataset = pack_dataset(train_dataset, training_args.model_max_length)
+            if eval_dataset is not None:
+                eval_dataset = pack_dataset(eval_dataset, training_args.model_max_length)
+    # From here on the data is the tokenised Arrow files (memory-mapped).
     del train_conversations, eval_conversations
 
     # 5. The model, with LoRA adapters unless a full fine-tune, and room on the disk for its checkpoints.
@@ -150,15 +156,7 @@ def train(
     data_collator = make_collator(tokenizer)
     callbacks = []
     if data_args.packing:
-        train_dataset, eval_dataset, data_collator = prepare_packing(
-            model,
-            tokenizer.pad_token_id,
-            training_args.model_max_length,
-            train_dataset,
-            eval_dataset,
-            check=False,  # not here, on the CPU in fp32: at train begin, on the training device and dtype
-            use_cache=training_args.use_cache,
-        )
+        data_collator = packing_collator(model, tokenizer.pad_token_id, training_args.use_cache)
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
             callbacks.append(LeakProbe(data_collator.layout))
 

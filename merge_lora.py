@@ -28,7 +28,7 @@ from typing import Literal
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from sft.chat import adapter_base_model
-from sft.data import Conversation, load_conversations
+from sft.data import Conversation, load_data
 from sft.errors import run_main
 from sft.evaluation import (
     format_size,
@@ -88,8 +88,9 @@ class MergeArguments:
     data_path: str | None = field(
         default=None,
         metadata={
-            "help": "Samples for the self-check (any supported format). Default: the adapter's training data when "
-            "it is still there, else two built-in samples."
+            "help": "Samples for the self-check: data sources as finetune.py's --data_path takes them (files, "
+            "globs, folders, hub ids, a data config), the first of each. Default: the adapter's training data "
+            "when it is still there, else two built-in samples."
         },
     )
     num_check_samples: int = field(default=4, metadata={"help": "Samples the self-check compares logits on."})
@@ -117,10 +118,10 @@ def check_base_model(base: str) -> str:
 
 def check_conversations(args: MergeArguments, run_info: dict) -> list[Conversation]:
     if args.data_path:
-        return head(load_conversations(args.data_path), args.num_check_samples)
+        return head(load_data(args.data_path, max_samples=args.num_check_samples), args.num_check_samples)
     trained_on = run_info.get("data_path")
-    if trained_on and Path(trained_on).is_file():
-        return head(load_conversations(trained_on), args.num_check_samples)
+    if trained_on and all(os.path.exists(name) for name in trained_on.split()):  # still where the run read it
+        return head(load_data(trained_on, max_samples=args.num_check_samples), args.num_check_samples)
     return FALLBACK_CHECK_CONVERSATIONS[: args.num_check_samples]
 
 

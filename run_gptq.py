@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, GPTQConfig, HfArgumentParser
 
-from sft.data import Conversation, DataError, load_conversations
+from sft.data import Conversation, DataError, load_data
 from sft.errors import ConfigurationError, run_main
 from sft.evaluation import (
     format_size,
@@ -60,7 +60,10 @@ QUANTIZE_INFO_FILE = "gptq_run.json"
 class GptqArguments:
     model_name_or_path: str = field(metadata={"help": "Model to quantise: a merged or full fine-tuned model folder."})
     data_path: str = field(
-        metadata={"help": "Calibration data: the fine-tuning data (any supported format), rendered as in training."}
+        metadata={
+            "help": "Calibration data: the fine-tuning data, as finetune.py's --data_path takes it (files, globs, "
+            "folders, hub ids, a data config), rendered as in training; the first samples of each source."
+        }
     )
     out_path: str = field(metadata={"help": "Folder for the quantised model; must be new or empty unless --overwrite."})
     bits: int = field(default=4, metadata={"help": "4 or 8."})
@@ -82,8 +85,9 @@ class GptqArguments:
     eval_data_path: str | None = field(
         default=None,
         metadata={
-            "help": "Held-out samples for the perplexity report. Default: --num_eval_samples drawn from "
-            "--data_path (at most a quarter of it) and left out of calibration."
+            "help": "Held-out samples for the perplexity report (sources as --data_path). Default: "
+            "--num_eval_samples drawn from --data_path's first samples (at most a quarter) and left out of "
+            "calibration."
         },
     )
     num_eval_samples: int = field(default=16, metadata={"help": "Held-out samples for the perplexity report."})
@@ -127,11 +131,13 @@ def check_model(args: GptqArguments) -> None:
 
 def read_data(args: GptqArguments) -> tuple[list[Conversation], list[Conversation]]:
     """(calibration, held-out) conversations."""
-    conversations = load_conversations(args.data_path)
     if args.eval_data_path:
-        return head(conversations, args.num_samples), head(
-            load_conversations(args.eval_data_path), args.num_eval_samples
+        calibration = load_data(args.data_path, max_samples=args.num_samples)
+        return head(calibration, args.num_samples), head(
+            load_data(args.eval_data_path, max_samples=args.num_eval_samples), args.num_eval_samples
         )
+    # Enough to hold out up to a quarter and still calibrate on --num_samples.
+    conversations = load_data(args.data_path, max_samples=args.num_samples + args.num_eval_samples)
     if len(conversations) < 2:
         raise DataError(args.data_path, "", None, "one sample only: need more to hold some out, or --eval_data_path")
     calibration, held_out = split_held_out(

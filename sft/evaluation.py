@@ -50,18 +50,16 @@ def tokenize_samples(
 
 def where(conversations: list[Conversation], k: int) -> tuple[str, str]:
     """(file, line or sample) of conversation k, for a DataError: its place in its data file when known."""
-    wheres = getattr(conversations, "wheres", None)
+    wheres, paths = getattr(conversations, "wheres", None), getattr(conversations, "paths", None)
     if wheres:
-        return conversations.path, wheres[k]
+        return paths[k] if paths else conversations.path, wheres[k]
     return getattr(conversations, "path", "built-in samples"), f"sample {k + 1}"
 
 
 def take(conversations: list[Conversation], indices: list[int] | range) -> list[Conversation]:
     """The conversations at `indices`, still knowing the file and line each came from (a plain slice forgets)."""
     if isinstance(conversations, Conversations):
-        return Conversations(
-            [conversations[i] for i in indices], conversations.path, [conversations.wheres[i] for i in indices]
-        )
+        return conversations.take(indices)
     return [conversations[i] for i in indices]
 
 

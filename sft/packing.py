@@ -26,11 +26,17 @@ sample's last token would learn to predict. Unpacked training never trains on it
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
+from pathlib import Path
 from typing import Literal
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from datasets.table import InMemoryTable
 from transformers import PreTrainedModel, TrainerCallback
 
 from sft.data import IGNORE_INDEX
@@ -77,40 +83,86 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+# Part of every packed cache file's key: raised when what packing writes changes.
+PACK_FORMAT = 1
+PACKED_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "position_ids": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+    }
+)
+# Packed rows written per map batch: their tokens (three int32 columns of up to max_length each) are in memory.
+PACK_BATCH_ROWS = 64
+
+
+def _pack_batch(batch: dict, samples: datasets.Dataset) -> dict:
+    """The packed rows of a batch of bins: each bin's samples' tokens end to end, each sample's first label
+    ignored and its positions counted from 0; numpy over Arrow, no Python int per token."""
+    members = batch["members"]
+    rows = samples.with_format("arrow")[[index for bin_members in members for index in bin_members]]
+    lengths = pc.list_value_length(rows.column("input_ids")).to_numpy().astype(np.int64)
+    input_ids = pc.list_flatten(rows.column("input_ids")).to_numpy().astype(np.int32)
+    labels = pc.list_flatten(rows.column("labels")).to_numpy().astype(np.int32)  # a copy: written below
+    starts = np.cumsum(lengths) - lengths
+    labels[starts] = IGNORE_INDEX
+    position_ids = (np.arange(len(input_ids)) - np.repeat(starts, lengths)).astype(np.int32)
+    first_member = np.cumsum([0] + [len(bin_members) for bin_members in members[:-1]])
+    row_lengths = np.add.reduceat(lengths, first_member)
+    cuts = np.cumsum(row_lengths)[:-1]
+    return {
+        "input_ids": np.split(input_ids, cuts),
+        "labels": np.split(labels, cuts),
+        "position_ids": np.split(position_ids, cuts),
+        "length": row_lengths.astype(np.int32),
+    }
+
+
 def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
     """Packed data set: columns input_ids, labels, position_ids and length (tokens in the row), one row per bin.
 
-    `dataset` holds tokenised samples (input_ids, labels), each at most `max_length` tokens long.
+    `dataset` holds tokenised samples (input_ids, labels), each at most `max_length` tokens long. The bins are
+    planned from the lengths alone; the rows are written by `datasets.map` in batches, next to `dataset`'s cache
+    file when it has one (and found there again by a key of its fingerprint and `max_length`), so that packing
+    holds a few rows in memory at a time rather than every token as a Python int.
     """
-    lengths = dataset["length"] if "length" in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
-    bins = best_fit_decreasing(list(lengths), max_length)
-    all_input_ids = dataset["input_ids"]
-    all_labels = dataset["labels"]
-    packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": []}
-    for members in bins:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
-        for index in members:
-            sample_labels = list(all_labels[index])
-            sample_labels[0] = IGNORE_INDEX
-            input_ids += all_input_ids[index]
-            labels += sample_labels
-            position_ids += range(len(sample_labels))
-        packed["input_ids"].append(input_ids)
-        packed["labels"].append(labels)
-        packed["position_ids"].append(position_ids)
-        packed["length"].append(len(input_ids))
-    total = sum(lengths)
+    arrow = dataset.with_format("arrow")
+    lengths = arrow["length"] if "length" in dataset.column_names else pc.list_value_length(arrow["input_ids"])
+    lengths = lengths.to_numpy().astype(np.int64)
+    cache_file = None
+    fingerprint = hashlib.sha256(f"{dataset._fingerprint}-{max_length}-{PACK_FORMAT}".encode()).hexdigest()[:24]
+    if dataset.cache_files:
+        cache_file = Path(dataset.cache_files[0]["filename"]).parent / f"packed-{fingerprint}.arrow"
+    if cache_file is not None and cache_file.is_file():
+        packed = datasets.Dataset.from_file(str(cache_file))
+    else:
+        bins = best_fit_decreasing(lengths.tolist(), max_length)
+        order = np.fromiter((index for members in bins for index in members), dtype=np.int64, count=len(lengths))
+        offsets = np.cumsum([0] + [len(members) for members in bins], dtype=np.int64)
+        del bins
+        plan = datasets.Dataset(InMemoryTable(pa.table({"members": pa.LargeListArray.from_arrays(offsets, order)})))
+        packed = plan.map(
+            _pack_batch,
+            batched=True,
+            batch_size=PACK_BATCH_ROWS,
+            remove_columns=["members"],
+            features=PACKED_FEATURES,
+            fn_kwargs={"samples": dataset},
+            cache_file_name=str(cache_file) if cache_file else None,
+            new_fingerprint=fingerprint,
+            desc="Packing",
+        )
+    total = int(lengths.sum())
     logger.info(
         "Packed %d samples (%d tokens) into %d sequences of at most %d tokens: %.1f%% full",
         len(lengths),
         total,
-        len(bins),
+        len(packed),
         max_length,
-        100 * total / max(1, len(bins) * max_length),
+        100 * total / max(1, len(packed) * max_length),
     )
-    return datasets.Dataset.from_dict(packed)
+    return packed
 
 
 class PackedCollator:
@@ -236,6 +288,14 @@ class LeakProbe(TrainerCallback):
         return control
 
 
+def packing_collator(model: PreTrainedModel, pad_token_id: int, use_cache: bool = False) -> PackedCollator:
+    """The collator of packed rows for the model's attention implementation; a PackingError where packing would
+    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off."""
+    if use_cache:
+        raise PackingError("--packing needs --use_cache off: with a KV cache transformers does not separate samples")
+    return PackedCollator(pad_token_id, packing_layout(model))
+
+
 def prepare_packing(
     model: PreTrainedModel,
     pad_token_id: int,
@@ -245,17 +305,13 @@ def prepare_packing(
     check: bool = True,
     use_cache: bool = False,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, PackedCollator]:
-    """Packed training (and evaluation) data and their collator, after checking the model keeps samples apart.
-
-    `check=False` skips the probe forward pass here (finetune.py runs it as a `LeakProbe` once training begins);
-    `use_cache` is the Trainer's --use_cache, which must stay off.
-    """
-    if use_cache:
-        raise PackingError("--packing needs --use_cache off: with a KV cache transformers does not separate samples")
-    layout = packing_layout(model)
+    """Packed training (and evaluation) data and their collator, after checking the model keeps samples apart
+    (`check`: one probe forward pass here; finetune.py packs before the model loads and runs the probe as a
+    `LeakProbe` once training begins)."""
+    collator = packing_collator(model, pad_token_id, use_cache)
     if check:
-        check_no_leak(model, layout)
+        check_no_leak(model, collator.layout)
     train_dataset = pack_dataset(train_dataset, max_length)
     if eval_dataset is not None:
         eval_dataset = pack_dataset(eval_dataset, max_length)
-    return train_dataset, eval_dataset, PackedCollator(pad_token_id, layout)
+    return train_dataset, eval_dataset, collator

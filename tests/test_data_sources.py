@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 
-from sft.data import DataError, DataErrors, load_data, load_train_eval, parse_sources, resample
+from sft.data import DataError, DataErrors, load_data, load_train_eval, parse_sources, read_data, resample
 from sft.errors import ConfigurationError
 from sft.outputs import read_run_info
 
@@ -22,7 +22,9 @@ def chat(k: int) -> dict:
     return {"messages": [{"role": "user", "content": f"question {k}"}, {"role": "assistant", "content": f"answer {k}"}]}
 
 
-def answers(conversations) -> list[str]:
+def answers(data) -> list[str]:
+    """The last answer of each sample: of `load_data`'s conversations or of `read_data`'s data set."""
+    conversations = data if isinstance(data, list) else [json.loads(messages) for messages in data["messages"]]
     return [messages[-1]["content"] for messages in conversations]
 
 
@@ -121,6 +123,38 @@ def test_data_config_options_columns_system_and_resampling(tmp_path):
     assert answers(load_data(str(tmp_path / "mix.json"), seed=8))[:4] != first  # another seed, another draw
 
 
+def test_read_data_is_load_data_in_memory_mapped_arrow(tmp_path):
+    rows = [{"instruction": f"question {k}", "output": f"answer {k}"} for k in range(10)]
+    path = _parquet(tmp_path, rows)
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(chat(k)) + "\n" for k in range(5)))
+    config = {"sources": [{"path": str(path), "num_samples": 4}, {"path": "chat.jsonl", "system_prompt": "Hi."}]}
+    (tmp_path / "mix.json").write_text(json.dumps(config))
+    in_memory = load_data(str(tmp_path / "mix.json"), "Be kind.", max_samples=8, seed=7)
+    mapped = read_data(str(tmp_path / "mix.json"), "Be kind.", max_samples=8, seed=7, cache_dir=tmp_path / "cache")
+    assert [json.loads(messages) for messages in mapped["messages"]] == list(in_memory)
+    assert (mapped["file"], mapped["place"]) == (in_memory.paths, in_memory.wheres)
+    assert mapped["format"] == in_memory.formats == ["alpaca"] * 4 + ["chatml"] * 5
+    assert {Path(file["filename"]).parent for file in mapped.cache_files} == {tmp_path / "cache" / "llm_finetuning"}
+
+
+def test_read_data_reads_a_source_again_only_when_its_files_change(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(chat(k)) + "\n" for k in range(3)))
+    first = read_data(str(path), cache_dir=tmp_path / "cache")
+    cached = {file["filename"] for file in first.cache_files}
+    assert {file["filename"] for file in read_data(str(path), cache_dir=tmp_path / "cache").cache_files} == cached
+    with path.open("a") as more:
+        more.write(json.dumps(chat(3)) + "\n")
+    again = read_data(str(path), cache_dir=tmp_path / "cache")
+    assert answers(again) == [f"answer {k}" for k in range(4)]
+    assert {file["filename"] for file in again.cache_files}.isdisjoint(cached)
+    with pytest.raises(DataError, match="line 5"):  # a source with problems leaves no file under its key
+        with path.open("a") as bad:
+            bad.write("{oops}\n")
+        read_data(str(path), cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "llm_finetuning").glob("*.partial"))
+
+
 def test_resample_draws_without_repeats_below_the_count_and_whole_copies_above():
     assert resample(10, 4, 0) == sorted(set(resample(10, 4, 0))) and len(resample(10, 4, 0)) == 4
     assert resample(3, 7, 0).count(0) + resample(3, 7, 0).count(1) + resample(3, 7, 0).count(2) == 7
@@ -176,8 +210,9 @@ def test_missing_sources_are_errors(tmp_path):
 
 
 def _data_args(data_path: str, **options) -> SimpleNamespace:
+    cache = Path(data_path.split()[0]).parent / "cache"
     defaults = dict(eval_data_path=None, system_prompt=None, val_size=None, max_samples=None)
-    return SimpleNamespace(data_path=data_path, **{**defaults, **options})
+    return SimpleNamespace(data_path=data_path, preprocessing_cache_dir=str(cache), **{**defaults, **options})
 
 
 def test_val_size_and_max_samples(tmp_path):
@@ -190,7 +225,7 @@ def test_val_size_and_max_samples(tmp_path):
     assert answers(load_train_eval(_data_args(data, val_size=0.25), seed=4)[1]) != answers(evaluation)
     train, evaluation = load_train_eval(_data_args(data, val_size=3), seed=3)
     assert (len(train), len(evaluation)) == (17, 3)
-    assert evaluation.wheres == [w for w in load_data(data).wheres if w in evaluation.wheres]  # places kept
+    assert evaluation["place"] == [w for w in load_data(data).wheres if w in evaluation["place"]]  # places kept
     train, evaluation = load_train_eval(_data_args(data, max_samples=4), seed=3)
     assert answers(train) == [f"answer {k}" for k in range(4)] and evaluation is None
     for options, expected in (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,17 @@ def test_packing_keeps_every_sample_once_with_its_labels(samples):
     expected = Counter((tuple(s["input_ids"]), (IGNORE_INDEX, *s["labels"][1:])) for s in samples)
     assert Counter((ids, labels) for ids, labels, _ in found) == expected
     assert sum(packed["length"]) == sum(samples["length"])
+
+
+def test_packed_rows_follow_the_bins_and_are_cached_next_to_the_tokenised_data(samples):
+    packed = pack_dataset(samples, max_length=256)
+    lengths = samples["length"]
+    bins = best_fit_decreasing(lengths, 256)
+    assert packed["length"] == [sum(lengths[index] for index in members) for members in bins]
+    assert packed[0]["input_ids"] == [token for index in bins[0] for token in samples[index]["input_ids"]]
+    files = [file["filename"] for file in packed.cache_files]
+    assert [Path(file).parent for file in files] == [Path(samples.cache_files[0]["filename"]).parent]
+    assert [file["filename"] for file in pack_dataset(samples, max_length=256).cache_files] == files
 
 
 def test_position_ids_restart_at_every_sample(samples):

@@ -3,15 +3,18 @@
 Every entry point (finetune.py, merge_lora.py, run_gptq.py, the demos) goes through this package, so a data file
 means the same thing everywhere:
 
-1. `reading`, `sources`: a JSON list or JSONL file into records with their place ("line N", "sample N"); every
-   source of `--data_path` (files, globs, folders, hub ids, a data config) mixed, sampled, split (`load_data`);
-2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, with tools) checked and turned into
-   messages, a `DataError` naming file, place and field otherwise (`load_conversations` does 1 and 2);
+1. `reading`, `sources`: a data file read as a stream of records with their place ("line N", "sample N", "row
+   N"); every source of `--data_path` (files, globs, folders, hub ids, a data config) read, checked, mixed,
+   sampled and split: into a memory-mapped Arrow data set for training (`read_data`, one batch of samples in
+   memory at a time), or into lists for the few samples of a check (`load_data`);
+2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, prompt/completion, plain text, with
+   tools) checked and turned into messages, a `DataError` naming file, place and field otherwise;
 3. `templates`: a conversation rendered with the tokenizer's chat template, what the template refuses;
 4. `profile`, `spans`, `labels`: the template profile (once per template) chooses how answers are found; each
    conversation's trained spans, checked for prompt leaks, with a stop token where the template writes none;
 5. `tokenizing`: token ids and labels of labelled texts, truncated or dropped by length;
-6. `cache`: whole data sets through `datasets.map`, cached on disk (`tokenize_conversations`);
+6. `cache`: whole data sets through `datasets.map` (batched, multi-process), from Arrow to Arrow, cached on disk
+   (`tokenize_conversations`); packing (`sft.packing`) writes its rows from there the same way;
 7. `collate`: padded batches.
 
 Every public name is importable from `sft.data` itself.
@@ -42,6 +45,7 @@ from sft.data.sources import (
     load_data,
     load_train_eval,
     parse_sources,
+    read_data,
     resample,
     split_validation,
 )
@@ -81,6 +85,7 @@ __all__ = [
     "parse_sources",
     "load_train_eval",
     "load_data",
+    "read_data",
     "ALPACA_KEYS",
     "ANSWER_CLOSE",
     "ANSWER_OPEN",

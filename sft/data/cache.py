@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from sft.data.formats import TEXT_ROLE, Conversation, TrainOn
@@ -69,15 +72,24 @@ def _tokenize_batch(
 
 
 # Part of every cache key: raised when what tokenisation writes changes (2: eos after unmarked answers, the
-# "folded" column; 3: one labelling story, with stops and checks under --train_on all too), so that no older cache
-# file is read as a new one.
-CACHE_FORMAT = 3
+# "folded" column; 3: one labelling story, with stops and checks under --train_on all too; 4: read from Arrow,
+# tokens stored as int32), so that no older cache file is read as a new one.
+CACHE_FORMAT = 4
+
+# Token ids fit in 32 bits (the largest vocabularies have about 260,000): half the disk and page cache of int64.
+TOKENIZED_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "status": datasets.Value("string"),
+        "folded": datasets.Value("bool"),
+    }
+)
 
 
-def _fingerprint(records: list[str], tokenizer, max_length: int, train_on: str, drop_long: bool, *more: Any) -> str:
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(record.encode())
+def _fingerprint(data_key: str, tokenizer, max_length: int, train_on: str, drop_long: bool, *more: Any) -> str:
+    digest = hashlib.sha256(data_key.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = (CACHE_FORMAT, vocabulary, chat_template_of(tokenizer), type(tokenizer).__name__, max_length, train_on)
@@ -87,10 +99,38 @@ def _fingerprint(records: list[str], tokenizer, max_length: int, train_on: str, 
     return digest.hexdigest()[:24]
 
 
-def _place(conversations: list[Conversation], index: int, description: str) -> tuple[str, str]:
-    """(file, place) of a conversation: from `load_data` or `load_conversations`, else its index."""
+Data = list[Conversation] | datasets.Dataset
+
+
+def as_dataset(conversations: Data, description: str = "train") -> tuple[datasets.Dataset, str]:
+    """(data set with columns messages (JSON), file and place; a key of its content). `read_data`'s data set is
+    used as it is, keyed by its fingerprint (which follows its files, named by their content's key); a list of
+    conversations (`load_data`'s, or any) is put into one, keyed by a hash of every conversation."""
+    if isinstance(conversations, datasets.Dataset):
+        return conversations, conversations._fingerprint
+    # Each conversation as one JSON string: Arrow stores and hands back strings far faster than nested lists of
+    # dicts, and the same strings make the key.
+    records = [json.dumps(messages, ensure_ascii=False) for messages in conversations]
+    places = [_place(conversations, index, description) for index in range(len(records))]
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(record.encode())
+    files = [file for file, _ in places]
+    wheres = [where for _, where in places]
+    return datasets.Dataset.from_dict({"messages": records, "file": files, "place": wheres}), digest.hexdigest()
+
+
+def _place(conversations: Data, index: int, description: str) -> tuple[str, str]:
+    """(file, place) of a sample: from `read_data`'s columns, `load_data`'s lists, else its index."""
+    if isinstance(conversations, datasets.Dataset):
+        if "place" in conversations.column_names:
+            row = conversations[index]
+            return row["file"], row["place"]
+        return f"{description} data", f"sample {index}"
     paths = getattr(conversations, "paths", None)
     wheres = getattr(conversations, "wheres", None)
+    if wheres is not None and len(wheres) != len(conversations):  # a list grown after it was read
+        paths = wheres = None
     path = paths[index] if paths else getattr(conversations, "path", f"{description} data")
     return path, wheres[index] if wheres else f"sample {index}"
 
@@ -98,12 +138,20 @@ def _place(conversations: list[Conversation], index: int, description: str) -> t
 REASONING_PROBE = "reasoning-probe-7f3a"
 
 
-def check_reasoning_rendered(conversations: list[Conversation], tokenizer, description: str = "train") -> None:
+def _first_with_reasoning(conversations: Data) -> int | None:
+    if isinstance(conversations, datasets.Dataset):
+        # A scan of the JSON text, in Arrow: no conversation is parsed.
+        found = pc.match_substring(conversations.with_format("arrow")["messages"], '"reasoning_content"')
+        index = pc.index(found, True).as_py()
+        return None if index == -1 else index
+    with_reasoning = (k for k, messages in enumerate(conversations) if any("reasoning_content" in m for m in messages))
+    return next(with_reasoning, None)
+
+
+def check_reasoning_rendered(conversations: Data, tokenizer, description: str = "train") -> None:
     """A DataError naming the first sample with `reasoning_content` when the chat template never writes it (the
     reasoning would silently not be trained on). Templates that drop it only from earlier turns (Qwen3) pass."""
-    first = next(
-        (k for k, messages in enumerate(conversations) if any("reasoning_content" in m for m in messages)), None
-    )
+    first = _first_with_reasoning(conversations)
     if first is None:
         return
     probe = [
@@ -126,7 +174,7 @@ def check_reasoning_rendered(conversations: list[Conversation], tokenizer, descr
 
 
 def tokenize_conversations(
-    conversations: list[Conversation],
+    conversations: Data,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     train_on: TrainOn = "assistant",
@@ -139,21 +187,19 @@ def tokenize_conversations(
     """Tokenised, labelled data set (columns input_ids, labels, length) and the count of each sample's fate
     ("ok", "truncated", "dropped_too_long", "dropped_no_label"), which is also logged.
 
-    Results are cached in `cache_dir` (default: the datasets cache) under a hash of the conversations, the
-    tokenizer and the options, so an unchanged rerun skips tokenisation.
+    `conversations` is `read_data`'s memory-mapped data set (training: no conversation is held in memory) or a
+    list of conversations. Results are cached in `cache_dir` (default: the datasets cache) under a key of the
+    conversations, the tokenizer and the options, so an unchanged rerun skips tokenisation.
 
     A conversation the chat template refuses is a `DataError` naming its file and line or sample (when the
-    conversations come from `load_conversations`), and the template's message. Where the template refuses
+    conversations come from `read_data` or `load_data`), and the template's message. Where the template refuses
     only the system message and `fold_system`, the system text goes into the first user message instead.
     """
     check_reasoning_rendered(conversations, tokenizer, description)
     cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Each conversation as one JSON string: Arrow stores and hands back strings far faster than nested lists of
-    # dicts, and the same strings make the cache key.
-    records = [json.dumps(messages, ensure_ascii=False) for messages in conversations]
-    fingerprint = _fingerprint(records, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
-    dataset = datasets.Dataset.from_dict({"messages": records})
+    dataset, data_key = as_dataset(conversations, description)
+    fingerprint = _fingerprint(data_key, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
     profile = template_profile(tokenizer)  # once, here: the batches and processes of the map all get this one
     options = dict(
         tokenizer=tokenizer,
@@ -169,15 +215,18 @@ def tokenize_conversations(
             batched=True,
             with_indices=True,
             num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > 1 else None,
-            remove_columns=["messages"],
+            remove_columns=dataset.column_names,
+            features=TOKENIZED_FEATURES,
             fn_kwargs=options,
             cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
             new_fingerprint=fingerprint,
             desc=f"Tokenising {description} data",
         )
     except TemplateRefusal as error:
-        raise DataError(*_place(conversations, error.index, description), None, error.message) from None
-    folded = sum(dataset["folded"])
+        raise DataError(*_place(dataset, error.index, description), None, error.message) from None
+    # Counted in Arrow, over the columns alone: no Python object per sample.
+    status = dataset.with_format("arrow")["status"]
+    folded = pc.sum(dataset.with_format("arrow")["folded"]).as_py() or 0
     if folded:
         logger.info(
             "%s data: the chat template refuses a system message; in %d samples its text was put at the start of "
@@ -185,7 +234,7 @@ def tokenize_conversations(
             description,
             folded,
         )
-    counts = Counter(dataset["status"])
+    counts = Counter({entry["values"]: entry["counts"] for entry in pc.value_counts(status).to_pylist()})
     kept = counts["ok"] + counts["truncated"]
     logger.info(
         "%s data: %d samples kept; %d truncated to model_max_length=%d; %d dropped as longer than it "
@@ -202,5 +251,6 @@ def tokenize_conversations(
             f"no {description} sample is left to train on: {dict(counts)} (raise --model_max_length?)"
         )
     if kept < len(dataset):
-        dataset = dataset.select([k for k, status in enumerate(dataset["status"]) if status in ("ok", "truncated")])
+        keep = pc.is_in(status, value_set=pa.array(["ok", "truncated"]))
+        dataset = dataset.select(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
     return dataset.remove_columns(["status", "folded"]), counts

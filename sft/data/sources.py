@@ -14,15 +14,22 @@ together, as one `DataError`.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pyarrow as pa
 
 from sft.data.formats import parse_record, record_format, with_default_system
-from sft.data.reading import Conversations, DataError, read_records
+from sft.data.reading import Conversations, DataError, iter_records, read_records
+
+if TYPE_CHECKING:
+    import datasets
 
 # The file types `datasets` reads, by extension (.json and .jsonl are read by `read_records`, which names lines).
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
@@ -120,8 +127,8 @@ def _is_save_to_disk(folder: Path) -> bool:
     return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def _hub_rows(source: Source, label: str) -> Iterator[tuple[str, Any]]:
-    """Rows of a folder or hub dataset read with `datasets`, each "row N" (0-based, in the split)."""
+def _hub_dataset(source: Source, label: str) -> datasets.Dataset:
+    """The split of a folder or hub dataset, through `datasets` (memory-mapped Arrow, in its cache)."""
     import datasets
 
     try:
@@ -132,8 +139,8 @@ def _hub_rows(source: Source, label: str) -> Iterator[tuple[str, Any]]:
                 if source.split not in dataset:
                     raise DataError(label, "", None, f"no split {source.split!r} (splits: {', '.join(dataset)})")
                 dataset = dataset[source.split]
-        else:
-            dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+            return dataset
+        return datasets.load_dataset(source.path, source.subset, split=source.split)
     except DataError:
         raise
     except FileNotFoundError as error:
@@ -142,25 +149,34 @@ def _hub_rows(source: Source, label: str) -> Iterator[tuple[str, Any]]:
     except (ValueError, OSError, ConnectionError) as error:  # unknown split or subset, no network, bad files
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(label, "", None, f"cannot read with datasets: {message}") from None
-    for index, row in enumerate(dataset):
-        yield f"row {index}", {key: value for key, value in row.items() if value is not None}
 
 
-def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.suffix.lower() in JSON_EXTENSIONS or path.suffix.lower() not in FILE_BUILDERS:
-        yield from read_records(path)
-        return
+def _dataset_rows(dataset: datasets.Dataset) -> Iterator[tuple[str, Any]]:
+    """("row N", record) of every row, read in batches (far faster than row by row); absent values left out."""
+    index = 0
+    for batch in dataset.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*batch.values()):
+            yield f"row {index}", {key: value for key, value in zip(columns, values) if value is not None}
+            index += 1
+
+
+def _file_dataset(path: Path) -> datasets.Dataset:
     import datasets
 
     builder = FILE_BUILDERS[path.suffix.lower()]
     options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as error:  # the file's own reader fails in its own ways (pyarrow, pandas)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(path, "", None, f"cannot read as {builder}: {message}") from None
-    for index, row in enumerate(dataset):
-        yield f"row {index}", {key: value for key, value in row.items() if value is not None}
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix.lower() in JSON_EXTENSIONS or path.suffix.lower() not in FILE_BUILDERS:
+        return iter_records(path)
+    return _dataset_rows(_file_dataset(path))
 
 
 def glob_files(pattern: str) -> list[Path] | None:
@@ -170,28 +186,88 @@ def glob_files(pattern: str) -> list[Path] | None:
     return [Path(match) for match in sorted(glob.glob(pattern, recursive=True)) if Path(match).is_file()]
 
 
-def source_rows(source: Source) -> Iterator[tuple[str, str, Any]]:
-    """(file, place, record) of every record of one source."""
+def _label(source: Source) -> str:
+    return source.path + (f" ({source.subset})" if source.subset else "") + f" [{source.split}]"
+
+
+def _local_files(source: Source) -> list[Path] | None:
+    """The files of a file, glob or folder source; None for a hub dataset id. A DataError for a missing file."""
     path = Path(source.path)
     files = glob_files(source.path)
     if files is not None:
         if not files:
             raise DataError(source.path, "", None, "the glob matches no file")
+        return files
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(file for file in path.rglob("*") if file.is_file())
+    if path.suffix and path.suffix.lower() in (*JSON_EXTENSIONS, *FILE_BUILDERS):
+        raise DataError(path, "", None, "no such file")
+    return None
+
+
+def source_rows(source: Source) -> Iterator[tuple[str, str, Any]]:
+    """(file, place, record) of every record of one source."""
+    path = Path(source.path)
+    files = _local_files(source)
+    if files is not None and not path.is_dir():
         for file in files:
             yield from ((str(file), where, record) for where, record in _file_rows(file))
-    elif path.is_file():
-        yield from ((str(path), where, record) for where, record in _file_rows(path))
-    elif path.is_dir() or not path.suffix or path.suffix.lower() not in (*JSON_EXTENSIONS, *FILE_BUILDERS):
-        label = source.path + (f" ({source.subset})" if source.subset else "") + f" [{source.split}]"
-        yield from ((label, where, record) for where, record in _hub_rows(source, label))
     else:
-        raise DataError(path, "", None, "no such file")
+        label = _label(source)
+        yield from ((label, where, record) for where, record in _dataset_rows(_hub_dataset(source, label)))
 
 
 def _renamed(record: Any, columns: dict[str, str]) -> Any:
     if not columns or not isinstance(record, dict):
         return record
     return {columns.get(key, key): value for key, value in record.items()}
+
+
+class _Problems:
+    """The data's problems found so far: the first `MAX_REPORTED`, and whether there were more."""
+
+    def __init__(self):
+        self.errors: list[DataError] = []
+        self.more = False
+
+    def add(self, error: DataError) -> None:
+        if len(self.errors) < MAX_REPORTED:
+            self.errors.append(error)
+        else:
+            self.more = True
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise self.errors[0] if len(self.errors) == 1 else DataErrors(self.errors, self.more)
+
+
+# One checked sample: (file, place, messages, record format).
+Row = tuple[str, str, list, str]
+
+
+def _checked_rows(
+    source: Source, default_system: str | None, max_samples: int | None, problems: _Problems
+) -> Iterator[Row]:
+    """Every sample of one source, checked and turned into messages (the first `max_samples`); the problems go to
+    `problems`, and reading stops once it is full."""
+    count = 0
+    for file, where, record in source_rows(source):
+        if max_samples is not None and count >= max_samples:
+            break
+        try:
+            record = _renamed(record, source.columns)
+            messages = parse_record(record, file, where)
+        except DataError as error:
+            problems.add(error)
+            if problems.more:
+                return
+            continue
+        count += 1
+        yield file, where, with_default_system(messages, source.system_prompt or default_system), record_format(record)
+    if count == 0 and not problems.errors:
+        raise DataError(source.path, "", None, "no samples in this source")
 
 
 def resample(count: int, wanted: int, seed: int) -> list[int]:
@@ -208,71 +284,139 @@ def load_data(
     max_samples: int | None = None,
     seed: int = 42,
 ) -> Conversations:
-    """Every conversation of the sources `data_path` names, checked, with its file and place (`paths`, `wheres`).
+    """Every conversation of the sources `data_path` names, checked, in memory, with its file and place (`paths`,
+    `wheres`): for the few samples of a check or a calibration set. Training reads through `read_data` instead.
     Raises a DataError naming every problem found (up to `MAX_REPORTED`)."""
-    conversations, paths, wheres, formats = [], [], [], []
-    errors: list[DataError] = []
-    more = False
+    rows: list[Row] = []
+    problems = _Problems()
     for number, source in enumerate(parse_sources(data_path)):
-        start = len(conversations)
-        for file, where, record in source_rows(source):
-            if max_samples is not None and len(conversations) - start >= max_samples:
-                break
-            try:
-                record = _renamed(record, source.columns)
-                messages = parse_record(record, file, where)
-            except DataError as error:
-                if len(errors) == MAX_REPORTED:
-                    more = True
-                    break
-                errors.append(error)
-                continue
-            conversations.append(with_default_system(messages, source.system_prompt or default_system))
-            paths.append(file)
-            wheres.append(where)
-            formats.append(record_format(record))
-        if more:
+        source_rows_ = list(_checked_rows(source, default_system, max_samples, problems))
+        if problems.more:
             break
-        if len(conversations) == start and not errors:
-            raise DataError(source.path, "", None, "no samples in this source")
-        if source.num_samples is not None and len(conversations) > start:
-            picked = [start + k for k in resample(len(conversations) - start, source.num_samples, seed + number)]
-            for column in (conversations, paths, wheres, formats):
-                column[start:] = [column[k] for k in picked]
-    if errors:
-        raise errors[0] if len(errors) == 1 else DataErrors(errors, more)
-    result = Conversations(conversations, data_path, wheres)
-    result.paths, result.formats = paths, formats
+        if source.num_samples is not None and source_rows_:
+            source_rows_ = [source_rows_[k] for k in resample(len(source_rows_), source.num_samples, seed + number)]
+        rows += source_rows_
+    problems.raise_any()
+    result = Conversations([messages for _, _, messages, _ in rows], data_path, [where for _, where, _, _ in rows])
+    result.paths, result.formats = [file for file, *_ in rows], [form for *_, form in rows]
     return result
 
 
-def split_validation(conversations: Conversations, val_size: float, seed: int) -> tuple[Conversations, Conversations]:
-    """(train, validation): a seeded draw of `val_size` conversations (a count when >= 1, else a fraction) cut off
-    the data; both keep the data's order and places."""
-    count = int(val_size) if val_size >= 1 else round(len(conversations) * val_size)
-    if not 1 <= count < len(conversations):
+# Part of every read cache key: raised when what reading writes changes.
+READ_FORMAT = 1
+READ_SCHEMA = pa.schema([(name, pa.string()) for name in ("messages", "file", "place", "format")])
+
+
+def _source_state(source: Source) -> str:
+    """What a source's samples depend on, found without reading them: its files' sizes and modification times, or
+    a hub dataset's fingerprint in the datasets cache."""
+    files = _local_files(source)
+    if files is None:
+        return _hub_dataset(source, _label(source))._fingerprint
+    return json.dumps([(str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns) for file in files])
+
+
+def _read_source(
+    source: Source, default_system: str | None, max_samples: int | None, cache_dir: Path, problems: _Problems
+) -> datasets.Dataset | None:
+    """One source's checked samples as a memory-mapped Arrow file (columns messages (JSON), file, place, format),
+    written once and found again by a key of the source's files and the options; None when it has problems."""
+    import datasets
+
+    options = (READ_FORMAT, asdict(source), _source_state(source), default_system, max_samples)
+    key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir / f"read-{key}.arrow"
+    if path.is_file():
+        return datasets.Dataset.from_file(str(path))
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, READ_SCHEMA) as writer:
+            batch: list[Row] = []
+            for row in _checked_rows(source, default_system, max_samples, problems):
+                batch.append(row)
+                if len(batch) == WRITE_BATCH:
+                    writer.write_batch(_record_batch(batch))
+                    batch = []
+            if batch:
+                writer.write_batch(_record_batch(batch))
+        if problems.errors:
+            return None
+        os.replace(partial, path)  # whole or not at all: a stopped run leaves no half file under the key
+    finally:
+        partial.unlink(missing_ok=True)
+    return datasets.Dataset.from_file(str(path))
+
+
+WRITE_BATCH = 1000
+
+
+def _record_batch(rows: list[Row]) -> pa.RecordBatch:
+    files, places, messages, formats = zip(*rows)
+    columns = [[json.dumps(m, ensure_ascii=False) for m in messages], files, places, formats]
+    return pa.RecordBatch.from_arrays([pa.array(column, pa.string()) for column in columns], schema=READ_SCHEMA)
+
+
+def read_data(
+    data_path: str,
+    default_system: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 42,
+    cache_dir: str | os.PathLike | None = None,
+) -> datasets.Dataset:
+    """Every sample of the sources `data_path` names, checked, as a memory-mapped Arrow data set: columns
+    `messages` (the conversation as JSON), `file`, `place` ("line N", "sample N", "row N") and `format`.
+
+    Memory holds one batch of samples at a time, whatever the data's size: each source is read as a stream and
+    written to an Arrow file in `cache_dir` (default: the datasets cache), under a key of its files' sizes and
+    times and the options, so that a rerun, or another process of the run, opens the file instead of reading the
+    source again. The mix is the sources in order, each resampled to its `num_samples` by a seeded draw of rows.
+    Raises a DataError naming every problem found (up to `MAX_REPORTED`)."""
+    import datasets
+
+    cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    problems = _Problems()
+    for number, source in enumerate(parse_sources(data_path)):
+        part = _read_source(source, default_system, max_samples, cache_dir, problems)
+        if problems.more:
+            break
+        if part is not None and source.num_samples is not None:
+            part = part.select(resample(len(part), source.num_samples, seed + number))
+        if part is not None:
+            parts.append(part)
+    problems.raise_any()
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+Data = TypeVar("Data", Conversations, "datasets.Dataset")
+
+
+def _take(data: Data, indices: list[int]) -> Data:
+    return data.take(indices) if isinstance(data, Conversations) else data.select(indices)
+
+
+def split_validation(data: Data, val_size: float, seed: int, label: str = "") -> tuple[Data, Data]:
+    """(train, validation): a seeded draw of `val_size` samples (a count when >= 1, else a fraction) cut off the
+    data (`load_data`'s conversations or `read_data`'s data set); both keep the data's order and places."""
+    count = int(val_size) if val_size >= 1 else round(len(data) * val_size)
+    if not 1 <= count < len(data):
         raise DataError(
-            conversations.path,
+            label or getattr(data, "path", "the data"),
             "",
             None,
-            f"--val_size {val_size} leaves {len(conversations) - count} training and {count} validation samples "
-            f"of {len(conversations)}: both need at least one",
+            f"--val_size {val_size} leaves {len(data) - count} training and {count} validation samples "
+            f"of {len(data)}: both need at least one",
         )
-    validation = set(random.Random(seed).sample(range(len(conversations)), count))
-    parts = []
-    for keep in (lambda k: k not in validation, lambda k: k in validation):
-        indices = [k for k in range(len(conversations)) if keep(k)]
-        part = Conversations([conversations[k] for k in indices], conversations.path, [])
-        part.wheres = [conversations.wheres[k] for k in indices]
-        part.paths = [conversations.paths[k] for k in indices] if conversations.paths else None
-        part.formats = [conversations.formats[k] for k in indices] if conversations.formats else None
-        parts.append(part)
-    return parts[0], parts[1]
+    validation = set(random.Random(seed).sample(range(len(data)), count))
+    train = [k for k in range(len(data)) if k not in validation]
+    return _take(data, train), _take(data, sorted(validation))
 
 
-def load_train_eval(data_args: Any, seed: int) -> tuple[Conversations, Conversations | None]:
-    """The training and evaluation conversations of finetune.py's data arguments (`--data_path`,
-    `--eval_data_path`, `--val_size`, `--max_samples`, `--system_prompt`): every source read and checked."""
+def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training and evaluation data of finetune.py's data arguments (`--data_path`, `--eval_data_path`,
+    `--val_size`, `--max_samples`, `--system_prompt`, `--preprocessing_cache_dir`): every source read and checked,
+    as `read_data`'s memory-mapped data sets."""
     from sft.errors import ConfigurationError
 
     val_size, max_samples = getattr(data_args, "val_size", None), getattr(data_args, "max_samples", None)
@@ -282,10 +426,11 @@ def load_train_eval(data_args: Any, seed: int) -> tuple[Conversations, Conversat
         raise ConfigurationError("--val_size cuts validation data off the training data: drop --eval_data_path")
     if max_samples is not None and max_samples < 1:
         raise ConfigurationError(f"--max_samples must be at least 1, got {max_samples}")
-    train = load_data(data_args.data_path, data_args.system_prompt, max_samples, seed)
+    cache_dir = getattr(data_args, "preprocessing_cache_dir", None)
+    train = read_data(data_args.data_path, data_args.system_prompt, max_samples, seed, cache_dir)
     evaluation = None
     if data_args.eval_data_path:
-        evaluation = load_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed)
+        evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir)
     elif val_size is not None:
-        train, evaluation = split_validation(train, val_size, seed)
+        train, evaluation = split_validation(train, val_size, seed, data_args.data_path)
     return train, evaluation
