@@ -185,13 +185,15 @@ def free_port() -> int:
 
 def ours_command(model: Path, data: Path, work: Path, processes: int, packing: bool) -> list[str]:
     """A whole finetune.py run on `data`: one step of LoRA, preparing the data into a fresh cache."""
-    if processes == 1:
-        launcher = [sys.executable, "finetune.py"]
-    else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        launcher += ["--master_port", str(free_port()), "finetune.py", "--preprocessing_num_workers", str(processes)]
+    launcher, workers = [sys.executable, "finetune.py"], []
+    if processes > 1:
+        torchrun = ["torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
+        launcher = [sys.executable, "-m", *torchrun, "finetune.py"]
+        # Only the node's first process prepares the data: its datasets.map workers are the parallel part.
+        workers = ["--preprocessing_num_workers", str(processes)]
     return [
         *launcher,
+        *workers,
         *("--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(work / "out")),
         *("--use_lora", "--max_steps", "1", "--per_device_train_batch_size", "2"),
         *("--model_max_length", str(MAX_LENGTH), "--save_strategy", "no", "--report_to", "none"),
