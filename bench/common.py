@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 
 WORDS = (
     "the cat river model garden question answer story bridge language weather city teacher student "
@@ -19,12 +20,11 @@ def lognormal_length(
     return max(low, min(high, int(rng.lognormvariate(math.log(median), sigma))))
 
 
-def generate_conversations(count: int, seed: int = 0, high: int = 2000) -> list[list[dict[str, str]]]:
+def iter_conversations(count: int, seed: int = 0, high: int = 2000) -> Iterator[list[dict[str, str]]]:
     """Multi-turn chats (1-4 user/assistant turns, some with a system message) whose rendered length in tokens
     of the tiny tokenizer roughly follows `lognormal_length` (a word here is about 1.6 of its tokens; the chat
-    template adds about 10 tokens, plus 5 per message)."""
+    template adds about 10 tokens, plus 5 per message), one at a time: millions can be written to a file."""
     rng = random.Random(seed)
-    conversations = []
     for _ in range(count):
         turns = rng.randint(1, 4)
         words = int((lognormal_length(rng, high=high) - 10 - 10 * turns) / 1.6)
@@ -36,5 +36,9 @@ def generate_conversations(count: int, seed: int = 0, high: int = 2000) -> list[
             user = max(1, share // 3)
             messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=user))})
             messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=max(1, share - user)))})
-        conversations.append(messages)
-    return conversations
+        yield messages
+
+
+def generate_conversations(count: int, seed: int = 0, high: int = 2000) -> list[list[dict[str, str]]]:
+    """`iter_conversations` as a list."""
+    return list(iter_conversations(count, seed, high))
