@@ -44,7 +44,7 @@ from sft.args import (
     parse_arguments,
     training_mode,
 )
-from sft.data import load_train_eval, make_collator, template_overhead, tokenize_conversations
+from sft.data import cache_folder, load_train_eval, make_collator, template_overhead, tokenize_conversations
 from sft.disk import check_room, checkpoint_bytes
 from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
@@ -80,8 +80,10 @@ def train(
     check_required(model_args, data_args)
     check_arguments(training_args, lora_args)
     check_parallelism(training_args, lora_args)
-    # Read into memory-mapped Arrow files once per node (the other processes open them), however long it takes.
-    with local_main_first(training_args.local_process_index):
+    # Read into memory-mapped Arrow files once per node, or once in all where the nodes share the cache folder
+    # (the other processes open the files), however long it takes: not bound by --ddp_timeout.
+    prepared = cache_folder(data_args.preprocessing_cache_dir)
+    with local_main_first(training_args.local_process_index, shared_dir=prepared):
         train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
     mode = training_mode(training_args, lora_args)
     logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
@@ -125,8 +127,7 @@ def train(
         cache_dir=data_args.preprocessing_cache_dir,
         fold_system=data_args.fold_system_prompt,
     )
-    # Once per node (the others open its cache), however long it takes: not bound by --ddp_timeout.
-    with local_main_first(training_args.local_process_index):
+    with local_main_first(training_args.local_process_index, shared_dir=prepared):
         train_dataset, _ = tokenize_conversations(train_conversations, description="train", **tokenize_options)
         eval_dataset = None
         if eval_conversations is not None:

@@ -42,6 +42,7 @@ from sft.data.reading import Conversations, DataError, read_records
 from sft.data.sources import (
     DataErrors,
     Source,
+    cache_folder,
     load_data,
     load_train_eval,
     parse_sources,
@@ -85,6 +86,7 @@ __all__ = [
     "parse_sources",
     "load_train_eval",
     "load_data",
+    "cache_folder",
     "read_data",
     "ALPACA_KEYS",
     "ANSWER_CLOSE",

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -25,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from sft.data.formats import TEXT_ROLE, Conversation, TrainOn
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
+from sft.data.sources import cache_folder
 from sft.data.templates import TemplateRefusal, chat_template_of, render
 from sft.data.tokenizing import tokenize_many, tokenize_text
 from sft.errors import UserError
@@ -196,8 +196,7 @@ def tokenize_conversations(
     only the system message and `fold_system`, the system text goes into the first user message instead.
     """
     check_reasoning_rendered(conversations, tokenizer, description)
-    cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_folder(cache_dir)
     dataset, data_key = as_dataset(conversations, description)
     fingerprint = _fingerprint(data_key, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
     profile = template_profile(tokenizer)  # once, here: the batches and processes of the map all get this one

@@ -9,6 +9,10 @@ the order given, each source first cut to `max_samples` and then resampled to it
 
 Every record is checked by `sft.data.formats.parse_record`; up to the first `MAX_REPORTED` problems are reported
 together, as one `DataError`.
+
+Two ways out, from the same checked rows (`_checked_rows`): `read_data` writes each source to a memory-mapped Arrow
+file, one batch at a time, and is what training uses, whatever the data's size; `load_data` keeps the conversations
+in Python lists, for the few samples of a self-check or a calibration set.
 """
 
 from __future__ import annotations
@@ -302,6 +306,16 @@ def load_data(
     return result
 
 
+def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
+    """Where prepared data goes (read, tokenised, packed): `llm_finetuning` in `cache_dir`, by default in the
+    datasets cache; created."""
+    import datasets
+
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 # Part of every read cache key: raised when what reading writes changes.
 READ_FORMAT = 1
 READ_SCHEMA = pa.schema([(name, pa.string()) for name in ("messages", "file", "place", "format")])
@@ -373,8 +387,7 @@ def read_data(
     Raises a DataError naming every problem found (up to `MAX_REPORTED`)."""
     import datasets
 
-    cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_folder(cache_dir)
     parts = []
     problems = _Problems()
     for number, source in enumerate(parse_sources(data_path)):
