@@ -158,7 +158,7 @@ def _hub_dataset(source: Source, label: str) -> datasets.Dataset:
 def _dataset_rows(dataset: datasets.Dataset) -> Iterator[tuple[str, Any]]:
     """("row N", record) of every row, read in batches (far faster than row by row); absent values left out."""
     index = 0
-    for batch in dataset.iter(batch_size=1000):
+    for batch in dataset.with_format(None).iter(batch_size=1000):  # Python values, whatever format it was saved with
         columns = list(batch)
         for values in zip(*batch.values()):
             yield f"row {index}", {key: value for key, value in zip(columns, values) if value is not None}
