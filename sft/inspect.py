@@ -4,14 +4,16 @@
     python -m sft.inspect run.yaml [--show 3]            # finetune.py's config file, then inspect's own flags
 
 Takes every finetune.py flag (paste the training command, swap `python finetune.py` for `python -m sft.inspect`)
-and runs finetune.py's own preprocessing: `load_conversations`, `tokenize_conversations` (same cache) and, with
---packing, `pack_dataset`. Only the tokenizer is loaded, never the model's weights. It prints:
+and runs finetune.py's own preprocessing: `load_train_eval` (the same training data, after --val_size and
+--max_samples), `tokenize_conversations` (same cache) and, with --packing, `pack_dataset`. Only the tokenizer is
+loaded, never the model's weights. The data is read in batches from its memory-mapped Arrow files. It prints:
 
 - the first --show training rows token by token, trained tokens (those that carry the loss) highlighted: in
   colour on a terminal (alternating shades mark token boundaries), between [[ and ]] when piped; special
   tokens as their text, newlines as ↵;
-- a report: samples per format, turns, tokens, trained tokens, length percentiles, samples truncated or dropped
-  and why, packing efficiency, optimizer steps per epoch for the batch settings;
+- a report: samples per format (and how many --val_size cut off for validation), turns, tokens, trained tokens,
+  length percentiles, samples truncated, split into chunks (plain texts) or dropped and why, packing efficiency,
+  optimizer steps per epoch for the batch settings;
 
 and writes the report (data_report.txt, data_report.json) and a histogram of sample lengths with
 --model_max_length marked (data_lengths.png) into --report_dir (default: --output_dir). Files already there
@@ -26,12 +28,15 @@ if __name__ == "__main__":
     sft.quiet.setup()  # first: it silences known chatter of the libraries imported below
 
 # isort: split
+import bisect
 import json
 import logging
 import math
 import os
 import sys
+from array import array
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,11 +49,15 @@ from sft.args import DataArguments, LoraArguments, ModelArguments, check_require
 from sft.args import TrainingArguments as FinetuneTrainingArguments
 from sft.data import (
     IGNORE_INDEX,
+    TEXT_ROLE,
     Conversation,
-    load_data,
+    NothingToTrainError,
+    Tokenized,
+    load_train_eval,
     template_overhead,
     tokenize_conversations,
     tokenize_many,
+    tokenize_text,
 )
 from sft.errors import ConfigurationError, run_main
 from sft.inspect_view import FATES, format_report, render_row, trained_count, use_color
@@ -59,6 +68,9 @@ from sft.qwen1 import resolve_model_path
 
 REPORT_FILES = ("data_report.txt", "data_report.json", "data_lengths.png")
 PERCENTILES = (50, 90, 95, 99, 100)
+# Samples read from the Arrow data sets at a time: memory holds one batch of conversations, whatever the data's size.
+BATCH_SIZE = 1000
+KEPT_FATES = ("ok", "truncated", "chunked")  # the fates of samples that make training rows
 
 
 @dataclass
@@ -121,52 +133,175 @@ def sample_stats(input_ids: list[int], labels: list[int], status: str, max_lengt
     )
 
 
-def sample_fate(stats: SampleStats, max_length: int, drop_long: bool) -> str:
-    """What training does with a sample, from its untruncated tokens: the rule `tokenize_many` applies (checked
-    against the counts `tokenize_conversations` returns, in `inspect_data`)."""
+def sample_fate(stats: SampleStats, max_length: int, drop_long: bool, text: bool = False) -> str:
+    """What training does with a sample, from its untruncated tokens: the rules `tokenize_many` (conversations)
+    and `tokenize_text` (plain texts) apply (checked against the counts `tokenize_conversations` returns, in
+    `inspect_data`)."""
     if stats.status == "dropped_no_label":
         return "dropped_no_label"
     if stats.length <= max_length:
         return "ok"
+    if text:  # tokenize_text keeps every token of a plain text, as chunks, whatever --drop_long_samples says
+        return "chunked"
     if drop_long:
         return "dropped_too_long"
     return "truncated" if stats.labelled_within else "dropped_no_label"
 
 
+def sample_rows(fate: str, length: int, max_length: int) -> int:
+    """Training rows a sample of this fate and untruncated length makes."""
+    if fate == "chunked":
+        return math.ceil(length / max_length)
+    return 1 if fate in KEPT_FATES else 0
+
+
+def _is_text(messages: Conversation) -> bool:
+    return messages[0]["role"] == TEXT_ROLE
+
+
+def tokenize_whole(
+    conversations: list[Conversation],
+    tokenizer: PreTrainedTokenizerBase,
+    train_on: str,
+    fold_system: bool,
+) -> list[Tokenized]:
+    """Each conversation untruncated, as `tokenize_conversations` tokenises it: a plain text as one chunk."""
+    chats = [messages for messages in conversations if not _is_text(messages)]
+    tokenized_chats = iter(tokenize_many(tokenizer, chats, sys.maxsize, train_on, False, fold_system) if chats else [])
+    tokenized = []
+    for messages in conversations:
+        if _is_text(messages):
+            tokenized.append(tokenize_text(tokenizer, messages[0]["content"], sys.maxsize)[0])
+        else:
+            tokenized.append(next(tokenized_chats))
+    return tokenized
+
+
 def untruncated_stats(
-    conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, max_length: int
-) -> list[SampleStats]:
-    """Each sample tokenised whole by `tokenize_conversations` (cached: rerunning with another --model_max_length
-    does not tokenise again), read in batches so that no whole data set of token lists is held in memory."""
-    options = dict(
-        tokenizer=tokenizer, train_on=data_args.train_on, drop_long=False, fold_system=data_args.fold_system_prompt
-    )
+    train: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, max_length: int
+) -> Iterator[list[SampleStats]]:
+    """Each training sample tokenised whole by `tokenize_conversations` (cached: rerunning with another
+    --model_max_length does not tokenise again), yielded in batches of BATCH_SIZE samples, in order, so that no
+    whole data set of token lists is held in memory."""
     try:
         whole, _ = tokenize_conversations(
-            conversations,
+            train,
+            tokenizer=tokenizer,
             max_length=sys.maxsize,
+            train_on=data_args.train_on,
+            drop_long=False,
             num_proc=data_args.preprocessing_num_workers,
             cache_dir=data_args.preprocessing_cache_dir,
+            fold_system=data_args.fold_system_prompt,
             description="untruncated",
-            **options,
         )
-    except ValueError:  # not one sample with a label
+    except NothingToTrainError:  # not one sample with a label
         whole = None
-    stats = []
-    if whole is not None and len(whole) == len(conversations):
-        for batch in whole.iter(batch_size=1000):
+    if whole is not None and len(whole) == len(train):
+        for batch in whole.iter(batch_size=BATCH_SIZE):
             pairs = zip(batch["input_ids"], batch["labels"])
-            stats += [sample_stats(input_ids, labels, "ok", max_length) for input_ids, labels in pairs]
-        return stats
-    # Some sample has no label at all (it is dropped whatever its length): one by one, to know which.
-    for start in range(0, len(conversations), 1000):
-        for t in tokenize_many(conversations=conversations[start : start + 1000], max_length=sys.maxsize, **options):
-            stats.append(sample_stats(t.input_ids, t.labels, t.status, max_length))
-    return stats
+            yield [sample_stats(input_ids, labels, "ok", max_length) for input_ids, labels in pairs]
+        return
+    # Some sample has no label at all (it is dropped whatever its length, and left out of `whole`): batch by
+    # batch, to know which.
+    for batch in train.iter(batch_size=BATCH_SIZE):
+        conversations = [json.loads(messages) for messages in batch["messages"]]
+        tokenized = tokenize_whole(conversations, tokenizer, data_args.train_on, data_args.fold_system_prompt)
+        yield [sample_stats(t.input_ids, t.labels, t.status, max_length) for t in tokenized]
 
 
-def percentile_table(values: list[int]) -> dict[str, float]:
-    if not values:
+@dataclass
+class Survey:
+    """The training samples' figures, gathered batch by batch: counts, and arrays of plain numbers (no Python
+    object per sample)."""
+
+    formats: Counter = field(default_factory=Counter)
+    files: set[str] = field(default_factory=set)
+    messages: int = 0
+    assistant_turns: int = 0
+    fates: Counter = field(default_factory=Counter)
+    lengths_by_fate: dict[str, array] = field(default_factory=lambda: {fate: array("q") for fate in FATES})
+    chunk_rows: int = 0  # training rows the chunked plain texts make
+    tokens_cut: int = 0
+    trained_tokens_cut: int = 0
+    # The kept samples (their index in the training data) and each one's first training row, in order.
+    kept: array = field(default_factory=lambda: array("q"))
+    first_rows: array = field(default_factory=lambda: array("q"))
+    rows: int = 0
+
+
+def survey_samples(
+    train: datasets.Dataset, stats_batches: Iterator[list[SampleStats]], max_length: int, drop_long: bool
+) -> Survey:
+    """Each training sample's figures, its fate and its training rows, from the data set's columns and its
+    untruncated stats, one batch at a time."""
+    survey = Survey()
+    index = 0
+    for batch, stats in zip(train.iter(batch_size=BATCH_SIZE), stats_batches, strict=True):
+        survey.formats.update(batch["format"])
+        survey.files.update(batch["file"])
+        for encoded, sample in zip(batch["messages"], stats, strict=True):
+            messages = json.loads(encoded)
+            survey.messages += len(messages)
+            survey.assistant_turns += _assistant_turns(messages)
+            fate = sample_fate(sample, max_length, drop_long, _is_text(messages))
+            survey.fates[fate] += 1
+            survey.lengths_by_fate[fate].append(sample.length)
+            rows = sample_rows(fate, sample.length, max_length)
+            if fate == "chunked":
+                survey.chunk_rows += rows
+            if fate == "truncated":
+                survey.tokens_cut += sample.length - max_length
+                survey.trained_tokens_cut += sample.trained - sample.trained_within
+            if rows:
+                survey.kept.append(index)
+                survey.first_rows.append(survey.rows)
+                survey.rows += rows
+            index += 1
+    return survey
+
+
+def expected_row_counts(survey: Survey) -> Counter:
+    """The counts `tokenize_conversations` returns, from the fates: it counts training rows, and each chunk of a
+    plain text is an "ok" row of its own."""
+    counts = Counter({fate: count for fate, count in survey.fates.items() if fate != "chunked"})
+    counts["ok"] += survey.chunk_rows
+    return +counts
+
+
+class RowOrigins(Sequence[str]):
+    """Each training row's origin, labelled when asked: "sample 3 (line 4)", "sample 5 (line 6), chunk 2 of 3",
+    or "packed row 7". Only the rows shown are asked for; one string per row would be millions of them for a large
+    data set."""
+
+    def __init__(self, train: datasets.Dataset, survey: Survey, packed_rows: int | None = None):
+        self.places = train.select_columns(["file", "place"])  # a row's own columns, not its conversation
+        self.kept, self.first_rows = survey.kept, survey.first_rows
+        self.rows = survey.rows if packed_rows is None else packed_rows
+        self.packed = packed_rows is not None
+        self.with_file = len(survey.files) > 1  # a place ("line 4") names a sample only within its file
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, row: int) -> str:
+        row = row + self.rows if row < 0 else row
+        if not 0 <= row < self.rows:
+            raise IndexError(row)
+        if self.packed:
+            return f"packed row {row}"
+        n = bisect.bisect_right(self.first_rows, row) - 1
+        index, first = self.kept[n], self.first_rows[n]
+        end = self.first_rows[n + 1] if n + 1 < len(self.first_rows) else self.rows
+        sample = self.places[index]
+        origin = f"{sample['file']}, {sample['place']}" if self.with_file else sample["place"]
+        # JSON lists' samples are found by their index, which is the sample's own unless --val_size cut some.
+        label = f"sample {index}" if origin == f"sample {index}" else f"sample {index} ({origin})"
+        return label if end - first == 1 else f"{label}, chunk {row - first + 1} of {end - first}"
+
+
+def percentile_table(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
         return {}
     return {f"p{p}" if p < 100 else "max": float(np.percentile(values, p)) for p in PERCENTILES}
 
@@ -183,7 +318,7 @@ def steps_per_epoch(rows: int, per_device: int, accumulation: int, world_size: i
 class Inspection:
     report: dict
     dataset: datasets.Dataset | None  # the training rows: input_ids, labels (and position_ids when packed)
-    where: list[str]  # each training row's origin (sample's line or index; "packed row" when packed)
+    where: Sequence[str]  # each training row's origin (sample's line or index and chunk; "packed row" when packed)
     lengths_by_fate: dict[str, list[int]]
     tokenizer: PreTrainedTokenizerBase
 
@@ -199,7 +334,9 @@ def inspect_data(
     finetune.py would refuse."""
     check_required(model_args, data_args)
     max_length = training_args.model_max_length
-    conversations = load_data(data_args.data_path, data_args.system_prompt, data_args.max_samples)
+    # finetune.py's own reading: the same memory-mapped data set, --val_size's cut and --max_samples.
+    train, evaluation = load_train_eval(data_args, training_args.seed)
+    validation_samples = len(evaluation) if data_args.val_size is not None and evaluation is not None else None
     if tokenizer is None:
         path = resolve_model_path(model_args.model_name_or_path)
         chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
@@ -218,7 +355,7 @@ def inspect_data(
     # What training gets, by training's own function (this also fills the cache a training run then reuses).
     try:
         dataset, counts = tokenize_conversations(
-            conversations,
+            train,
             tokenizer=tokenizer,
             max_length=max_length,
             train_on=data_args.train_on,
@@ -228,38 +365,36 @@ def inspect_data(
             fold_system=data_args.fold_system_prompt,
             description="train",
         )
-    except ValueError:  # nothing left to train on: the report below says why
+    except NothingToTrainError:  # nothing left to train on: the report below says why
         dataset, counts = None, None
 
-    stats = untruncated_stats(conversations, tokenizer, data_args, max_length)
-    fates = [sample_fate(sample, max_length, data_args.drop_long_samples) for sample in stats]
-    fate_counts = Counter(fates)
-    # Plain texts longer than max_length train as several rows (chunks), which the per-sample fates do not count.
-    chunked = "text" in (conversations.formats or [])
-    if counts is not None and not chunked and +fate_counts != +counts:
-        raise RuntimeError(f"sft.inspect disagrees with sft.data on the samples' fates: {fate_counts} != {counts}")
-    kept = [k for k, fate in enumerate(fates) if fate in ("ok", "truncated")]
+    stats = untruncated_stats(train, tokenizer, data_args, max_length)
+    survey = survey_samples(train, stats, max_length, data_args.drop_long_samples)
+    expected = expected_row_counts(survey)
+    # With nothing left to train on, tokenize_conversations gives no counts: then no row may be kept.
+    agrees = survey.rows == 0 if counts is None else expected == +counts
+    if not agrees:
+        raise RuntimeError(f"sft.inspect disagrees with sft.data on the samples' fates: {expected} != {counts}")
 
     tokens = trained = 0
     if dataset is not None:
         tokens = sum(dataset["length"])
-        for batch in dataset.iter(batch_size=1000):
+        for batch in dataset.iter(batch_size=BATCH_SIZE):
             trained += sum(trained_count(labels) for labels in batch["labels"])
-    lengths = [sample.length for sample in stats]
-    lengths_by_fate = {FATES[fate]: [lengths[k] for k, f in enumerate(fates) if f == fate] for fate in FATES}
+    lengths = np.concatenate([np.asarray(lengths, dtype=np.int64) for lengths in survey.lengths_by_fate.values()])
+    lengths_by_fate = {FATES[fate]: survey.lengths_by_fate[fate].tolist() for fate in FATES}
+    kept_samples = len(survey.kept)
 
     packing = None
-    # JSONL samples are found by their line; a JSON list's by their index, which is k itself.
-    wheres = conversations.wheres
-    where = [f"sample {k} ({wheres[k]})" if not wheres[k].startswith("sample") else f"sample {k}" for k in kept]
+    where = RowOrigins(train, survey)
     if data_args.packing and dataset is not None:
         dataset = pack_dataset(dataset, max_length)
         packing = {
             "rows": len(dataset),
-            "samples_per_row": len(kept) / max(1, len(dataset)),
+            "samples_per_row": kept_samples / max(1, len(dataset)),
             "efficiency": tokens / max(1, len(dataset) * max_length),
         }
-        where = [f"packed row {k}" for k in range(len(dataset))]
+        where = RowOrigins(train, survey, packed_rows=len(dataset))
     rows = len(dataset) if dataset is not None else 0
 
     per_device = training_args.per_device_train_batch_size
@@ -270,7 +405,6 @@ def inspect_data(
     else:
         total_steps = math.ceil(training_args.num_train_epochs * epoch_steps)
 
-    truncated = [stats[k] for k, fate in enumerate(fates) if fate == "truncated"]
     report = {
         "data_path": data_args.data_path,
         "model": model_args.model_name_or_path,
@@ -278,18 +412,21 @@ def inspect_data(
         "train_on": data_args.train_on,
         "drop_long_samples": data_args.drop_long_samples,
         "system_prompt": data_args.system_prompt,
-        "samples": len(conversations),
-        "formats": dict(Counter(conversations.formats)),
-        "messages": sum(len(messages) for messages in conversations),
-        "assistant_turns": sum(_assistant_turns(messages) for messages in conversations),
+        "samples": len(train),
+        "val_size": data_args.val_size,
+        "validation_samples": validation_samples,
+        "formats": dict(survey.formats),
+        "messages": survey.messages,
+        "assistant_turns": survey.assistant_turns,
         "length_percentiles": percentile_table(lengths),
-        "length_mean": float(np.mean(lengths)) if lengths else 0.0,
-        "fates": {fate: fate_counts[fate] for fate in FATES},
-        "kept_samples": len(kept),
+        "length_mean": float(np.mean(lengths)) if len(lengths) else 0.0,
+        "fates": {fate: survey.fates[fate] for fate in FATES},
+        "chunk_rows": survey.chunk_rows,
+        "kept_samples": kept_samples,
         "tokens": tokens,
         "trained_tokens": trained,
-        "tokens_cut_by_truncation": sum(sample.length - max_length for sample in truncated),
-        "trained_tokens_cut_by_truncation": sum(sample.trained - sample.trained_within for sample in truncated),
+        "tokens_cut_by_truncation": survey.tokens_cut,
+        "trained_tokens_cut_by_truncation": survey.trained_tokens_cut,
         "packing": packing,
         "training_rows": rows,
         "per_device_train_batch_size": per_device,

@@ -9,10 +9,18 @@ from transformers import PreTrainedTokenizerBase
 
 from sft.data import IGNORE_INDEX
 
-FORMAT_NAMES = {"qwen": "Qwen 'conversations'", "chatml": "ChatML 'messages'", "alpaca": "alpaca", "unknown": "?"}
+FORMAT_NAMES = {
+    "qwen": "Qwen 'conversations'",
+    "chatml": "ChatML 'messages'",
+    "alpaca": "alpaca",
+    "prompt_completion": "prompt/completion",
+    "text": "plain text",
+    "unknown": "?",
+}
 FATES = {
     "ok": "fit",
     "truncated": "truncated to --model_max_length",
+    "chunked": "split into --model_max_length chunks (plain text)",
     "dropped_too_long": "dropped: longer than --model_max_length (--drop_long_samples)",
     "dropped_no_label": "dropped: no trained token left",
 }
@@ -89,6 +97,11 @@ def render_row(
 def format_report(report: dict) -> str:
     r = report
     lines = [f"Data: {r['data_path']} ({r['samples']} samples), tokenizer of {r['model']}"]
+    if r["validation_samples"] is not None:
+        lines.append(
+            f"  validation:     {r['validation_samples']} more samples cut off by --val_size {r['val_size']:g} "
+            "(not in the figures below)"
+        )
     lines.append(
         "  formats:        " + ", ".join(f"{FORMAT_NAMES.get(k, k)} {v}" for k, v in sorted(r["formats"].items()))
     )
@@ -108,6 +121,8 @@ def format_report(report: dict) -> str:
             f"         truncation cuts {r['tokens_cut_by_truncation']} tokens, "
             f"{r['trained_tokens_cut_by_truncation']} of them trained"
         )
+    if r["fates"]["chunked"]:
+        lines.append(f"         chunking makes {r['chunk_rows']} training rows, every token kept")
     share = r["trained_tokens"] / max(1, r["tokens"])
     lines.append(
         f"  kept:           {r['kept_samples']} samples, {r['tokens']} tokens, "
@@ -119,7 +134,8 @@ def format_report(report: dict) -> str:
             f"  packing:        {p['rows']} rows of up to {r['model_max_length']} tokens, "
             f"{p['samples_per_row']:.1f} samples per row, {p['efficiency']:.1%} of the rows' room is real tokens"
         )
-    unit = "packed rows" if r["packing"] else "samples"
+    # Chunks of plain texts are training rows of their own: then a batch is not one of samples.
+    unit = "packed rows" if r["packing"] else "rows" if r["chunk_rows"] else "samples"
     lines.append(
         f"Batches: {r['per_device_train_batch_size']} {unit} x {r['gradient_accumulation_steps']} accumulation "
         f"x {r['world_size']} process(es) = {r['rows_per_step']} {unit} per optimizer step"

@@ -243,3 +243,117 @@ def test_fold_system_prompt_reaches_the_inspection(tiny_model, tmp_path):
                                                            *cache)  # fmt: skip
     with pytest.raises(UserError, match="System role not supported"):
         inspect_data(model_args, data_args, training_args, tokenizer=tokenizer)
+
+
+def write_mixed_data(path: Path, unlabelled: bool = False) -> list[dict]:
+    """Chat samples (one fits in 64 tokens, one does not) and plain texts (one short, one of several chunks); with
+    `unlabelled`, a last chat sample with no trained token at all (which sft.inspect tokenises batch by batch)."""
+    short = "The cat likes the weather."
+    long = " ".join(["Our team builds a new language every morning."] * 12)
+    records = [
+        {"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": short}]},
+        {"text": long + " " + long},
+        {"messages": [{"role": "user", "content": "Write."}, {"role": "assistant", "content": long}]},
+        {"text": short},
+        {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": short}]},
+    ]
+    if unlabelled:
+        answer = {"role": "assistant", "content": short, "train": False}  # context only: no loss on it
+        records.append({"messages": [{"role": "user", "content": "Hello?"}, answer]})
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
+
+
+@pytest.mark.parametrize("unlabelled", [False, True], ids=["labelled", "unlabelled"])
+@pytest.mark.parametrize("drop_long", [False, True], ids=["truncate", "drop"])
+def test_plain_texts_longer_than_max_length_are_chunked_rows(tiny_model, tokenizer, tmp_path, drop_long, unlabelled):
+    data = tmp_path / "mixed.jsonl"
+    records = write_mixed_data(data, unlabelled)
+    max_length = 64
+    text = records[1]["text"]
+    text_ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    chunks = math.ceil(len(text_ids) / max_length)
+    rows_before = max_length * (chunks - 1)  # tokens in the chunks before the last
+    assert chunks >= 3
+    conversations = load_conversations(data)
+    chats = expected_fates(tokenizer, [conversations[k] for k in (0, 2, 4)], max_length, drop_long)
+    assert [chat["fate"] for chat in chats] == ["ok", "dropped_too_long" if drop_long else "truncated", "ok"]
+
+    extra = ["--model_max_length", str(max_length), "--report_dir", str(tmp_path / "report")]
+    extra += ["--drop_long_samples"] if drop_long else []
+    inspection = inspect_data(*inspect_args(tiny_model, str(data), *extra)[:3])  # raises if its own check fails
+    report = inspection.report
+
+    # The long text keeps every token as chunks, whatever --drop_long_samples says; the short one fits.
+    long_chat = "dropped_too_long" if drop_long else "truncated"
+    fates = {"ok": 3, "chunked": 1, long_chat: 1} | ({"dropped_no_label": 1} if unlabelled else {})
+    assert report["fates"] == {fate: 0 for fate in report["fates"]} | fates
+    assert report["formats"] == {"chatml": 3 if unlabelled else 2, "text": 2, "qwen": 1}
+    assert report["chunk_rows"] == chunks
+    kept_chat_rows = 2 if drop_long else 3
+    assert report["kept_samples"] == kept_chat_rows + 2
+    assert report["training_rows"] == len(inspection.dataset) == kept_chat_rows + chunks + 1
+    where = ["sample 0 (line 1)"] + [f"sample 1 (line 2), chunk {n} of {chunks}" for n in range(1, chunks + 1)]
+    where += [] if drop_long else ["sample 2 (line 3)"]
+    where += ["sample 3 (line 4)", "sample 4 (line 5)"]
+    assert list(inspection.where) == where
+    # The chunks are the text's tokens and eos, in order, every one trained.
+    rows = inspection.dataset[1 : 1 + chunks]
+    assert sum(rows["input_ids"], []) == text_ids == sum(rows["labels"], [])
+    assert [len(ids) for ids in rows["input_ids"]] == [max_length] * (chunks - 1) + [len(text_ids) - rows_before]
+    # The histogram counts the long text once, at its whole length.
+    lengths = inspection.lengths_by_fate["split into --model_max_length chunks (plain text)"]
+    assert lengths == [len(text_ids)]
+
+
+def test_the_fates_check_holds_with_plain_texts(tiny_model, tmp_path, monkeypatch):
+    data = tmp_path / "mixed.jsonl"
+    write_mixed_data(data)
+    args = inspect_args(tiny_model, str(data), "--model_max_length", "64")[:3]
+    # A wrong count of the chunks' rows is caught, not skipped for data with plain texts.
+    monkeypatch.setattr("sft.inspect.sample_rows", lambda fate, length, max_length: 1)
+    with pytest.raises(RuntimeError, match="disagrees with sft.data"):
+        inspect_data(*args)
+
+
+# With --seed 3, --val_size cuts samples 3 and 4 (of 8) off the JSONL file, sample 0 (of 3) off the JSON list.
+@pytest.mark.parametrize(
+    ("data", "val_size", "row", "label"),
+    [("data/example_chatml.jsonl", "0.25", 3, "sample 3 (line 6)"), ("data/example_qwen.json", "1", 0,
+      "sample 0 (sample 1)")],
+)  # fmt: skip
+def test_val_size_reports_the_training_part_only(tiny_model, tokenizer, tmp_path, capsys, data, val_size, row, label):
+    from sft.data import split_validation
+
+    everything = load_conversations(data)
+    train, validation = split_validation(everything, float(val_size), seed=3)
+    assert len(validation) == (2 if data.endswith(".jsonl") else 1)
+
+    args = ["--model_name_or_path", tiny_model, "--data_path", data, "--val_size", val_size, "--seed", "3"]
+    args += ["--model_max_length", "512", "--report_dir", str(tmp_path / "report"), "--show", "0"]
+    inspection = run_inspection(args)
+    report = inspection.report
+
+    assert report["samples"] == len(train)
+    assert report["validation_samples"] == len(validation)
+    assert report["messages"] == sum(len(messages) for messages in train)
+    assert report["assistant_turns"] == sum(m["role"] == "assistant" for messages in train for m in messages)
+    dataset, _ = tokenize_conversations(train, tokenizer, 512)
+    assert report["training_rows"] == len(dataset)
+    assert report["tokens"] == sum(dataset["length"])
+    assert report["length_percentiles"]["max"] == max(dataset["length"])  # every sample fits in 512 tokens
+    assert "validation:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report" / "data_report.json").read_text()) == report
+
+    # Each row names its sample in the training part, and the sample's own place in the file where they differ.
+    own = [f"sample {k}" if place == f"sample {k}" else f"sample {k} ({place})" for k, place in enumerate(train.wheres)]
+    assert list(inspection.where) == own
+    assert inspection.where[row] == label
+
+
+def test_max_samples_and_val_size_as_finetune_applies_them(tiny_model, tmp_path):
+    args = inspect_args(tiny_model, "data/example_chatml.jsonl", "--max_samples", "6", "--val_size", "2")[:3]
+    report = inspect_data(*args).report
+    # The first 6 samples are read, then 2 of them cut off for validation.
+    assert (report["samples"], report["validation_samples"]) == (4, 2)
+    assert inspect_data(*inspect_args(tiny_model, "data/example_chatml.jsonl")[:3]).report["validation_samples"] is None
