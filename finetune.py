@@ -132,12 +132,12 @@ def train(
         eval_dataset = None
         if eval_conversations is not None:
             eval_dataset, _ = tokenize_conversations(eval_conversations, description="eval", **tokenize_options)
+        # The read files' mappings are closed here, and with them the pages tokenising read.
+        del train_conversations, eval_conversations
         if data_args.packing:  # rows of many samples, written next to the tokenised data
             train_dataset = pack_dataset(train_dataset, training_args.model_max_length)
             if eval_dataset is not None:
                 eval_dataset = pack_dataset(eval_dataset, training_args.model_max_length)
-    # From here on the data is the tokenised Arrow files (memory-mapped).
-    del train_conversations, eval_conversations
 
     # 5. The model, with LoRA adapters unless a full fine-tune, and room on the disk for its checkpoints.
     model = build_model(model_args, training_args, lora_args, tokenizer)

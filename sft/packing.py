@@ -39,7 +39,7 @@ import torch
 from datasets.table import InMemoryTable
 from transformers import PreTrainedModel, TrainerCallback
 
-from sft.data import IGNORE_INDEX
+from sft.data import IGNORE_INDEX, own_mapping
 from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -93,15 +93,16 @@ PACKED_FEATURES = datasets.Features(
         "length": datasets.Value("int32"),
     }
 )
-# Packed rows written per map batch: their tokens (three int32 columns of up to max_length each) are in memory.
-PACK_BATCH_ROWS = 64
+# Tokens packed per map batch (about 4 bytes each in each of three columns, plus the samples read): the memory
+# packing holds, whatever the data's size.
+PACK_BATCH_TOKENS = 1 << 22
 
 
 def _pack_batch(batch: dict, samples: datasets.Dataset) -> dict:
     """The packed rows of a batch of bins: each bin's samples' tokens end to end, each sample's first label
     ignored and its positions counted from 0; numpy over Arrow, no Python int per token."""
     members = batch["members"]
-    rows = samples.with_format("arrow")[[index for bin_members in members for index in bin_members]]
+    rows = own_mapping(samples).with_format("arrow")[[index for bin_members in members for index in bin_members]]
     lengths = pc.list_value_length(rows.column("input_ids")).to_numpy().astype(np.int64)
     input_ids = pc.list_flatten(rows.column("input_ids")).to_numpy().astype(np.int32)
     labels = pc.list_flatten(rows.column("labels")).to_numpy().astype(np.int32)  # a copy: written below
@@ -145,7 +146,7 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset
         packed = plan.map(
             _pack_batch,
             batched=True,
-            batch_size=PACK_BATCH_ROWS,
+            batch_size=max(1, PACK_BATCH_TOKENS // max_length),
             remove_columns=["members"],
             features=PACKED_FEATURES,
             fn_kwargs={"samples": dataset},

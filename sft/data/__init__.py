@@ -20,7 +20,13 @@ means the same thing everywhere:
 Every public name is importable from `sft.data` itself.
 """
 
-from sft.data.cache import CACHE_FORMAT, NothingToTrainError, check_reasoning_rendered, tokenize_conversations
+from sft.data.cache import (
+    CACHE_FORMAT,
+    NothingToTrainError,
+    check_reasoning_rendered,
+    own_mapping,
+    tokenize_conversations,
+)
 from sft.data.collate import make_collator
 from sft.data.formats import (
     ALPACA_KEYS,
@@ -122,6 +128,7 @@ __all__ = [
     "load_conversations",
     "load_tools",
     "make_collator",
+    "own_mapping",
     "missing_tool_text",
     "parse_record",
     "read_records",

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections import Counter
 from typing import Any
 
@@ -69,6 +70,25 @@ def _tokenize_batch(
         out["status"].append(tokenized.status)
         out["folded"].append(tokenized.folded)
     return out
+
+
+def own_mapping(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The same data set over memory mappings of its own, closed once it is dropped (unpickling maps the files
+    again). A map batch reads through one: pages read through the data set's long-lived mapping would stay
+    resident, counted in the process's memory, until every sample had been read once, so memory would grow with
+    the data."""
+    return pickle.loads(pickle.dumps(dataset)) if dataset.cache_files else dataset
+
+
+# Samples tokenised per map batch.
+TOKENIZE_BATCH = 1000
+
+
+def _tokenize_from(plan: dict, samples: datasets.Dataset, **options: Any) -> dict:
+    """`_tokenize_batch` of the TOKENIZE_BATCH samples from `plan`'s start, read through a mapping of their own."""
+    start = plan["start"][0]
+    batch = own_mapping(samples)[start : start + TOKENIZE_BATCH]
+    return _tokenize_batch(batch, list(range(start, start + len(batch["messages"]))), **options)
 
 
 # Part of every cache key: raised when what tokenisation writes changes (2: eos after unmarked answers, the
@@ -208,21 +228,30 @@ def tokenize_conversations(
         fold_system=fold_system,
         profile=profile,
     )
+    # A memory-mapped data set is read batch by batch through mappings of the batch's own (`own_mapping`): the map
+    # runs over the batches' starts. A list's small in-memory data set is mapped directly.
+    if dataset.cache_files:
+        plan = datasets.Dataset.from_dict({"start": list(range(0, len(dataset), TOKENIZE_BATCH))})
+        function, work, batch_size, with_indices = _tokenize_from, plan, 1, False
+        options["samples"] = dataset
+    else:
+        function, work, batch_size, with_indices = _tokenize_batch, dataset, TOKENIZE_BATCH, True
     try:
-        dataset = dataset.map(
-            _tokenize_batch,
+        dataset = work.map(
+            function,
             batched=True,
-            with_indices=True,
-            num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > 1 else None,
-            remove_columns=dataset.column_names,
+            batch_size=batch_size,
+            with_indices=with_indices,
+            num_proc=num_proc if num_proc and num_proc > 1 and len(work) > 1 else None,
+            remove_columns=work.column_names,
             features=TOKENIZED_FEATURES,
             fn_kwargs=options,
             cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
             new_fingerprint=fingerprint,
-            desc=f"Tokenising {description} data",
+            desc=f"Tokenising {description} data" + (f" (batches of {TOKENIZE_BATCH})" if work is not dataset else ""),
         )
     except TemplateRefusal as error:
-        raise DataError(*_place(dataset, error.index, description), None, error.message) from None
+        raise DataError(*_place(options.get("samples", work), error.index, description), None, error.message) from None
     # Counted in Arrow, over the columns alone: no Python object per sample.
     status = dataset.with_format("arrow")["status"]
     folded = pc.sum(dataset.with_format("arrow")["folded"]).as_py() or 0
