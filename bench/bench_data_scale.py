@@ -25,7 +25,7 @@ For a single process without forks the two are its VmRSS and RssAnon. Needs Linu
 
 samples/s = (N - N0) / (wall_N - wall_N0), where N0 = 1,000 samples is a run of the same configuration in the same
 run: the difference removes the fixed cost of a run (imports, model load, the one training step) and leaves the
-preparation. `--check_growth` is the issue's check instead: peak RSS of `finetune.py` (one process) from 20,000 to
+preparation. `--check_growth` is the growth check instead: peak RSS of `finetune.py` (one process) from 20,000 to
 160,000 samples, with and without packing, must grow by at most 1.25x.
 
     pip install -r bench/requirements.txt          # trl
@@ -295,7 +295,7 @@ def table(runs: list[Run], reference_samples: int) -> list[str]:
 
 
 def growth_verdicts(runs: list[Run]) -> list[str]:
-    """The issue's check: peak RSS at 160,000 samples over that at 20,000, for each packing, within 1.25x."""
+    """The growth check: peak RSS at 160,000 samples over that at 20,000, for each packing, within 1.25x."""
     small, large = GROWTH_SAMPLES
     lines = []
     for packing in sorted({run.packing for run in runs}):
@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--packing", choices=("both", "yes", "no"), default="both", help="runs with packing or not")
     parser.add_argument("--skip_trl", action="store_true", help="measure ours only")
     parser.add_argument(
-        "--check_growth", action="store_true", help="the issue's check: finetune.py, 20k and 160k samples"
+        "--check_growth", action="store_true", help="the growth check: finetune.py, 20k and 160k samples"
     )
     parser.add_argument("--trl_child", help=argparse.SUPPRESS)  # the trl process's job, as JSON
     args = parser.parse_args()

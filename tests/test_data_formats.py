@@ -9,13 +9,14 @@ import json
 
 import pytest
 from chat_templates import QWEN25_STYLE, REASONING_TEMPLATE
-from test_data import labelled_runs
 
+import sft.data.cache
 from sft.data import (
     IGNORE_INDEX,
     DataError,
     load_data,
     parse_record,
+    read_data,
     tokenize_conversation,
     tokenize_conversations,
 )
@@ -77,7 +78,9 @@ def test_an_answer_marked_train_false_or_loss_weight_zero_is_not_trained(tokeniz
             ]
         }
         tokenized = tokenize_conversation(tokenizer, parse_record(record, "f", "line 1"), max_length=256)
-        assert labelled_runs(tokenizer, tokenized) == ["four<|im_end|>"]
+        trained = [k for k, label in enumerate(tokenized.labels) if label != IGNORE_INDEX]
+        assert trained == list(range(trained[0], trained[-1] + 1))  # one run of trained tokens: the last answer's
+        assert tokenizer.decode([tokenized.input_ids[k] for k in trained]) == "four<|im_end|>"
     only = {"messages": [PLAIN[0], {"role": "assistant", "content": "four", "train": False}]}
     tokenized = tokenize_conversation(tokenizer, parse_record(only, "f", "line 1"), max_length=256)
     assert tokenized.status == "dropped_no_label"
@@ -111,13 +114,17 @@ EXAMPLE_ROWS = {
 }
 
 
-def test_labels_of_the_example_files_are_unchanged(tokenizer, tmp_path):
+def test_labels_of_the_example_files_are_unchanged(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(sft.data.cache, "TOKENIZE_BATCH", 2)
     tools = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tools.chat_template = QWEN25_STYLE
     for key, expected in EXAMPLE_ROWS.items():
         template, name = key.split(":")
-        dataset, _ = tokenize_conversations(
-            load_data(f"data/{name}"), tools if template == "tools" else tokenizer, 256, cache_dir=tmp_path
-        )
-        rows = json.dumps([list(dataset["input_ids"]), list(dataset["labels"])])
-        assert hashlib.sha256(rows.encode()).hexdigest()[:16] == expected, key
+        # Both ways in: training's memory-mapped data set (read in batches of 2, so that every batch boundary is
+        # crossed), and a check's list of conversations.
+        for data in (read_data(f"data/{name}", cache_dir=tmp_path), load_data(f"data/{name}")):
+            dataset, _ = tokenize_conversations(
+                data, tools if template == "tools" else tokenizer, 256, cache_dir=tmp_path
+            )
+            rows = json.dumps([list(dataset["input_ids"]), list(dataset["labels"])])
+            assert hashlib.sha256(rows.encode()).hexdigest()[:16] == expected, (key, type(data).__name__)
