@@ -33,10 +33,8 @@ from typing import Literal
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets.table import InMemoryTable
 from transformers import PreTrainedModel, TrainerCallback
 
 from sft.data import IGNORE_INDEX, own_mapping
@@ -83,8 +81,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-# Part of every packed cache file's key: raised when what packing writes changes.
-PACK_FORMAT = 1
+# Part of every packed cache file's key: raised when what packing writes changes (2: bins within windows).
+PACK_FORMAT = 2
 PACKED_FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -93,66 +91,70 @@ PACKED_FEATURES = datasets.Features(
         "length": datasets.Value("int32"),
     }
 )
-# Tokens packed per map batch (about 4 bytes each in each of three columns, plus the samples read): the memory
-# packing holds, whatever the data's size.
-PACK_BATCH_TOKENS = 1 << 22
+# Tokens of consecutive samples packed together (a window): the memory packing holds at a time, whatever the data's
+# size. Bins are best fits within a window; with thousands of samples in one, they are as full as bins over all.
+PACK_WINDOW_TOKENS = 1 << 20
 
 
-def _pack_batch(batch: dict, samples: datasets.Dataset) -> dict:
-    """The packed rows of a batch of bins: each bin's samples' tokens end to end, each sample's first label
-    ignored and its positions counted from 0; numpy over Arrow, no Python int per token."""
-    members = batch["members"]
-    rows = own_mapping(samples).with_format("arrow")[[index for bin_members in members for index in bin_members]]
-    lengths = pc.list_value_length(rows.column("input_ids")).to_numpy().astype(np.int64)
-    input_ids = pc.list_flatten(rows.column("input_ids")).to_numpy().astype(np.int32)
-    labels = pc.list_flatten(rows.column("labels")).to_numpy().astype(np.int32)  # a copy: written below
-    starts = np.cumsum(lengths) - lengths
-    labels[starts] = IGNORE_INDEX
-    position_ids = (np.arange(len(input_ids)) - np.repeat(starts, lengths)).astype(np.int32)
-    first_member = np.cumsum([0] + [len(bin_members) for bin_members in members[:-1]])
-    row_lengths = np.add.reduceat(lengths, first_member)
-    cuts = np.cumsum(row_lengths)[:-1]
-    return {
-        "input_ids": np.split(input_ids, cuts),
-        "labels": np.split(labels, cuts),
-        "position_ids": np.split(position_ids, cuts),
-        "length": row_lengths.astype(np.int32),
-    }
+def _pack_window(window: dict, samples: datasets.Dataset, max_length: int) -> dict:
+    """The packed rows of one window of consecutive samples: bins by `best_fit_decreasing`, each bin's samples'
+    tokens end to end, each sample's first label ignored and its positions counted from 0; numpy over Arrow, no
+    Python int per token."""
+    start, end = window["start"][0], window["end"][0]
+    # Consecutive samples, read in file order through a mapping of their own (see sft.data.own_mapping).
+    rows = own_mapping(samples).with_format("arrow")[start:end]
+    sample_lengths = pc.list_value_length(rows.column("input_ids")).to_numpy().astype(np.int64)
+    all_ids = pc.list_flatten(rows.column("input_ids")).to_numpy().astype(np.int32)
+    all_labels = pc.list_flatten(rows.column("labels")).to_numpy().astype(np.int32)  # a copy: written below
+    sample_starts = np.cumsum(sample_lengths) - sample_lengths
+    all_labels[sample_starts] = IGNORE_INDEX
+    packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": []}
+    for members in best_fit_decreasing(sample_lengths.tolist(), max_length):
+        tokens = np.concatenate([np.arange(sample_starts[k], sample_starts[k] + sample_lengths[k]) for k in members])
+        packed["input_ids"].append(all_ids[tokens])
+        packed["labels"].append(all_labels[tokens])
+        packed["position_ids"].append(np.concatenate([np.arange(sample_lengths[k], dtype=np.int32) for k in members]))
+        packed["length"].append(len(tokens))
+    return packed
 
 
 def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
     """Packed data set: columns input_ids, labels, position_ids and length (tokens in the row), one row per bin.
 
-    `dataset` holds tokenised samples (input_ids, labels), each at most `max_length` tokens long. The bins are
-    planned from the lengths alone; the rows are written by `datasets.map` in batches, next to `dataset`'s cache
-    file when it has one (and found there again by a key of its fingerprint and `max_length`), so that packing
-    holds a few rows in memory at a time rather than every token as a Python int.
+    `dataset` holds tokenised samples (input_ids, labels), each at most `max_length` tokens long. Consecutive
+    samples of about PACK_WINDOW_TOKENS tokens in all make a window, packed by best fit; `datasets.map` writes the
+    rows window by window, next to `dataset`'s cache file when it has one (found there again by a key of its
+    fingerprint and `max_length`). So packing holds one window in memory and reads the samples in their order,
+    rather than every token as a Python int or the samples at random.
     """
     arrow = dataset.with_format("arrow")
     lengths = arrow["length"] if "length" in dataset.column_names else pc.list_value_length(arrow["input_ids"])
     lengths = lengths.to_numpy().astype(np.int64)
+    if len(lengths) and lengths.max() > max_length:
+        too_long = int(np.argmax(lengths > max_length))
+        raise ValueError(f"sample {too_long} has {lengths[too_long]} tokens, more than the bin size {max_length}")
     cache_file = None
-    fingerprint = hashlib.sha256(f"{dataset._fingerprint}-{max_length}-{PACK_FORMAT}".encode()).hexdigest()[:24]
+    key = f"{dataset._fingerprint}-{max_length}-{PACK_WINDOW_TOKENS}-{PACK_FORMAT}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
     if dataset.cache_files:
         cache_file = Path(dataset.cache_files[0]["filename"]).parent / f"packed-{fingerprint}.arrow"
     if cache_file is not None and cache_file.is_file():
         packed = datasets.Dataset.from_file(str(cache_file))
     else:
-        bins = best_fit_decreasing(lengths.tolist(), max_length)
-        order = np.fromiter((index for members in bins for index in members), dtype=np.int64, count=len(lengths))
-        offsets = np.cumsum([0] + [len(members) for members in bins], dtype=np.int64)
-        del bins
-        plan = datasets.Dataset(InMemoryTable(pa.table({"members": pa.LargeListArray.from_arrays(offsets, order)})))
+        # A window ends where the running token count passes the next multiple of PACK_WINDOW_TOKENS.
+        ends = np.searchsorted(np.cumsum(lengths), np.arange(PACK_WINDOW_TOKENS, lengths.sum(), PACK_WINDOW_TOKENS))
+        bounds = np.unique(np.concatenate([[0], ends + 1, [len(lengths)]]).clip(0, len(lengths)))
+        plan = datasets.Dataset.from_dict({"start": bounds[:-1].tolist(), "end": bounds[1:].tolist()})
         packed = plan.map(
-            _pack_batch,
+            _pack_window,
             batched=True,
-            batch_size=max(1, PACK_BATCH_TOKENS // max_length),
-            remove_columns=["members"],
+            batch_size=1,
+            remove_columns=["start", "end"],
             features=PACKED_FEATURES,
-            fn_kwargs={"samples": dataset},
+            fn_kwargs={"samples": dataset, "max_length": max_length},
             cache_file_name=str(cache_file) if cache_file else None,
             new_fingerprint=fingerprint,
-            desc="Packing",
+            desc="Packing (windows of consecutive samples)",
         )
     total = int(lengths.sum())
     logger.info(

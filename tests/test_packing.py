@@ -6,12 +6,14 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+import sft.packing
 from sft.data import IGNORE_INDEX, load_conversations, make_collator, tokenize_conversations
 from sft.packing import (
     LeakProbe,
@@ -85,6 +87,22 @@ def test_packed_rows_follow_the_bins_and_are_cached_next_to_the_tokenised_data(s
     files = [file["filename"] for file in packed.cache_files]
     assert [Path(file).parent for file in files] == [Path(samples.cache_files[0]["filename"]).parent]
     assert [file["filename"] for file in pack_dataset(samples, max_length=256).cache_files] == files
+
+
+def test_windows_pack_consecutive_samples_and_keep_every_sample_once(samples, monkeypatch):
+    monkeypatch.setattr(sft.packing, "PACK_WINDOW_TOKENS", 600)
+    packed = pack_dataset(samples, max_length=256)
+    expected = Counter((tuple(s["input_ids"]), (IGNORE_INDEX, *s["labels"][1:])) for s in samples)
+    assert Counter((ids, labels) for ids, labels, _ in split_rows(packed)) == expected
+    # Each row holds samples of one window: a window closes with the sample that takes the running token count to
+    # the next multiple of 600 or past it.
+    index_of = {tuple(s["input_ids"]): k for k, s in enumerate(samples)}
+    ends = np.cumsum(samples["length"])
+    window_of = {k: int(ends[k - 1] // 600) if k else 0 for k in range(len(samples))}
+    for row in packed:
+        windows = {window_of[index_of[tuple(ids)]] for ids, _, _ in split_rows([row])}
+        assert len(windows) == 1
+    assert len(set(window_of.values())) > 2  # several windows
 
 
 def test_position_ids_restart_at_every_sample(samples):

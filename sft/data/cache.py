@@ -161,7 +161,8 @@ REASONING_PROBE = "reasoning-probe-7f3a"
 def _first_with_reasoning(conversations: Data) -> int | None:
     if isinstance(conversations, datasets.Dataset):
         # A scan of the JSON text, in Arrow: no conversation is parsed.
-        found = pc.match_substring(conversations.with_format("arrow")["messages"], '"reasoning_content"')
+        messages = own_mapping(conversations).with_format("arrow")["messages"]  # see own_mapping: read once
+        found = pc.match_substring(messages, '"reasoning_content"')
         index = pc.index(found, True).as_py()
         return None if index == -1 else index
     with_reasoning = (k for k, messages in enumerate(conversations) if any("reasoning_content" in m for m in messages))
