@@ -27,13 +27,16 @@ def _shared_by_all(folder: str | os.PathLike, group) -> bool:
     and every process looks for that name."""
     probe = None
     if dist.get_rank() == 0:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / f".shared-probe-{uuid.uuid4().hex}"
-        probe.touch()
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            probe = Path(folder) / f".shared-probe-{uuid.uuid4().hex}"
+            probe.touch()
+        except OSError:  # not writable: the preparation reports it; the other ranks must not wait for a probe
+            probe = None
     names = [probe.name if probe else None]
     dist.broadcast_object_list(names, src=0, group=group)
     seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (Path(folder) / names[0]).exists(), group=group)
+    dist.all_gather_object(seen, names[0] is not None and (Path(folder) / names[0]).exists(), group=group)
     if probe is not None:
         probe.unlink(missing_ok=True)
     return all(seen)

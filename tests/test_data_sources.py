@@ -212,7 +212,8 @@ def test_missing_sources_are_errors(tmp_path):
 def _data_args(data_path: str, **options) -> SimpleNamespace:
     cache = Path(data_path.split()[0]).parent / "cache"
     defaults = dict(eval_data_path=None, system_prompt=None, val_size=None, max_samples=None)
-    return SimpleNamespace(data_path=data_path, preprocessing_cache_dir=str(cache), **{**defaults, **options})
+    defaults["preprocessing_cache_dir"] = str(cache)
+    return SimpleNamespace(data_path=data_path, **{**defaults, **options})
 
 
 def test_val_size_and_max_samples(tmp_path):
@@ -280,3 +281,11 @@ def test_nested_columns_read_from_parquet_keep_their_meaning(tmp_path):
     (messages,) = load_data(str(tmp_path / "parts.parquet"))
     assert [m["content"] for m in messages] == ["question 0", "answer 0", "again", "answer 1"]
     assert [m.get("train", True) for m in messages] == [True, False, True, True]
+
+
+def test_an_unwritable_cache_folder_is_one_error_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(chat(0)) + "\n")
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    with pytest.raises(ConfigurationError, match="--preprocessing_cache_dir: cannot create"):
+        load_train_eval(_data_args(str(tmp_path / "d.jsonl"), preprocessing_cache_dir=str(blocked)), seed=0)

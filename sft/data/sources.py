@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from sft.data.formats import parse_record, record_format, with_default_system
 from sft.data.reading import Conversations, DataError, iter_records, read_records
+from sft.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import datasets
@@ -312,7 +313,11 @@ def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
     import datasets
 
     folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "llm_finetuning"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        flag = "--preprocessing_cache_dir" if cache_dir else "the datasets cache (HF_DATASETS_CACHE)"
+        raise ConfigurationError(f"{flag}: cannot create {folder} for the prepared data ({error})") from None
     return folder
 
 
@@ -430,8 +435,6 @@ def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datase
     """The training and evaluation data of finetune.py's data arguments (`--data_path`, `--eval_data_path`,
     `--val_size`, `--max_samples`, `--system_prompt`, `--preprocessing_cache_dir`): every source read and checked,
     as `read_data`'s memory-mapped data sets."""
-    from sft.errors import ConfigurationError
-
     val_size, max_samples = getattr(data_args, "val_size", None), getattr(data_args, "max_samples", None)
     if val_size is not None and (val_size <= 0 or (val_size >= 1 and val_size != int(val_size))):
         raise ConfigurationError(f"--val_size must be a fraction between 0 and 1 or a whole count, got {val_size}")
