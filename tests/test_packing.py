@@ -91,6 +91,7 @@ def test_packed_rows_follow_the_bins_and_are_cached_next_to_the_tokenised_data(s
 
 def test_windows_pack_consecutive_samples_and_keep_every_sample_once(samples, monkeypatch):
     monkeypatch.setattr(sft.packing, "PACK_WINDOW_TOKENS", 600)
+    monkeypatch.setattr(sft.packing, "PACK_WINDOW_ROWS", 1)
     packed = pack_dataset(samples, max_length=256)
     expected = Counter((tuple(s["input_ids"]), (IGNORE_INDEX, *s["labels"][1:])) for s in samples)
     assert Counter((ids, labels) for ids, labels, _ in split_rows(packed)) == expected
