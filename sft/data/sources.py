@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from sft.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import datasets
+
+logger = logging.getLogger("sft.data")
 
 # The file types `datasets` reads, by extension (.json and .jsonl are read by `read_records`, which names lines).
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
@@ -323,6 +326,7 @@ def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
 
 # Part of every read cache key: raised when what reading writes changes.
 READ_FORMAT = 1
+WRITE_BATCH = 1000  # samples per Arrow record batch: the samples reading holds in memory at a time
 READ_SCHEMA = pa.schema([(name, pa.string()) for name in ("messages", "file", "place", "format")])
 
 
@@ -346,7 +350,10 @@ def _read_source(
     key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir / f"read-{key}.arrow"
     if path.is_file():
-        return datasets.Dataset.from_file(str(path))
+        dataset = datasets.Dataset.from_file(str(path))
+        logger.info("%s: %d samples, read before (%s)", source.path, len(dataset), path)
+        return dataset
+    logger.info("Reading and checking %s into %s", source.path, path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, READ_SCHEMA) as writer:
@@ -364,9 +371,6 @@ def _read_source(
     finally:
         partial.unlink(missing_ok=True)
     return datasets.Dataset.from_file(str(path))
-
-
-WRITE_BATCH = 1000
 
 
 def _record_batch(rows: list[Row]) -> pa.RecordBatch:
