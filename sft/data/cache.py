@@ -80,8 +80,9 @@ def own_mapping(dataset: datasets.Dataset) -> datasets.Dataset:
     return pickle.loads(pickle.dumps(dataset)) if dataset.cache_files else dataset
 
 
-# Samples tokenised per map batch.
+# Samples tokenised per map batch, and scanned per slice for reasoning.
 TOKENIZE_BATCH = 1000
+SCAN_SLICE = 10_000
 
 
 def _tokenize_from(plan: dict, samples: datasets.Dataset, **options: Any) -> dict:
@@ -160,11 +161,14 @@ REASONING_PROBE = "reasoning-probe-7f3a"
 
 def _first_with_reasoning(conversations: Data) -> int | None:
     if isinstance(conversations, datasets.Dataset):
-        # A scan of the JSON text, in Arrow: no conversation is parsed.
-        messages = own_mapping(conversations).with_format("arrow")["messages"]  # see own_mapping: read once
-        found = pc.match_substring(messages, '"reasoning_content"')
-        index = pc.index(found, True).as_py()
-        return None if index == -1 else index
+        # A scan of the JSON text, in Arrow (no conversation is parsed), in slices each read through a mapping of
+        # its own (see own_mapping): a whole-column scan would hold every page of the file resident at its end.
+        for start in range(0, len(conversations), SCAN_SLICE):
+            messages = own_mapping(conversations).with_format("arrow")[start : start + SCAN_SLICE]["messages"]
+            index = pc.index(pc.match_substring(messages, '"reasoning_content"'), True).as_py()
+            if index != -1:
+                return start + index
+        return None
     with_reasoning = (k for k, messages in enumerate(conversations) if any("reasoning_content" in m for m in messages))
     return next(with_reasoning, None)
 
