@@ -81,6 +81,8 @@ class Run:
     seconds: float = 0.0
     peak_rss: int = 0
     peak_anon: int = 0
+    peak_process: int = 0  # the kernel's high-water mark of the largest process of the tree: exact, where a sampler
+    # polling every 50 ms can miss a short peak
     failed: bool = False
 
     @property
@@ -158,7 +160,13 @@ def measure(run: Run, command: Sequence[str], env: dict[str, str], log: Path) ->
         # Output to files, not pipes: nobody reads a pipe while the sampler polls, and a full one would block.
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
         try:
-            while child.poll() is None:
+            while True:
+                # Reaped here, not by Popen: wait4 also gives the kernel's peak RSS of the child and its descendants.
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    child.returncode = os.waitstatus_to_exitcode(status)
+                    run.peak_process = usage.ru_maxrss * 1024  # KiB on Linux
+                    break
                 sampled = time.perf_counter()
                 resident, anonymous = tree_memory(child.pid)
                 run.peak_rss, run.peak_anon = max(run.peak_rss, resident), max(run.peak_anon, anonymous)
@@ -269,9 +277,9 @@ def table(runs: list[Run], reference_samples: int) -> list[str]:
     for run in sorted(runs, key=lambda run: run.samples):
         baselines.setdefault(run.config, run)
     lines = [
-        f"| samples | processes | packing | tool | peak RSS (GiB) | peak anonymous (GiB) | x {reference_samples:,} "
-        "| samples/s | ours/trl samples/s | ours/trl peak RSS |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| samples | processes | packing | tool | peak RSS (GiB) | peak anonymous (GiB) | largest process (GiB) "
+        f"| x {reference_samples:,} | samples/s | ours/trl samples/s | ours/trl peak RSS |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         speed = samples_per_second(run, baselines[run.config])
@@ -286,7 +294,9 @@ def table(runs: list[Run], reference_samples: int) -> list[str]:
             if speed and trl_speed:
                 speed_ratio = f"{speed / trl_speed:.2f}x"
             rss_ratio = f"{run.peak_rss / trl.peak_rss:.2f}x"
-        memory = "failed | failed" if run.failed else f"{run.peak_rss / GIB:.2f} | {run.peak_anon / GIB:.2f}"
+        memory = "failed | failed | failed"
+        if not run.failed:
+            memory = f"{run.peak_rss / GIB:.2f} | {run.peak_anon / GIB:.2f} | {run.peak_process / GIB:.2f}"
         lines.append(
             f"| {run.samples:,} | {run.processes} | {yes_no(run.packing)} | {run.tool} | {memory} | {growth} | "
             f"{f'{speed:,.0f}' if speed else '-'} | {speed_ratio} | {rss_ratio} |"
@@ -303,12 +313,14 @@ def growth_verdicts(runs: list[Run]) -> list[str]:
         if pair[small].failed or pair[large].failed:
             lines.append(f"packing {yes_no(packing)}: a run failed, no verdict")
             continue
-        growth = pair[large].peak_rss / pair[small].peak_rss
+        # The verdict is on the kernel's exact peak of the (one) process; the sampled figures are shown beside it.
+        growth = pair[large].peak_process / pair[small].peak_process
+        sampled = pair[large].peak_rss / pair[small].peak_rss
         anon = pair[large].peak_anon / pair[small].peak_anon
         verdict = "within" if growth <= GROWTH_LIMIT else "EXCEEDS"
         lines.append(
             f"packing {yes_no(packing)}: peak RSS {large:,} / {small:,} samples = {growth:.2f}x ({verdict} "
-            f"{GROWTH_LIMIT}x); anonymous {anon:.2f}x"
+            f"{GROWTH_LIMIT}x); sampled RSS {sampled:.2f}x, anonymous {anon:.2f}x"
         )
     return lines
 
