@@ -425,3 +425,19 @@ def test_data_errors_are_user_errors_and_still_value_errors(tokenizer, tmp_path)
         assert issubclass(error, UserError) and issubclass(error, ValueError)
     with pytest.raises(NothingToTrainError, match="no train sample is left"):
         tokenize_conversations([MULTI_TURN], tokenizer, max_length=4, drop_long=True, cache_dir=tmp_path)
+
+
+def test_a_refusal_in_memory_mapped_data_names_its_file_and_line(tokenizer, tmp_path, monkeypatch):
+    import sft.data.cache
+    from sft.data import read_data
+
+    monkeypatch.setattr(sft.data.cache, "TOKENIZE_BATCH", 2)  # the refused sample is in the second batch
+    refusing = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    refusing.chat_template = (
+        "{% for m in messages %}{% if 'forbidden' in m.content %}{{ raise_exception('no forbidden words') }}"
+        "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
+    lines = [MULTI_TURN, MULTI_TURN, [{"role": "user", "content": "a forbidden word"}, *MULTI_TURN[-1:]]]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages} for messages in lines])
+    with pytest.raises(DataError, match=rf"{path}, line 3: .*no forbidden words"):
+        tokenize_conversations(read_data(str(path), cache_dir=tmp_path), refusing, 64, cache_dir=tmp_path)

@@ -235,10 +235,11 @@ def tokenize_conversations(
     )
     # A memory-mapped data set is read batch by batch through mappings of the batch's own (`own_mapping`): the map
     # runs over the batches' starts. A list's small in-memory data set is mapped directly.
-    if dataset.cache_files:
-        plan = datasets.Dataset.from_dict({"start": list(range(0, len(dataset), TOKENIZE_BATCH))})
+    samples = dataset
+    if samples.cache_files:
+        plan = datasets.Dataset.from_dict({"start": list(range(0, len(samples), TOKENIZE_BATCH))})
         function, work, batch_size, with_indices = _tokenize_from, plan, 1, False
-        options["samples"] = dataset
+        options["samples"] = samples
     else:
         function, work, batch_size, with_indices = _tokenize_batch, dataset, TOKENIZE_BATCH, True
     try:
@@ -253,10 +254,10 @@ def tokenize_conversations(
             fn_kwargs=options,
             cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
             new_fingerprint=fingerprint,
-            desc=f"Tokenising {description} data" + (f" (batches of {TOKENIZE_BATCH})" if work is not dataset else ""),
+            desc=f"Tokenising {description} data" + (f" (batches of {TOKENIZE_BATCH})" if work is not samples else ""),
         )
     except TemplateRefusal as error:
-        raise DataError(*_place(options.get("samples", work), error.index, description), None, error.message) from None
+        raise DataError(*_place(samples, error.index, description), None, error.message) from None
     # Counted in Arrow, over the columns alone: no Python object per sample.
     status = dataset.with_format("arrow")["status"]
     folded = pc.sum(dataset.with_format("arrow")["folded"]).as_py() or 0
