@@ -215,16 +215,18 @@ def _local_files(source: Source) -> list[Path] | None:
     return None
 
 
-def source_rows(source: Source) -> Iterator[tuple[str, str, Any]]:
-    """(file, place, record) of every record of one source."""
+def source_rows(source: Source, opened: datasets.Dataset | None = None) -> Iterator[tuple[str, str, Any]]:
+    """(file, place, record) of every record of one source; a folder or hub dataset `opened` already is read as
+    it is, not loaded again."""
     path = Path(source.path)
-    files = _local_files(source)
+    files = _local_files(source) if opened is None else None
     if files is not None and not path.is_dir():
         for file in files:
             yield from ((str(file), where, record) for where, record in _file_rows(file))
     else:
         label = _label(source)
-        yield from ((label, where, record) for where, record in _dataset_rows(_hub_dataset(source, label)))
+        dataset = opened if opened is not None else _hub_dataset(source, label)
+        yield from ((label, where, record) for where, record in _dataset_rows(dataset))
 
 
 def _renamed(record: Any, columns: dict[str, str]) -> Any:
@@ -256,12 +258,16 @@ Row = tuple[str, str, list, str]
 
 
 def _checked_rows(
-    source: Source, default_system: str | None, max_samples: int | None, problems: _Problems
+    source: Source,
+    default_system: str | None,
+    max_samples: int | None,
+    problems: _Problems,
+    opened: datasets.Dataset | None = None,
 ) -> Iterator[Row]:
-    """Every sample of one source, checked and turned into messages (the first `max_samples`); the problems go to
-    `problems`, and reading stops once it is full."""
+    """Every sample of one source (`opened` already, for a hub dataset: see `source_rows`), checked and turned into
+    messages (the first `max_samples`); the problems go to `problems`, and reading stops once it is full."""
     count = 0
-    for file, where, record in source_rows(source):
+    for file, where, record in source_rows(source, opened):
         if max_samples is not None and count >= max_samples:
             break
         try:
@@ -330,13 +336,14 @@ WRITE_BATCH = 1000  # samples per Arrow record batch: the samples reading holds 
 READ_SCHEMA = pa.schema([(name, pa.string()) for name in ("messages", "file", "place", "format")])
 
 
-def _source_state(source: Source) -> str:
+def _source_state(source: Source) -> tuple[str, datasets.Dataset | None]:
     """What a source's samples depend on, found without reading them: its files' sizes and modification times, or
-    a hub dataset's fingerprint in the datasets cache."""
+    a hub dataset's fingerprint in the datasets cache (with the dataset, opened for that)."""
     files = _local_files(source)
     if files is None:
-        return _hub_dataset(source, _label(source))._fingerprint
-    return json.dumps([(str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns) for file in files])
+        hub = _hub_dataset(source, _label(source))
+        return hub._fingerprint, hub
+    return json.dumps([(str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns) for file in files]), None
 
 
 def _read_source(
@@ -346,7 +353,8 @@ def _read_source(
     written once and found again by a key of the source's files and the options; None when it has problems."""
     import datasets
 
-    options = (READ_FORMAT, asdict(source), _source_state(source), default_system, max_samples)
+    state, hub = _source_state(source)
+    options = (READ_FORMAT, asdict(source), state, default_system, max_samples)
     key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir / f"read-{key}.arrow"
     if path.is_file():
@@ -358,7 +366,7 @@ def _read_source(
     try:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, READ_SCHEMA) as writer:
             batch: list[Row] = []
-            for row in _checked_rows(source, default_system, max_samples, problems):
+            for row in _checked_rows(source, default_system, max_samples, problems, hub):
                 batch.append(row)
                 if len(batch) == WRITE_BATCH:
                     writer.write_batch(_record_batch(batch))
