@@ -56,8 +56,7 @@ from sft.data import (
     load_train_eval,
     template_overhead,
     tokenize_conversations,
-    tokenize_many,
-    tokenize_text,
+    tokenize_samples,
 )
 from sft.errors import ConfigurationError, run_main
 from sft.inspect_view import FATES, format_report, render_row, trained_count, use_color
@@ -166,15 +165,7 @@ def tokenize_whole(
     fold_system: bool,
 ) -> list[Tokenized]:
     """Each conversation untruncated, as `tokenize_conversations` tokenises it: a plain text as one chunk."""
-    chats = [messages for messages in conversations if not _is_text(messages)]
-    tokenized_chats = iter(tokenize_many(tokenizer, chats, sys.maxsize, train_on, False, fold_system) if chats else [])
-    tokenized = []
-    for messages in conversations:
-        if _is_text(messages):
-            tokenized.append(tokenize_text(tokenizer, messages[0]["content"], sys.maxsize)[0])
-        else:
-            tokenized.append(next(tokenized_chats))
-    return tokenized
+    return [rows[0] for rows in tokenize_samples(tokenizer, conversations, sys.maxsize, train_on, False, fold_system)]
 
 
 def untruncated_stats(

@@ -80,6 +80,7 @@ from sft.data.tokenizing import (
     tokenize_conversation,
     tokenize_many,
     tokenize_pieces,
+    tokenize_samples,
     tokenize_text,
 )
 
@@ -147,6 +148,7 @@ __all__ = [
     "tokenize_conversations",
     "tokenize_many",
     "tokenize_pieces",
+    "tokenize_samples",
     "try_render_many",
     "with_tools",
 ]

@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.formats import TEXT_ROLE, Conversation, TrainOn
+from sft.data.formats import Conversation, TrainOn
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
 from sft.data.sources import cache_folder
 from sft.data.templates import TemplateRefusal, chat_template_of, render
-from sft.data.tokenizing import tokenize_many, tokenize_text
+from sft.data.tokenizing import tokenize_samples
 from sft.errors import UserError
 
 logger = logging.getLogger("sft.data")
@@ -49,20 +49,12 @@ def _tokenize_batch(
 ) -> dict:
     conversations = [json.loads(messages) for messages in batch["messages"]]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "folded": []}
-    chats = [k for k, messages in enumerate(conversations) if messages[0]["role"] != TEXT_ROLE]
     try:
-        tokenized_chats = tokenize_many(
-            tokenizer, [conversations[k] for k in chats], max_length, train_on, drop_long, fold_system, profile
-        )
+        samples = tokenize_samples(tokenizer, conversations, max_length, train_on, drop_long, fold_system, profile)
     except TemplateRefusal as error:  # name the sample by its index in the whole data set
-        raise TemplateRefusal(indices[chats[error.index]], error.message) from None
+        raise TemplateRefusal(indices[error.index], error.message) from None
     # Plain texts (continued pre-training) in their places, as one row per chunk.
-    by_sample = dict(zip(chats, ([tokenized] for tokenized in tokenized_chats)))
-    tokenized_many = [
-        row
-        for k, messages in enumerate(conversations)
-        for row in by_sample.get(k) or tokenize_text(tokenizer, messages[0]["content"], max_length)
-    ]
+    tokenized_many = [row for rows in samples for row in rows]
     for tokenized in tokenized_many:
         out["input_ids"].append(tokenized.input_ids)
         out["labels"].append(tokenized.labels)

@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.formats import Conversation, TrainOn
+from sft.data.formats import TEXT_ROLE, Conversation, TrainOn
 from sft.data.labels import IGNORE_INDEX, label_many
 from sft.data.profile import TemplateProfile
+from sft.data.templates import TemplateRefusal
 
 
 def labels_from_offsets(
@@ -139,3 +140,28 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int
         input_ids.append(tokenizer.eos_token_id)
     chunks = [input_ids[start : start + max_length] for start in range(0, len(input_ids), max_length)]
     return [Tokenized(chunk, list(chunk), "ok") for chunk in chunks]
+
+
+def tokenize_samples(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    max_length: int,
+    train_on: TrainOn = "assistant",
+    drop_long: bool = False,
+    fold_system: bool = True,
+    profile: TemplateProfile | None = None,
+) -> list[list[Tokenized]]:
+    """Each sample's training rows, in order: a conversation's one (`tokenize_many`, its chats in one batch), a
+    plain text's chunks (`tokenize_text`). `TemplateRefusal` names the sample by its index in `conversations`."""
+    chats = [k for k, messages in enumerate(conversations) if messages[0]["role"] != TEXT_ROLE]
+    try:
+        tokenized_chats = tokenize_many(
+            tokenizer, [conversations[k] for k in chats], max_length, train_on, drop_long, fold_system, profile
+        )
+    except TemplateRefusal as error:
+        raise TemplateRefusal(chats[error.index], error.message) from None
+    by_sample = dict(zip(chats, tokenized_chats))
+    return [
+        [by_sample[k]] if k in by_sample else tokenize_text(tokenizer, messages[0]["content"], max_length)
+        for k, messages in enumerate(conversations)
+    ]
