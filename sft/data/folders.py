@@ -97,7 +97,7 @@ def _folder_splits(folder: Path, data_files: list[Path], source: Source) -> tupl
         return _config_splits(folder, configs, source), "the README.md configs"
     subfolders = {child.name.lower(): child for child in folder.iterdir() if child.is_dir()}
     by_folder = {
-        split: [file for file in data_files if any(subfolders[name] in file.parents for name in names)]
+        split: [file for file in data_files if any(subfolders[n] in file.parents for n in names if n in subfolders)]
         for split, names in SPLIT_FOLDERS.items()
         if any(name in subfolders for name in names)
     }
