@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
+import pytest
+
 from sft.data import read_data
 
 
@@ -19,12 +22,17 @@ def chat(k: int) -> dict:
 
 
 def write(path: Path, answers: list[int]) -> None:
-    path.write_text("".join(json.dumps(chat(k)) + "\n" for k in answers))
+    if path.suffix == ".parquet":
+        datasets.Dataset.from_list([chat(k) for k in answers]).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(chat(k)) + "\n" for k in answers))
 
 
-def test_a_file_rewritten_with_its_size_and_time_restored_is_read_again(tmp_path):
-    # Issue 29, item 3: `cp -p`, `rsync -t`: same size, old modification time, new content.
-    data = tmp_path / "d.jsonl"
+@pytest.mark.parametrize("name", ["d.jsonl", "d.parquet"])
+def test_a_file_rewritten_with_its_size_and_time_restored_is_read_again(tmp_path, name):
+    # Issue 29, item 3: `cp -p`, `rsync -t`: same size, old modification time, new content. (Parquet is read through
+    # `datasets`, whose own cache knows a local file by its modification time.)
+    data = tmp_path / name
     write(data, [1, 2])
     first = read_data(str(data), cache_dir=tmp_path)
     stat = data.stat()

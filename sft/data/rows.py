@@ -67,7 +67,11 @@ def _file_dataset(path: Path, suffix: str) -> datasets.Dataset:
     builder = FILE_BUILDERS[suffix]
     options = {"delimiter": "\t"} if suffix == ".tsv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        # Prepared again, not taken from the datasets cache: it knows local files by their modification time
+        # alone, and this runs only for content that our read cache does not hold.
+        return datasets.load_dataset(
+            builder, data_files=str(path), split="train", download_mode="force_redownload", **options
+        )
     except Exception as error:  # the file's own reader fails in its own ways (pyarrow, pandas)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(path, "", None, f"cannot read as {builder}: {message}") from None
