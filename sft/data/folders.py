@@ -119,7 +119,7 @@ def _folder_files(folder: Path, source: Source) -> list[Path]:
         if any(part.startswith(".") for part in relative.parts):
             skipped.append((file, "hidden"))
         elif not is_data_file_name(file):
-            skipped.append((file, f"not a data file (extensions: {', '.join(DATA_EXTENSIONS)}, or compressed)"))
+            skipped.append((file, f"not a data file: {', '.join(DATA_EXTENSIONS)}, plain or compressed"))
         else:
             data_files.append(file)
     layout = _folder_splits(folder, data_files, source)

@@ -94,10 +94,11 @@ def human_size(size: float) -> str:
 def log_cache_size(folder: Path) -> None:
     files = cache_files(folder)
     logger.info(
-        "The prepared-data cache %s holds %s in %d files (python -m sft.data.cache lists and cleans it)",
+        "The prepared-data cache %s holds %s in %d file%s (python -m sft.data.cache lists and cleans it)",
         folder,
         human_size(sum(stat.st_size for _, stat in files)),
         len(files),
+        "" if len(files) == 1 else "s",
     )
 
 
