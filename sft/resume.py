@@ -25,16 +25,13 @@ from typing import Any, NamedTuple
 import torch.distributed as dist
 
 from sft.data import parse_sources
+from sft.data.files import file_fingerprint
 from sft.data.sources import glob_files
 from sft.errors import ConfigurationError, UserError
 from sft.outputs import read_run_info
 from sft.training import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
-
-# A file up to this size is hashed whole; a bigger one by its size, modification time, first and last MiB.
-WHOLE_HASH_LIMIT = 64 * 2**20
-HEAD_TAIL_BYTES = 2**20
 
 # Training arguments that belong to the saved optimizer and data position: a resume with others is refused.
 OPTIMISATION_FIELDS = (
@@ -51,26 +48,6 @@ OPTIMISATION_FIELDS = (
 # Spellings of --resume_from_checkpoint that mean "do not resume" / "resume from the last checkpoint".
 NO_RESUME = ("false", "no", "0", "none")
 LAST_CHECKPOINT = ("true", "yes", "1", "last")
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """A file's content in brief: sha256 of the whole file, or, over WHOLE_HASH_LIMIT, of its size, mtime and
-    first and last MiB (cheap for data sets of many GB; an edit that keeps size and mtime goes unseen)."""
-    path = Path(path)
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        if stat.st_size <= WHOLE_HASH_LIMIT:
-            for block in iter(lambda: file.read(2**20), b""):
-                digest.update(block)
-            kind = "sha256"
-        else:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
-            digest.update(file.read(HEAD_TAIL_BYTES))
-            file.seek(stat.st_size - HEAD_TAIL_BYTES)
-            digest.update(file.read(HEAD_TAIL_BYTES))
-            kind = "sha256(size,mtime,head,tail)"
-    return {"path": str(path.resolve()), "size": stat.st_size, kind: digest.hexdigest()}
 
 
 def data_fingerprint(sources: list[str]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from sft.data import (
     read_data,
     tokenize_conversation,
     tokenize_conversations,
+    tokenize_text,
 )
 
 PLAIN = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
@@ -65,6 +66,22 @@ def test_plain_text_trains_every_token_with_eos_and_long_texts_are_chunked(token
     assert rows[chunks] == tokenizer.encode("short one", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert list(dataset["labels"]) == rows  # every token trained, no chat template
     assert "<|im_start|>" not in tokenizer.decode(rows[chunks])
+
+
+def test_no_plain_text_chunk_is_left_without_a_token_to_predict(tokenizer, tmp_path):
+    # Issue 29, item 7: tokens plus eos one more than model_max_length would leave a last chunk of one token, which
+    # predicts nothing (each token is predicted from those before it in its row).
+    text = " ".join(f"word{k}" for k in range(40))
+    tokens = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    for max_length in (len(tokens) - 1, (len(tokens) - 1) // 2):
+        chunks = tokenize_text(tokenizer, text, max_length)
+        assert all(len(chunk.input_ids) >= 2 and len(chunk.input_ids) <= max_length for chunk in chunks)
+        assert [token for chunk in chunks for token in chunk.input_ids] == tokens  # every token, in order
+        assert [chunk.labels for chunk in chunks] == [chunk.input_ids for chunk in chunks]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    dataset, counts = tokenize_conversations(load_data(str(tmp_path / "t.jsonl")), tokenizer, len(tokens) - 1)
+    assert min(dataset["length"]) >= 2 and counts == {"ok": 2}
+    assert [chunk.status for chunk in tokenize_text(tokenizer, text, 1)] == ["dropped_no_label"]  # rows of one
 
 
 def test_an_answer_marked_train_false_or_loss_weight_zero_is_not_trained(tokenizer):

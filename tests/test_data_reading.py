@@ -3,7 +3,10 @@ whole, however the file falls into chunks, and errors naming the line wherever i
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 
 import pytest
 
@@ -66,3 +69,40 @@ def test_a_pretty_printed_single_object_is_one_sample(tmp_path, chunk_bytes):
     path = tmp_path / "one.json"
     path.write_text(json.dumps(RECORDS[3], indent=2))
     assert list(iter_records(path)) == [("sample 0", RECORDS[3])]
+
+
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+
+
+@pytest.mark.parametrize("suffix", list(COMPRESSORS))
+def test_compressed_files_are_read_with_their_lines(tmp_path, chunk_bytes, suffix):
+    # Issue 29, item 8: `.jsonl.gz` (and bz2, xz) read as the JSONL it holds, an error at its line of the text.
+    compress = COMPRESSORS[suffix]
+    lines = [json.dumps(record, ensure_ascii=False) for record in RECORDS[:5]]
+    path = tmp_path / f"data.jsonl{suffix}"
+    path.write_bytes(compress(("\n".join(lines) + "\n").encode()))
+    got = list(iter_records(path))
+    assert got == [(f"line {k + 1}", record) for k, record in enumerate(RECORDS[:5])]
+    bad = tmp_path / f"bad.json{suffix}"
+    bad.write_bytes(compress(("\n".join(lines[:3]) + '\n{"a": }\n').encode()))
+    with pytest.raises(DataError, match=rf"bad.json{suffix}, line 4: invalid JSON"):
+        list(iter_records(bad))
+    cut = tmp_path / f"cut.jsonl{suffix}"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(DataError, match=rf"cut.jsonl{suffix}, line \d+: cannot decompress"):
+        list(iter_records(cut))
+
+
+def test_a_compressed_file_is_known_by_its_first_bytes_and_a_missing_codec_is_one_error(tmp_path):
+    path = tmp_path / "download.jsonl"  # gzip content under a plain name
+    path.write_bytes(gzip.compress(json.dumps(RECORDS[0]).encode() + b"\n"))
+    assert list(iter_records(path)) == [("line 1", RECORDS[0])]
+    try:
+        import zstandard
+    except ImportError:
+        (tmp_path / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 8)
+        with pytest.raises(DataError, match="d.jsonl.zst: a .zst file needs the zstandard package"):
+            list(iter_records(tmp_path / "d.jsonl.zst"))
+    else:
+        (tmp_path / "d.jsonl.zst").write_bytes(zstandard.compress(json.dumps(RECORDS[0]).encode()))
+        assert list(iter_records(tmp_path / "d.jsonl.zst")) == [("line 1", RECORDS[0])]

@@ -289,3 +289,110 @@ def test_an_unwritable_cache_folder_is_one_error_line(tmp_path):
     blocked.write_text("")
     with pytest.raises(ConfigurationError, match="--preprocessing_cache_dir: cannot create"):
         load_train_eval(_data_args(str(tmp_path / "d.jsonl"), preprocessing_cache_dir=str(blocked)), seed=0)
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_a_folder_reads_every_data_file_whatever_words_its_names_hold(tmp_path, caplog):
+    # Issue 29, item 1: split words in file names ("train_a", "chat-2024") and a second extension drop no file.
+    folder = tmp_path / "mine"
+    _jsonl(folder / "train_a.jsonl", [chat(0)])
+    _jsonl(folder / "more_data.jsonl", [chat(1)])
+    _jsonl(folder / "chat-2024-test.jsonl", [chat(2)])
+    _jsonl(folder / "nested" / "deeper.jsonl", [chat(3)])
+    datasets.Dataset.from_list([chat(4)]).to_parquet(folder / "c.parquet")
+    (folder / "notes.txt").write_text("not data")
+    with caplog.at_level("INFO", logger="sft.data"):
+        data = read_data(str(folder), cache_dir=tmp_path / "cache")
+    assert sorted(answers(data)) == [f"answer {k}" for k in range(5)]
+    names = ["c.parquet", "chat-2024-test.jsonl", "more_data.jsonl", "nested/deeper.jsonl", "train_a.jsonl"]
+    assert sorted(set(data["file"])) == sorted(str(folder / name) for name in names)
+    assert [Path(file).relative_to(folder).as_posix() for file in dict.fromkeys(data["file"])] == names  # name order
+    log = caplog.text
+    assert "reading 5 files" in log and "notes.txt (not a data file" in log
+
+
+def test_a_folder_declares_its_splits_by_readme_configs_or_split_subfolders(tmp_path):
+    by_folders = tmp_path / "by_folders"
+    _jsonl(by_folders / "train" / "a.jsonl", [chat(0), chat(1)])
+    _jsonl(by_folders / "test" / "b.jsonl", [chat(2)])
+    assert answers(load_data(str(by_folders))) == ["answer 0", "answer 1"]
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"sources:\n  - path: {by_folders}\n    split: test\n")
+    assert answers(load_data(str(config))) == ["answer 2"]
+
+    hub = tmp_path / "hub"
+    _jsonl(hub / "data" / "first.jsonl", [chat(5)])
+    _jsonl(hub / "data" / "second.jsonl", [chat(6)])
+    (hub / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/first.jsonl\n"
+        "  - split: test\n    path: data/second.jsonl\n---\n# card\n"
+    )
+    assert answers(load_data(str(hub))) == ["answer 5"]
+    config.write_text(f"sources:\n  - path: {hub}\n    split: validation\n")
+    with pytest.raises(DataError, match=r"no split 'validation' in the README.md configs \(splits: train, test\)"):
+        load_data(str(config))
+    plain = tmp_path / "plain"
+    _jsonl(plain / "a.jsonl", [chat(7)])
+    config.write_text(f"sources:\n  - path: {plain}\n    split: test\n")
+    with pytest.raises(DataError, match="no split 'test': the folder declares no splits"):
+        load_data(str(config))
+
+
+def test_a_folder_of_mixed_record_formats_and_file_types_reads_each_file_on_its_own(tmp_path):
+    # Issue 29, item 2: one file of `messages`, one alpaca, one Parquet file of prompt/completion.
+    folder = tmp_path / "mixed"
+    _jsonl(folder / "a.jsonl", [chat(0)])
+    _jsonl(folder / "b.jsonl", [{"instruction": "question 1", "output": "answer 1"}])
+    datasets.Dataset.from_list([{"prompt": "question 2", "completion": "answer 2"}]).to_parquet(folder / "c.parquet")
+    data = read_data(str(folder), cache_dir=tmp_path / "cache")
+    assert answers(data) == ["answer 0", "answer 1", "answer 2"]
+    assert data["format"] == ["chatml", "alpaca", "prompt_completion"]
+    _jsonl(folder / "d.jsonl", [{"instruction": "question 3", "output": 3}])
+    with pytest.raises(DataError, match=r"mixed/d.jsonl, line 1, field 'output'"):
+        read_data(str(folder), cache_dir=tmp_path / "cache")
+
+
+def test_validation_samples_are_never_trained_in_an_upsampled_mix(tmp_path):
+    # Issue 29, item 5: a source upsampled 4x holds 4 copies of each sample; none of a validation sample's copies
+    # may stay in training.
+    _jsonl(tmp_path / "small.jsonl", [chat(k) for k in range(5)])
+    _jsonl(tmp_path / "big.jsonl", [chat(k) for k in range(100, 120)])
+    config = tmp_path / "mix.yaml"
+    config.write_text("sources:\n  - path: small.jsonl\n    num_samples: 20\n  - path: big.jsonl\n")
+    for seed in range(5):
+        train, evaluation = load_train_eval(_data_args(str(config), val_size=0.4), seed=seed)
+        held_out = set(zip(evaluation["file"], evaluation["place"]))
+        assert len(held_out) == len(evaluation) == 10  # 40% of the 25 distinct samples, each once
+        assert held_out.isdisjoint(zip(train["file"], train["place"]))
+        assert set(answers(evaluation)).isdisjoint(answers(train))
+        small_held_out = sum(file.endswith("small.jsonl") for file, _ in held_out)
+        assert len(train) == 20 - 4 * small_held_out + 20 - (10 - small_held_out)
+
+
+def test_a_json_data_file_with_a_sources_field_is_data_and_a_config_is_one_object(tmp_path):
+    # Issue 29, item 6: "sources" as a record's provenance field, in JSONL form in a .json file.
+    record = {**chat(0), "sources": ["https://example.com/a"]}
+    data = _jsonl(tmp_path / "d.json", [record, {**chat(1), "sources": []}])
+    assert answers(load_data(str(data))) == ["answer 0", "answer 1"]
+    (tmp_path / "one.json").write_text(json.dumps(record, indent=2))  # one record, pretty-printed
+    assert answers(load_data(str(tmp_path / "one.json"))) == ["answer 0"]
+    (tmp_path / "list.json").write_text(json.dumps([record]))
+    assert answers(load_data(str(tmp_path / "list.json"))) == ["answer 0"]
+    (tmp_path / "mix.json").write_text(json.dumps({"sources": [{"path": "d.json", "num_samples": 1}]}, indent=2))
+    assert len(load_data(str(tmp_path / "mix.json"))) == 1
+
+
+def test_relative_globs_in_a_data_config_resolve_from_its_folder(tmp_path, monkeypatch):
+    # Issue 29, item 10.
+    _jsonl(tmp_path / "configs" / "data" / "part-1.jsonl", [chat(1)])
+    _jsonl(tmp_path / "configs" / "data" / "part-2.jsonl", [chat(2)])
+    config = tmp_path / "configs" / "mix.yaml"
+    config.write_text("sources:\n  - path: data/part-*.jsonl\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert answers(load_data(str(config))) == ["answer 1", "answer 2"]

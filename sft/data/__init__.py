@@ -3,10 +3,12 @@
 Every entry point (finetune.py, merge_lora.py, run_gptq.py, the demos) goes through this package, so a data file
 means the same thing everywhere:
 
-1. `reading`, `sources`: a data file read as a stream of records with their place ("line N", "sample N", "row
-   N"); every source of `--data_path` (files, globs, folders, hub ids, a data config) read, checked, mixed,
-   sampled and split: into a memory-mapped Arrow data set for training (`read_data`, one batch of samples in
-   memory at a time), or into lists for the few samples of a check (`load_data`);
+1. `files`, `reading`, `sources`, `folders`, `rows`, `arrow_files`, `splits`: a data file (by type, plain or
+   compressed) read as a stream of records with their place ("line N", "sample N", "row N"); every source of
+   `--data_path` (files, globs, folders, hub ids, a data config) read, checked, mixed, sampled and split: into a
+   memory-mapped Arrow data set for training (`read_data`, one batch of samples in memory at a time), or into lists
+   for the few samples of a check (`load_data`); `housekeeping`: the cache folder, listed and cleaned by
+   `python -m sft.data.cache`;
 2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, prompt/completion, plain text, with
    tools) checked and turned into messages, a `DataError` naming file, place and field otherwise;
 3. `templates`: a conversation rendered with the tokenizer's chat template, what the template refuses;
@@ -20,13 +22,7 @@ means the same thing everywhere:
 Every public name is importable from `sft.data` itself.
 """
 
-from sft.data.cache import (
-    CACHE_FORMAT,
-    NothingToTrainError,
-    check_reasoning_rendered,
-    own_mapping,
-    tokenize_conversations,
-)
+from sft.data.arrow_files import read_data
 from sft.data.collate import make_collator
 from sft.data.formats import (
     ALPACA_KEYS,
@@ -42,21 +38,14 @@ from sft.data.formats import (
     record_format,
     with_default_system,
 )
+from sft.data.housekeeping import cache_folder
 from sft.data.labels import IGNORE_INDEX, add_stops, label_many, label_spans, label_spans_many, repeated_prompt
 from sft.data.profile import TemplateProfile, compute_profile, template_profile
 from sft.data.reading import Conversations, DataError, read_records
-from sft.data.sources import (
-    DataErrors,
-    Source,
-    cache_folder,
-    load_data,
-    load_train_eval,
-    parse_sources,
-    read_data,
-    resample,
-    split_validation,
-)
+from sft.data.rows import load_data, resample
+from sft.data.sources import DataErrors, Source, parse_sources
 from sft.data.spans import ANSWER_CLOSE, ANSWER_OPEN, spans_by_generation, spans_by_markers, spans_by_prefixes
+from sft.data.splits import load_train_eval, split_validation
 from sft.data.templates import (
     CHATML_TEMPLATE,
     TemplateRefusal,
@@ -83,6 +72,25 @@ from sft.data.tokenizing import (
     tokenize_samples,
     tokenize_text,
 )
+
+# The tokenising cache's names are imported on first use, so that `python -m sft.data.cache` (its command line)
+# runs that module once, not after the package has imported it already.
+_CACHE_NAMES = (
+    "CACHE_FORMAT",
+    "NothingToTrainError",
+    "check_reasoning_rendered",
+    "own_mapping",
+    "tokenize_conversations",
+)
+
+
+def __getattr__(name: str):
+    if name in _CACHE_NAMES:
+        from sft.data import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'sft.data' has no attribute {name!r}")
+
 
 __all__ = [
     "check_reasoning_rendered",

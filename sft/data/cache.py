@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from sft.data.formats import Conversation, TrainOn
+from sft.data.housekeeping import cache_folder, mark_used
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
-from sft.data.sources import cache_folder
 from sft.data.templates import TemplateRefusal, chat_template_of, render
 from sft.data.tokenizing import tokenize_samples
 from sft.errors import UserError
@@ -260,6 +260,8 @@ def tokenize_conversations(
             description,
             folded,
         )
+    for file in dataset.cache_files:
+        mark_used(file["filename"])
     counts = Counter({entry["values"]: entry["counts"] for entry in pc.value_counts(status).to_pylist()})
     kept = counts["ok"] + counts["truncated"]
     logger.info(
@@ -280,3 +282,9 @@ def tokenize_conversations(
         keep = pc.is_in(status, value_set=pa.array(["ok", "truncated"]))
         dataset = dataset.select(np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
     return dataset.remove_columns(["status", "folded"]), counts
+
+
+if __name__ == "__main__":  # python -m sft.data.cache: list or clean the cache (sft.data.housekeeping)
+    from sft.data.housekeeping import main
+
+    raise SystemExit(main())

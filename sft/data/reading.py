@@ -1,8 +1,9 @@
 """Stage 1 of the data pipeline, reading: a data file into its records, each with its place in the file.
 
 A JSON list (or one JSON object) gives "sample N" places, a JSONL file "line N". Files are read as a stream, one
-record at a time, so that a file of millions of samples never sits whole in memory. Every way a file can be
-unreadable (missing, not UTF-8, invalid JSON) is a `DataError` naming the file and the line.
+record at a time, so that a file of millions of samples never sits whole in memory; compressed ones (.gz, .bz2, .xz,
+.zst) are decompressed as they are read, and their places are lines of the decompressed text. Every way a file can
+be unreadable (missing, not UTF-8, invalid JSON, corrupt compression) is a `DataError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sft.data.files import DECOMPRESSION_ERRORS, CompressionError, compression_of, open_data
 from sft.errors import UserError
 
 
@@ -64,7 +66,12 @@ class _Text:
         """Appends the next chunk to the buffer; False at the end of the file."""
         if self.finished:
             return False
-        chunk = self.handle.read(size)
+        try:
+            chunk = self.handle.read(size)
+        except DECOMPRESSION_ERRORS as error:
+            line = 1 + self.newlines_read
+            message = f"cannot decompress ({error or type(error).__name__})"
+            raise DataError(self.path, f"line {line}", None, message) from None
         if self.bytes_read == 0 and chunk.startswith(BOM):
             chunk, self.bytes_read = chunk[len(BOM) :], len(BOM)
         pending = len(self.decoder.getstate()[0])
@@ -73,7 +80,8 @@ class _Text:
         except UnicodeDecodeError as error:
             line = 1 + self.newlines_read + error.object[: error.start].count(b"\n")
             offset = self.bytes_read - pending + error.start
-            raise DataError(self.path, f"line {line}", None, f"not valid UTF-8 (byte offset {offset})") from None
+            of = " of the decompressed text" if compression_of(self.path) else ""
+            raise DataError(self.path, f"line {line}", None, f"not valid UTF-8 (byte offset {offset}{of})") from None
         self.bytes_read += len(chunk)
         self.newlines_read += chunk.count(b"\n")
         self.finished = not chunk
@@ -158,7 +166,11 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "", None, "no such file" if not path.exists() else "not a file")
-    with path.open("rb") as handle:
+    try:
+        handle = open_data(path)
+    except CompressionError as error:
+        raise DataError(path, "", None, str(error).split(": ", 1)[-1]) from None
+    with handle:
         text = _Text(handle, path)
         start = text.skip_space(0)
         if start == -1:
@@ -198,8 +210,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
 def _single_object(path: Path) -> Any | None:
     """The file as one JSON object, or None when it is not one (such files are small: read whole)."""
     try:
-        record = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (ValueError, RecursionError):
+        with open_data(path) as handle:
+            record = json.loads(handle.read().decode("utf-8-sig"))
+    except (ValueError, RecursionError, *DECOMPRESSION_ERRORS):
         return None
     return record if isinstance(record, dict) else None
 

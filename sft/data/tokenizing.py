@@ -134,11 +134,17 @@ def tokenize_many(
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[Tokenized]:
     """A plain text for continued pre-training: its tokens and eos, every token trained, no chat template; split
-    into chunks of `max_length` tokens so that nothing is dropped."""
+    into chunks of `max_length` tokens. Every chunk has a token to predict (each token is predicted from the ones
+    before it in its chunk): a last chunk of one token takes the previous chunk's last token, so that no target is
+    lost and no row has none; a text of one token (or rows of one) is "dropped_no_label", counted with the others."""
     input_ids = tokenizer.encode(text, add_special_tokens=False)
     if tokenizer.eos_token_id is not None:
         input_ids.append(tokenizer.eos_token_id)
     chunks = [input_ids[start : start + max_length] for start in range(0, len(input_ids), max_length)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2], chunks[-1] = chunks[-2][:-1], chunks[-2][-1:] + chunks[-1]
+    if len(input_ids) < 2 or max_length < 2:
+        return [Tokenized([], [], "dropped_no_label")]
     return [Tokenized(chunk, list(chunk), "ok") for chunk in chunks]
 
 
