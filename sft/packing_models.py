@@ -95,28 +95,36 @@ def restart_mode(mixers: Iterable[nn.Module], device_type: str, installed: set[s
     return "kernels" if device_type == "cuda" and needed <= installed else "segments"
 
 
-def _per_sample_forward(forward: Callable) -> Callable:
+def _run_per_sample(forward: Callable, *args, **kwargs) -> torch.Tensor:
     """`forward` run once per packed sample (the slices between `cu_seq_lens_q`), outputs joined along the row."""
+    boundaries = kwargs.get("cu_seq_lens_q")
+    for key in BOUNDARY_KEYS:  # the torch fallbacks raise when given boundaries
+        kwargs.pop(key, None)
+    if "hidden_states" in kwargs:
+        hidden_states = kwargs.pop("hidden_states")
+    else:
+        hidden_states, *args = args
+    if boundaries is None or hidden_states.shape[0] != 1 or kwargs.get("cache") is not None:
+        return forward(hidden_states, *args, **kwargs)
+    mask = kwargs.pop("attention_mask", None)
+    outputs = []
+    for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist()):
+        sample_mask = mask[:, start:end] if mask is not None and mask.dim() == 2 else mask
+        outputs.append(forward(hidden_states[:, start:end], *args, attention_mask=sample_mask, **kwargs))
+    return torch.cat(outputs, dim=1)
 
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        boundaries = kwargs.get("cu_seq_lens_q")
-        for key in BOUNDARY_KEYS:  # the torch fallbacks raise when given boundaries
-            kwargs.pop(key, None)
-        if "hidden_states" in kwargs:
-            hidden_states = kwargs.pop("hidden_states")
-        else:
-            hidden_states, *args = args
-        if boundaries is None or hidden_states.shape[0] != 1 or kwargs.get("cache") is not None:
-            return forward(hidden_states, *args, **kwargs)
-        mask = kwargs.pop("attention_mask", None)
-        outputs = []
-        for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist()):
-            sample_mask = mask[:, start:end] if mask is not None and mask.dim() == 2 else mask
-            outputs.append(forward(hidden_states[:, start:end], *args, attention_mask=sample_mask, **kwargs))
-        return torch.cat(outputs, dim=1)
 
-    return run
+@functools.cache
+def per_sample_class(layer_class: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of `layer_class` whose forward runs per packed sample. A subclass, not an instance's `forward`:
+    transformers re-applies hub kernels (`kernelize`) whenever a model switches between train and eval, and that
+    drops a `forward` set on an instance; a class's own forward it keeps. Same name, parameters and state dict."""
+
+    def forward(self, *args, **kwargs):
+        return _run_per_sample(super(subclass, self).forward, *args, **kwargs)
+
+    subclass = type(layer_class.__name__, (layer_class,), {"forward": forward, _WRAPPED: True})
+    return subclass
 
 
 def restart_linear_mixers(model: nn.Module, device_type: str, installed: set[str] | None = None) -> RestartMode | None:
@@ -130,8 +138,7 @@ def restart_linear_mixers(model: nn.Module, device_type: str, installed: set[str
     if mode == "segments":
         for mixer in mixers.values():
             if not getattr(mixer, _WRAPPED, False):
-                mixer.forward = _per_sample_forward(mixer.forward)
-                setattr(mixer, _WRAPPED, True)
+                mixer.__class__ = per_sample_class(type(mixer))
         logger.info(
             "Packing: %d linear-attention layers (%s) run once per packed sample (their kernels with boundaries, "
             "%s, are not in use on %s)",

@@ -3,13 +3,20 @@ leak probe, refused with the layer named where a layer still carries one sample 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sft.data import IGNORE_INDEX
-from sft.packing import PackedCollator, PackingError, check_no_leak, packing_collator, packing_layout
-from sft.packing_models import BOUNDARY_KEYS, build_masks_from_positions, linear_mixers, restart_linear_mixers
+from sft.packing import LeakProbe, PackedCollator, PackingError, check_no_leak, packing_collator, packing_layout
+from sft.packing_models import (
+    BOUNDARY_KEYS,
+    build_masks_from_positions,
+    linear_mixers,
+    per_sample_class,
+    restart_linear_mixers,
+)
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, initializer_range=0.2)  # fmt: skip
@@ -161,12 +168,30 @@ def test_gpt_oss_attention_is_masked_by_positions_with_its_sinks():
 )
 def test_the_kernels_take_the_boundaries_where_they_run(family, installed, device_type, mode):
     model = tiny(family)
-    forwards = {name: mixer.forward for name, mixer in linear_mixers(model).items()}
     assert restart_linear_mixers(model, device_type, installed=installed) == mode
-    wrapped = [name for name, mixer in linear_mixers(model).items() if mixer.forward != forwards[name]]
-    assert wrapped == ([] if mode == "kernels" else list(forwards))
+    per_sample = [type(mixer).__base__ is not object and type(mixer) is per_sample_class(type(mixer).__base__)
+                  for mixer in linear_mixers(model).values()]  # fmt: skip
+    assert per_sample == [mode == "segments"] * len(per_sample) and len(per_sample) == 2
     # Either way the flat batch carries what the kernels read: cu_seq_lens_q (recurrence), seq_idx (convolution).
     batch = PackedCollator(0, "flat", seq_idx=True)([packed_row(sample_ids(3))])
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 14, 84]
     assert batch["seq_idx"].tolist() == [[0] * 3 + [1] * 11 + [2] * 70]
     assert batch["seq_idx"].dtype == batch["cu_seq_lens_q"].dtype == torch.int32
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "granitemoehybrid"])
+def test_finetune_trains_a_hybrid_packed(family, tiny_model, tmp_path, run_finetune, common_args):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    sizes = SMALL | {"vocab_size": len(tokenizer), "initializer_range": 0.02}
+    config = AutoConfig.for_model(family, **sizes, **FAMILIES[family], pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    flags = [*common_args(str(tmp_path / "model"), tmp_path / "out", steps=3), "--packing"]
+    trainer = run_finetune(*flags, "--per_device_train_batch_size", "2", "--gradient_checkpointing")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and len(batch["cu_seq_lens_q"]) > 3  # one flat row of samples
+    probes = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, LeakProbe)]
+    assert probes[0].ran_with == ("cpu", torch.float32)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(np.isfinite(losses))
