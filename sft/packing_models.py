@@ -13,11 +13,12 @@ kernels take boundaries for a single row only. One of two ways then restarts eac
   mamba-ssm for Mamba, causal-conv1d for every convolution), transformers hands `cu_seq_lens_q` to the recurrence
   and `seq_idx` to the convolution, which restart at each boundary in one kernel call. Nothing of ours runs.
 - "segments": anywhere else (the CPU, a GPU without those packages). transformers' pure-torch fallbacks cannot take
-  boundaries (given some, they raise), so each layer's forward is wrapped to run once per sample on that sample's
-  slice of the row, with no boundary arguments, and the outputs are joined again. This is exact (each sample sees
-  the layer as it would alone: zero convolution window, zero state) rather than zeroing a state at a boundary,
-  which needs the recurrence's internals, different in every family. It costs one call per sample and layer,
-  cheap next to the chunked torch recurrence itself; memory stays that of the packed row.
+  boundaries (given some, they raise), so each layer runs once per sample on that sample's slice of the row, with
+  no boundary arguments, and the outputs are joined again (the layer's class becomes a subclass whose forward does
+  that: `per_sample_class`). This is exact (each sample sees the layer as it would alone: an empty convolution
+  window, a zero state) where zeroing the state at a boundary would need each family's recurrence internals, and
+  the short convolution would still mix the last tokens of one sample into the first of the next. It costs one
+  call per sample and layer, cheap next to the chunked torch recurrence itself; memory stays that of the row.
 
 Some models build their attention masks without `position_ids` (GPT-OSS, Granite 4 hybrids in transformers 5.25),
 so transformers cannot see the packed samples and lets them attend to each other. For those, `PackedMasks` builds
@@ -54,6 +55,7 @@ _WRAPPED = "_sft_restarts_per_sample"
 
 
 def _is_causal_depthwise_conv(module: nn.Module) -> bool:
+    module = getattr(module, "base_layer", module)  # a convolution peft adapts
     return (
         isinstance(module, nn.Conv1d)
         and module.kernel_size[0] > 1
