@@ -180,19 +180,25 @@ def test_the_kernels_take_the_boundaries_where_they_run(family, installed, devic
     assert batch["seq_idx"].dtype == batch["cu_seq_lens_q"].dtype == torch.int32
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_text", "granitemoehybrid"])
-def test_finetune_trains_a_hybrid_packed(family, tiny_model, tmp_path, run_finetune, common_args):
+@pytest.mark.parametrize(
+    ("family", "flags", "dtype"),
+    [
+        ("qwen3_5_text", ["--gradient_checkpointing"], torch.float32),  # the per-sample layers recomputed too
+        ("granitemoehybrid", ["--use_lora", "true", "--bf16", "--use_cpu"], torch.bfloat16),  # peft-wrapped layers
+    ],
+)
+def test_finetune_trains_a_hybrid_packed(family, flags, dtype, tiny_model, tmp_path, run_finetune, common_args):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(0)
     sizes = SMALL | {"vocab_size": len(tokenizer), "initializer_range": 0.02}
     config = AutoConfig.for_model(family, **sizes, **FAMILIES[family], pad_token_id=tokenizer.pad_token_id)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    flags = [*common_args(str(tmp_path / "model"), tmp_path / "out", steps=3), "--packing"]
-    trainer = run_finetune(*flags, "--per_device_train_batch_size", "2", "--gradient_checkpointing")
+    arguments = [*common_args(str(tmp_path / "model"), tmp_path / "out", steps=3), "--packing"]
+    trainer = run_finetune(*arguments, "--per_device_train_batch_size", "2", *flags)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and len(batch["cu_seq_lens_q"]) > 3  # one flat row of samples
     probes = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, LeakProbe)]
-    assert probes[0].ran_with == ("cpu", torch.float32)
+    assert probes[0].ran_with == ("cpu", dtype)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(np.isfinite(losses))
