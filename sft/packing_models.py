@@ -162,6 +162,8 @@ def restart_linear_mixers(model: nn.Module, device_type: str, installed: set[str
 # A forward's own mask mapping: `"full_attention": create_causal_mask(**mask_kwargs)` and the like.
 _MASK_ENTRY = re.compile(r"[\"'](\w+)[\"']\s*:\s*(create_\w+)\(\*\*mask_kwargs\)")
 _MASK_KWARGS = re.compile(r"mask_kwargs\s*=\s*\{(.*?)\}", re.S)
+# ...and its acceptance of a ready-made one: `if not isinstance(causal_mask_mapping := attention_mask, dict):`.
+_TAKES_MAPPING = re.compile(r"isinstance\((?:\w+\s*:=\s*)?attention_mask,\s*dict\)")
 
 
 @functools.cache
@@ -172,7 +174,7 @@ def _masks_without_positions(model_class: type) -> tuple[tuple[str, str], ...]:
     except (OSError, TypeError):
         return ()
     arguments = _MASK_KWARGS.search(source)
-    if arguments is None or "position_ids" in arguments.group(1) or "isinstance(" not in source:
+    if arguments is None or "position_ids" in arguments.group(1) or not _TAKES_MAPPING.search(source):
         return ()
     return tuple(_MASK_ENTRY.findall(source))
 
