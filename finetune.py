@@ -157,7 +157,9 @@ def train(
     data_collator = make_collator(tokenizer)
     callbacks = []
     if data_args.packing:
-        data_collator = packing_collator(model, tokenizer.pad_token_id, training_args.use_cache)
+        data_collator = packing_collator(
+            model, tokenizer.pad_token_id, training_args.use_cache, device_type=training_args.device.type
+        )
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
             callbacks.append(LeakProbe(data_collator.layout))
 

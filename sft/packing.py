@@ -15,6 +15,11 @@ which is what makes transformers keep packed samples apart (checked in transform
 - anything else (a model's own remote code, other kernels): refused, unless the probe below shows it keeps
   samples apart.
 
+Hybrid models (linear-attention layers: Gated DeltaNet, Mamba, short convolutions) are always batched flat, with
+`seq_idx` besides `cu_seq_lens_q/k`, and their linear-attention layers restart at every sample; models whose forward
+builds its masks without `position_ids` (GPT-OSS, Granite hybrids) get them built with them. Both in
+sft.packing_models, set up by `packing_collator`.
+
 `check_no_leak` is that probe: it runs the model once on two packed samples and compares the second sample's
 logits with those it gets alone, so a model that ignores the boundaries is refused before training starts.
 finetune.py runs it as `LeakProbe` when training begins: on the device and in the precision the Trainer trains in
@@ -40,6 +45,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from sft.data import IGNORE_INDEX, own_mapping
 from sft.errors import UserError
+from sft.packing_models import build_masks_from_positions, linear_mixers, mixer_leaks, restart_linear_mixers
 
 logger = logging.getLogger(__name__)
 
@@ -184,24 +190,19 @@ class PackedCollator:
     one, with the flash-attention varlen arguments.
     """
 
-    def __init__(self, pad_token_id: int, layout: PackingLayout = "rows"):
+    def __init__(self, pad_token_id: int, layout: PackingLayout = "rows", seq_idx: bool = False):
         self.pad_token_id = pad_token_id
         self.layout = layout
+        self.seq_idx = seq_idx  # the sample index of every token too, for linear-attention kernels (flat layout)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
         if self.layout == "flat":
             position_ids = torch.tensor([[p for f in features for p in f["position_ids"]]])
-            starts = (position_ids[0] == 0).nonzero().flatten()
-            cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.shape[1]])]).to(torch.int32)
-            max_length = int(cu_seq_lens.diff().max())
             return {
                 "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]]),
                 "labels": torch.tensor([[t for f in features for t in f["labels"]]]),
                 "position_ids": position_ids,
-                "cu_seq_lens_q": cu_seq_lens,
-                "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": max_length,
-                "max_length_k": max_length,
+                **flat_boundaries(position_ids[0], self.seq_idx),
             }
         longest = max(len(f["input_ids"]) for f in features)
         input_ids, labels, position_ids = [], [], []
@@ -217,13 +218,32 @@ class PackedCollator:
         }
 
 
+def flat_boundaries(position_ids: torch.Tensor, seq_idx: bool = False) -> dict[str, torch.Tensor | int]:
+    """The varlen arguments of one flat row whose samples' positions restart at 0 (`seq_idx`: with the sample
+    index of every token, int32 as the convolution and Mamba kernels take it)."""
+    starts = (position_ids == 0).nonzero().flatten()
+    cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.shape[0]])]).to(torch.int32)
+    max_length = int(cu_seq_lens.diff().max())
+    boundaries = {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
+    if seq_idx:
+        boundaries["seq_idx"] = (torch.cumsum(position_ids == 0, 0) - 1).to(torch.int32)[None]
+    return boundaries
+
+
 def packing_layout(model: PreTrainedModel) -> PackingLayout:
-    """How packed rows must be batched for the model's attention implementation; PackingError if unsupported."""
+    """How packed rows must be batched for the model's attention implementation; PackingError if unsupported.
+    Hybrid models are batched flat whatever their attention: their linear-attention kernels take boundaries for a
+    single row only."""
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
     if "flash" in implementation:  # flash_attention_2/3 and hub kernels of flash attention
         return "flat"
     if implementation in MASKED_ATTENTION:
-        return "rows"
+        return "flat" if linear_mixers(model) else "rows"
     raise PackingError(
         f"--packing: attention implementation {implementation!r} is not known to keep packed samples apart "
         f"(supported: {', '.join(MASKED_ATTENTION)}, flash_attention_2); pick one with --attn_implementation or "
@@ -237,7 +257,8 @@ def check_no_leak(model: PreTrainedModel, layout: PackingLayout, tolerance: floa
 
     A sample's logits alone, packed after another sample, and packed with a plain causal mask (which does let it
     attend to the first) are compared: packed must be within `tolerance` of alone, relative to what attending
-    to the other sample changes. Relative, so it holds in bf16 as in fp32.
+    to the other sample changes. Relative, so it holds in bf16 as in fp32. A hybrid model's linear-attention
+    layers are checked first, one of each type on its own (sft.packing_models.mixer_leaks).
     """
     was_training = model.training
     model.eval()
@@ -248,7 +269,16 @@ def check_no_leak(model: PreTrainedModel, layout: PackingLayout, tolerance: floa
         first = torch.randint(0, vocabulary, (7,), generator=generator).tolist()
         second = torch.randint(0, vocabulary, (9,), generator=generator).tolist()
         row = {"input_ids": first + second, "labels": first + second, "position_ids": [*range(7), *range(9)]}
-        batch = PackedCollator(0, layout)([row])
+        mixers = linear_mixers(model)
+        mixers_leaking = mixer_leaks(model, tolerance) if mixers else []
+        if mixers_leaking:
+            raise PackingError(
+                f"--packing: this model's linear-attention layers carry one packed sample into the next: "
+                f"{'; '.join(mixers_leaking)}. sft.packing.packing_collator (which finetune.py --packing calls) "
+                "restarts them per sample: one call per sample, or on a GPU with flash-linear-attention, "
+                "causal-conv1d and mamba-ssm as they need, in those kernels. Otherwise train without --packing"
+            )
+        batch = PackedCollator(0, layout, seq_idx=bool(mixers))([row])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
         # No cache, as in training: with one, transformers does not look for packed samples at all.
         packed = model(**batch, use_cache=False).logits[0, 7:].float()
@@ -299,12 +329,20 @@ class LeakProbe(TrainerCallback):
         return control
 
 
-def packing_collator(model: PreTrainedModel, pad_token_id: int, use_cache: bool = False) -> PackedCollator:
+def packing_collator(
+    model: PreTrainedModel, pad_token_id: int, use_cache: bool = False, device_type: str | None = None
+) -> PackedCollator:
     """The collator of packed rows for the model's attention implementation; a PackingError where packing would
-    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off."""
+    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off. Sets the model
+    up to keep samples apart where its own code does not (sft.packing_models), for `device_type`, the device it
+    trains on (default: where it is now)."""
     if use_cache:
         raise PackingError("--packing needs --use_cache off: with a KV cache transformers does not separate samples")
-    return PackedCollator(pad_token_id, packing_layout(model))
+    layout = packing_layout(model)
+    device_type = device_type or next(model.parameters()).device.type
+    hybrid = restart_linear_mixers(model, device_type) is not None
+    build_masks_from_positions(model)
+    return PackedCollator(pad_token_id, layout, seq_idx=hybrid)
 
 
 def prepare_packing(
