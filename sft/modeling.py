@@ -19,6 +19,7 @@ from transformers import (
 
 from sft.data import CHATML_TEMPLATE
 from sft.errors import ConfigurationError, UserError
+from sft.moe import find_moe, lora_targets, prepare_quantized, set_linear_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -313,14 +314,21 @@ def add_lora(
     use_dora: bool = False,
     use_rslora: bool = False,
     init_lora_weights: bool | str = True,
+    scope: str = "all",
 ):
     """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer).
-    `use_dora`, `use_rslora` and `init_lora_weights` are peft's LoraConfig variants, passed as they are."""
+    `use_dora`, `use_rslora` and `init_lora_weights` are peft's LoraConfig variants, passed as they are. `scope`:
+    --lora_target (sft.moe.lora_targets: the experts of a MoE model, or attention only)."""
     from peft import LoraConfig, get_peft_model
 
     model = prepare_for_lora(model, quantized, gradient_checkpointing)
     if isinstance(target_modules, list) and target_modules in (["all-linear"], ["all_linear"]):
         target_modules = "all-linear"
+    targets = lora_targets(model, scope, target_modules, r)
+    if targets.in_place and use_dora:
+        raise ConfigurationError(
+            "--use_dora: peft's LoRA of the fused expert parameters takes no DoRA; use --lora_target attention"
+        )
     trainable_token_indices = None
     if trainable_token_ids:
         trainable_token_indices = {_embedding_module_name(model): trainable_token_ids}
@@ -329,8 +337,9 @@ def add_lora(
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+        lora_dropout=0.0 if targets.in_place else dropout,  # set on the linear modules below
+        target_modules=targets.target_modules,
+        target_parameters=targets.target_parameters or None,
         bias=bias,
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_indices,
@@ -354,6 +363,8 @@ def add_lora(
             f"--lora_target_modules {target_modules} match no module of this model; its linear modules are: "
             f"{', '.join(linear)} (or use all-linear)"
         ) from None
+    if targets.in_place:
+        set_linear_dropout(model, dropout, targets)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: %s of %s parameters trainable (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -364,6 +375,8 @@ def prepare_for_lora(model: PreTrainedModel, quantized: bool, gradient_checkpoin
     gradient checkpointing."""
     from peft import prepare_model_for_kbit_training
 
+    if quantized and find_moe(model):
+        return prepare_quantized(model, find_moe(model), gradient_checkpointing)
     if quantized:
         return prepare_model_for_kbit_training(
             model,
