@@ -398,7 +398,7 @@ def load_lora(model: PreTrainedModel, path: str, quantized: bool = False, gradie
     config = model.peft_config["default"]
     logger.info(
         "LoRA: continuing the adapter in %s (r=%s, alpha=%s, targets %s)",
-        path, config.r, config.lora_alpha, sorted(config.target_modules or []),
+        path, config.r, config.lora_alpha, sorted(config.target_modules or []) + sorted(config.target_parameters or []),
     )  # fmt: skip
     return model
 

@@ -121,10 +121,14 @@ def _renamed_by_peft(model: PreTrainedModel, names: list[str], r: int) -> set[st
     """Which of these target module names peft would turn into expert targets (its conversion of the MoE targets
     of transformers-4 checkpoints: gate_proj/up_proj/down_proj become the fused experts, gate the router)."""
     from peft import LoraConfig
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_config_for_transformers,
-        get_model_conversion_mapping,
-    )
+
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a peft without that conversion renames nothing
+        return set()
 
     probe = LoraConfig(r=r, target_modules=list(names))
     convert_peft_config_for_transformers(probe, model, get_model_conversion_mapping(model))
@@ -135,8 +139,8 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
     """The targets of `--lora_target scope` (with `--lora_target_modules target_modules`) on this model, logged.
 
     Dense models with `all` keep `target_modules` as given. On a MoE model `all-linear` means every linear layer
-    but the output layer and the routers, and the fused experts; module names the user lists are adapted as they
-    are (no experts unless the user names their parameters)."""
+    but the output layer and the routers, and the fused experts; module names the user lists go to peft as they are
+    (peft itself reads gate_proj/up_proj/down_proj as the experts' on some families: then without dropout)."""
     layout = find_moe(model)
     if scope == "attention":
         chosen = attention_modules(model)
@@ -164,20 +168,22 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
     linear = [
         name
         for name, module in model.named_modules()
-        if _is_linear(module) and module is not output and not any(name.startswith(router) for router in routers)
+        if _is_linear(module)
+        and module is not output
+        and not any(name == router or name.startswith(f"{router}.") for router in routers)
     ]
     modules = _names_for_peft(linear, model)
     renamed = _renamed_by_peft(model, modules, r)
     in_place = sorted({_layer_relative(f"{name}.weight") for name in linear if _matches(name, renamed)})
     experts = _leaves(layout.expert_parameters)
     targets = LoraTargets([name for name in modules if name not in renamed], experts + in_place)
-    shared = "none in this model"
+    shared = ": none in this model"
     if layout.shared_experts:
-        how = "in place (peft takes their module names for the experts')" if in_place else "as linear modules"
-        shared = f"adapted {how} ({', '.join(_leaves(layout.shared_experts))})"
+        how = "in place, without dropout (peft reads their names as the experts')" if in_place else "as linear modules"
+        shared = f" ({', '.join(_leaves(layout.shared_experts))}) adapted {how}"
     logger.info(
         "LoRA on a mixture of experts: experts adapted (%s, one LoRA per expert); router not adapted (%s: keeps the "
-        "model's expert balance); shared experts %s",
+        "model's expert balance); shared experts%s",
         ", ".join(experts), ", ".join(_leaves(layout.routers)) or "none found", shared,
     )  # fmt: skip
     return targets

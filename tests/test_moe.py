@@ -18,7 +18,7 @@ from sft.args import check_arguments
 from sft.data import load_conversations
 from sft.errors import ConfigurationError, run_main
 from sft.evaluation import max_abs_diff, sample_logits, tokenize_samples
-from sft.modeling import add_lora, load_model, quantization_config
+from sft.modeling import add_lora, load_lora, load_model, quantization_config
 from sft.moe import find_moe, keep_router_aux_loss
 
 EXAMPLES = "data/example_chatml.jsonl"
@@ -96,6 +96,24 @@ def test_shared_experts_and_dense_layers_are_adapted(moe_adapters):
     names = set(lora_layers(trainer.model))
     assert any("mlp.shared_experts.gate_proj" in name for name in names)
     assert any("layers.0.mlp.down_proj" in name for name in names)  # the dense first layer
+
+
+def test_the_log_says_what_is_adapted(moe_models, caplog):
+    model = AutoModelForCausalLM.from_pretrained(moe_models["deepseek_v3"], dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="sft.moe"):
+        add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear")
+    assert "experts adapted (mlp.experts.down_proj, mlp.experts.gate_up_proj" in caplog.text
+    assert "router not adapted (mlp.gate" in caplog.text
+    assert "shared experts (mlp.shared_experts) adapted" in caplog.text
+    assert "LoRA dropout: 0.05 on the 10 linear modules, none on the" in caplog.text
+
+
+def test_continued_adapter_trains_the_experts_again(moe_adapters, moe_models):
+    adapter, _ = moe_adapters["qwen3_moe"]
+    model = load_lora(AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"], dtype=torch.float32), adapter)
+    experts = [layer for name, layer in lora_layers(model).items() if isinstance(layer, ParamWrapper)]
+    assert experts and all(layer.lora_B["default"].weight.requires_grad for layer in experts)
+    assert all(layer.lora_B["default"].weight.abs().max() > 0 for layer in experts)  # the saved weights
 
 
 def test_router_aux_loss_is_in_the_models_training_loss(moe_models):
