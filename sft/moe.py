@@ -181,12 +181,19 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
     if layout.shared_experts:
         how = "in place, without dropout (peft reads their names as the experts')" if in_place else "as linear modules"
         shared = f" ({', '.join(_leaves(layout.shared_experts))}) adapted {how}"
+    # One rank-r LoRA per expert: r x (in + out) for each expert of each fused tensor.
+    expert_lora = sum(r * shape[0] * (shape[1] + shape[2]) for shape in _shapes(model, layout.expert_parameters))
     logger.info(
-        "LoRA on a mixture of experts: experts adapted (%s, one LoRA per expert); router not adapted (%s: keeps the "
-        "model's expert balance); shared experts%s",
-        ", ".join(experts), ", ".join(_leaves(layout.routers)) or "none found", shared,
+        "LoRA on a mixture of experts: experts adapted (%s, one rank-%d LoRA per expert: %s parameters); router not "
+        "adapted (%s: keeps the model's expert balance); shared experts%s",
+        ", ".join(experts), r, f"{expert_lora:,}", ", ".join(_leaves(layout.routers)) or "none found", shared,
     )  # fmt: skip
     return targets
+
+
+def _shapes(model: torch.nn.Module, parameter_names: list[str]) -> list[tuple[int, ...]]:
+    # Under ZeRO-3 a parameter's shape is empty and its real one is ds_shape.
+    return [tuple(getattr(p, "ds_shape", p.shape)) for p in map(model.get_parameter, parameter_names)]
 
 
 def _matches(module_name: str, peft_names: set[str]) -> bool:

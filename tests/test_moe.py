@@ -101,7 +101,9 @@ def test_shared_experts_and_dense_layers_are_adapted(moe_adapters):
 def test_the_log_says_what_is_adapted(moe_models, caplog):
     model = AutoModelForCausalLM.from_pretrained(moe_models["deepseek_v3"], dtype=torch.float32)
     with caplog.at_level(logging.INFO, logger="sft.moe"):
-        add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear")
+        model = add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear")
+    expert_lora = sum(p.numel() for name, p in model.named_parameters() if "mlp.experts" in name and "lora_" in name)
+    assert f"one rank-4 LoRA per expert: {expert_lora:,} parameters" in caplog.text
     assert "experts adapted (mlp.experts.down_proj, mlp.experts.gate_up_proj" in caplog.text
     assert "router not adapted (mlp.gate" in caplog.text
     assert "shared experts (mlp.shared_experts) adapted" in caplog.text
