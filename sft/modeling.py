@@ -375,8 +375,9 @@ def prepare_for_lora(model: PreTrainedModel, quantized: bool, gradient_checkpoin
     gradient checkpointing."""
     from peft import prepare_model_for_kbit_training
 
-    if quantized and find_moe(model):
-        return prepare_quantized(model, find_moe(model), gradient_checkpointing)
+    layout = find_moe(model) if quantized else None
+    if layout:  # the fused experts stay in their dtype
+        return prepare_quantized(model, layout, gradient_checkpointing)
     if quantized:
         return prepare_model_for_kbit_training(
             model,

@@ -216,7 +216,7 @@ def set_linear_dropout(model: torch.nn.Module, dropout: float, targets: LoraTarg
     logger.info(
         "LoRA dropout: %s on the %d linear modules, none on the %d parameters adapted in place (%s: peft applies no "
         "dropout there)",
-        dropout, len(linear), len(in_place), ", ".join(targets.target_parameters),
+        dropout, len(linear), len(in_place), ", ".join(targets.target_parameters) or "the experts",
     )  # fmt: skip
 
 
@@ -241,9 +241,7 @@ def log_quantization(model: PreTrainedModel, layout: MoeLayout) -> None:
     quantized, plain = [], []
     for name, module in model.named_modules():
         if _is_linear(module):
-            (plain if isinstance(module, torch.nn.Linear) and type(module) is torch.nn.Linear else quantized).append(
-                name
-            )
+            (plain if type(module) is torch.nn.Linear else quantized).append(name)
     experts = [model.get_parameter(name) for name in layout.expert_parameters]
     dtypes = ", ".join(sorted({str(parameter.dtype).removeprefix("torch.") for parameter in experts}))
     logger.info(
@@ -257,9 +255,7 @@ def log_quantization(model: PreTrainedModel, layout: MoeLayout) -> None:
 def keep_router_aux_loss(model: PreTrainedModel) -> None:
     """The router's auxiliary (load-balancing) loss in the training loss, as the model's config intends: models
     that compute it do so only with `output_router_logits`, which their configs leave off; it is turned on here.
-    Logged once, and said when the model computes none."""
-    if not find_moe(model):
-        return
+    Logged once, and said when a mixture of experts computes none."""
     config = model.config.get_text_config()
     coefficient = getattr(config, "router_aux_loss_coef", None)
     if coefficient and hasattr(config, "output_router_logits"):
@@ -270,5 +266,5 @@ def keep_router_aux_loss(model: PreTrainedModel) -> None:
             "(output_router_logits on)",
             coefficient,
         )
-    else:
+    elif find_moe(model):
         logger.info("MoE: %s declares no router auxiliary loss; the loss is the language-model loss", config.model_type)

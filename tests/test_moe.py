@@ -129,6 +129,14 @@ def test_router_aux_loss_is_in_the_models_training_loss(moe_models):
     assert torch.allclose(outputs.loss, plain + coefficient * outputs.aux_loss)
 
 
+def test_no_router_logits_asked_of_a_model_without_aux_loss(moe_models, caplog):
+    model = AutoModelForCausalLM.from_pretrained(moe_models["deepseek_v3"], dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="sft.moe"):
+        keep_router_aux_loss(model)
+    assert not model.config.output_router_logits
+    assert "deepseek_v3 declares no router auxiliary loss" in caplog.text
+
+
 def test_trained_model_kept_the_router_aux_loss_on(moe_adapters):
     _, trainer = moe_adapters["qwen3_moe"]
     assert trainer.model.config.output_router_logits is True
