@@ -325,9 +325,10 @@ def add_lora(
     if isinstance(target_modules, list) and target_modules in (["all-linear"], ["all_linear"]):
         target_modules = "all-linear"
     targets = lora_targets(model, scope, target_modules, r)
-    if targets.in_place and use_dora:
+    variant = "--use_dora" if use_dora else f"--init_lora_weights {init_lora_weights}"
+    if targets.in_place and (use_dora or str(init_lora_weights).startswith(("pissa", "olora", "orthogonal"))):
         raise ConfigurationError(
-            "--use_dora: peft's LoRA of the fused expert parameters takes no DoRA; use --lora_target attention"
+            f"{variant}: peft's LoRA of the fused expert parameters does not take it; use --lora_target attention"
         )
     trainable_token_indices = None
     if trainable_token_ids:

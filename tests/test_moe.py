@@ -200,3 +200,13 @@ def test_qlora_quantises_linear_layers_and_keeps_experts_in_the_compute_dtype(mo
     assert attention and all(type(module).__name__ == "Linear4bit" for module in attention)
     assert "8 linear modules quantised" in caplog.text
     assert "4 fused expert tensors" in caplog.text and "in bfloat16" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("variant", "flag"),
+    [({"use_dora": True}, "--use_dora"), ({"init_lora_weights": "pissa"}, "--init_lora_weights pissa")],
+)
+def test_variants_peft_cannot_apply_to_the_experts_are_refused(moe_models, variant, flag):
+    model = AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"], dtype=torch.float32)
+    with pytest.raises(ConfigurationError, match=f"{flag}: peft's LoRA of the fused expert parameters"):
+        add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear", **variant)
