@@ -59,6 +59,7 @@ from sft.modeling import (
     training_dtype,
     training_weights_dtype,
 )
+from sft.moe import keep_router_aux_loss
 from sft.outputs import save_final, save_initial_adapter
 from sft.packing import LeakProbe, pack_dataset, packing_collator
 from sft.qwen1 import native_lora_targets, resolve_model_path
@@ -247,6 +248,7 @@ def build_model(
     )
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
+    keep_router_aux_loss(model)
     if not training_args.use_lora:
         return model
     if lora_args.lora_weight_path:
@@ -265,6 +267,7 @@ def build_model(
             use_dora=lora_args.use_dora,
             use_rslora=lora_args.use_rslora,
             init_lora_weights=lora_init(lora_args.init_lora_weights),
+            scope=lora_args.lora_target,
         )
     except ValueError as error:  # e.g. target modules that match nothing
         raise ConfigurationError(str(error)) from None

@@ -184,6 +184,15 @@ class LoraArguments:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module names to adapt; 'all-linear' is every linear layer but the output layer."},
     )
+    lora_target: Literal["all", "attention"] = field(
+        default="all",
+        metadata={
+            "help": "What LoRA adapts. all: --lora_target_modules, and on a mixture-of-experts model the experts "
+            "too (their fused parameters, without dropout; the router never). attention: the attention and "
+            "linear-attention projections only (no MLP, expert, shared expert or router); not with "
+            "--lora_target_modules."
+        },
+    )
     lora_weight_path: str = field(
         default="",
         metadata={
@@ -299,6 +308,11 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
     if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path, "adapter_config.json").is_file():
         raise ConfigurationError(
             f"--lora_weight_path {lora_args.lora_weight_path}: no LoRA adapter there (no adapter_config.json)"
+        )
+    if lora_args.lora_target == "attention" and lora_args.lora_target_modules not in (["all-linear"], ["all_linear"]):
+        raise ConfigurationError(
+            "--lora_target attention chooses the modules itself: drop --lora_target_modules "
+            f"{' '.join(lora_args.lora_target_modules)}"
         )
     if lora_args.train_special_tokens and not training_args.use_lora:
         raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")

@@ -19,6 +19,7 @@ from transformers import (
 
 from sft.data import CHATML_TEMPLATE
 from sft.errors import ConfigurationError, UserError
+from sft.moe import find_moe, lora_targets, prepare_quantized, set_linear_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -313,14 +314,22 @@ def add_lora(
     use_dora: bool = False,
     use_rslora: bool = False,
     init_lora_weights: bool | str = True,
+    scope: str = "all",
 ):
     """Wraps the model with LoRA adapters (and, optionally, trainable rows of the embedding and output layer).
-    `use_dora`, `use_rslora` and `init_lora_weights` are peft's LoraConfig variants, passed as they are."""
+    `use_dora`, `use_rslora` and `init_lora_weights` are peft's LoraConfig variants, passed as they are. `scope`:
+    --lora_target (sft.moe.lora_targets: the experts of a MoE model, or attention only)."""
     from peft import LoraConfig, get_peft_model
 
     model = prepare_for_lora(model, quantized, gradient_checkpointing)
     if isinstance(target_modules, list) and target_modules in (["all-linear"], ["all_linear"]):
         target_modules = "all-linear"
+    targets = lora_targets(model, scope, target_modules, r)
+    variant = "--use_dora" if use_dora else f"--init_lora_weights {init_lora_weights}"
+    if targets.in_place and (use_dora or str(init_lora_weights).startswith(("pissa", "olora", "orthogonal"))):
+        raise ConfigurationError(
+            f"{variant}: peft's LoRA of the fused expert parameters does not take it; use --lora_target attention"
+        )
     trainable_token_indices = None
     if trainable_token_ids:
         trainable_token_indices = {_embedding_module_name(model): trainable_token_ids}
@@ -329,8 +338,9 @@ def add_lora(
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+        lora_dropout=0.0 if targets.in_place else dropout,  # set on the linear modules below
+        target_modules=targets.target_modules,
+        target_parameters=targets.target_parameters or None,
         bias=bias,
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_token_indices,
@@ -354,6 +364,8 @@ def add_lora(
             f"--lora_target_modules {target_modules} match no module of this model; its linear modules are: "
             f"{', '.join(linear)} (or use all-linear)"
         ) from None
+    if targets.in_place:
+        set_linear_dropout(model, dropout, targets)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: %s of %s parameters trainable (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -364,6 +376,9 @@ def prepare_for_lora(model: PreTrainedModel, quantized: bool, gradient_checkpoin
     gradient checkpointing."""
     from peft import prepare_model_for_kbit_training
 
+    layout = find_moe(model) if quantized else None
+    if layout:  # the fused experts stay in their dtype
+        return prepare_quantized(model, layout, gradient_checkpointing)
     if quantized:
         return prepare_model_for_kbit_training(
             model,
@@ -385,7 +400,7 @@ def load_lora(model: PreTrainedModel, path: str, quantized: bool = False, gradie
     config = model.peft_config["default"]
     logger.info(
         "LoRA: continuing the adapter in %s (r=%s, alpha=%s, targets %s)",
-        path, config.r, config.lora_alpha, sorted(config.target_modules or []),
+        path, config.r, config.lora_alpha, sorted(config.target_modules or []) + sorted(config.target_parameters or []),
     )  # fmt: skip
     return model
 

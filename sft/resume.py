@@ -122,6 +122,8 @@ def run_identity(
         **{name: getattr(training_args, name) for name in OPTIMISATION_FIELDS},
         "world_size": training_args.world_size,
     }
+    if identity["lora"] is not None and getattr(lora_args, "lora_target", "all") != "all":
+        identity["lora"]["lora_target"] = lora_args.lora_target  # recorded when not the default: older runs match
     return _plain(identity)
 
 

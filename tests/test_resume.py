@@ -49,6 +49,7 @@ def finished_run(tiny_model, tmp_path_factory, common_args, run_finetune) -> tup
         (["--model_name_or_path", "{other_model}"], "base_model:"),
         (["--learning_rate", "1e-3"], "learning_rate: 0.005 there, 0.001 now"),
         (["--train_on", "all"], 'train_on: "assistant" there, "all" now'),
+        (["--lora_target", "attention"], '"lora_target": "attention"'),
     ],
 )
 def test_a_rerun_of_another_run_is_refused_naming_the_field(finished_run, tmp_path, run_finetune, change, field):
