@@ -142,6 +142,7 @@ FAMILIES: list[Family] = [
             "qk_nope_head_dim": 8,
             "v_head_dim": 16,
             "head_dim": 8,  # the rotary part of each head, as DeepSeek-V3's config derives it
+            "num_key_value_heads": 4,  # multi-head latent attention: as many key/value heads as query heads
         },
         "DeepSeek-V3, Kimi-K2",
     ),
