@@ -108,6 +108,27 @@ def build(folder: str, *extra: str):
     return model, tokenizer, batch
 
 
+def expert_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The routed experts' parameters of a mixture-of-experts model (a shared expert is not among them)."""
+    return [(name, p) for name, p in model.named_parameters() if ".experts." in name and "lora_" not in name]
+
+
+def lora_experts(model) -> str:
+    """For a mixture of experts: whether LoRA adapts the routed experts."""
+    if not expert_parameters(model):
+        return ""
+    adapted = any(".experts." in name and "lora_" in name for name, _ in model.named_parameters())
+    return "experts adapted" if adapted else "experts frozen"
+
+
+def quantized_experts(model) -> str:
+    """For a mixture of experts: whether the routed experts are quantised (bitsandbytes packs them as uint8)."""
+    experts = expert_parameters(model)
+    if not experts:
+        return ""
+    return "experts quantised" if all(p.dtype == torch.uint8 for _, p in experts) else "experts not quantised"
+
+
 def train_step(model, batch) -> None:
     """One forward and backward pass, as a training step starts."""
     model.train()
@@ -217,14 +238,14 @@ def decide(family: Family, folder: str) -> Row:
             model, tokenizer, batch = build(folder, "--use_lora")
             train_step(model, batch)
             lora_model = (model, tokenizer)
-            return ""
+            return lora_experts(model)
 
         outcomes["lora"] = attempt(lora)
 
         def qlora() -> str:
             model, _tokenizer, batch = build(folder, "--use_lora", "--q_lora")
             train_step(model, batch)
-            return ""
+            return quantized_experts(model)
 
         outcomes["qlora"] = attempt(qlora)
         if lora_model is None:
