@@ -102,6 +102,14 @@ FAMILIES: list[Family] = [
         {**MOE, **LINEAR_ATTENTION, "shared_expert_intermediate_size": 32},
         "Qwen3.5-MoE, text weights",
     ),
+    Family(
+        "Qwen3.5-MoE (multimodal folder)",
+        "qwen3_5_moe",
+        {**MOE, **LINEAR_ATTENTION, "shared_expert_intermediate_size": 32},
+        "Qwen3.5-MoE",
+        multimodal=True,
+        outer={"vision_config": QWEN3_5_VISION},
+    ),
     Family("Llama 3", "llama", examples="Llama-3.1-8B-Instruct"),
     Family(
         "Llama 4 (text)",
@@ -182,6 +190,27 @@ FAMILIES: list[Family] = [
         "granite-4.0-h-tiny",
     ),
     Family("Cohere (Command R)", "cohere", examples="c4ai-command-r-v01"),
+    Family("Cohere 2 (Command R7B, A)", "cohere2", SLIDING, "c4ai-command-r7b-12-2024"),
+    Family("OLMoE", "olmoe", {"num_experts": 4, "num_experts_per_tok": 2}, "OLMoE-1B-7B-0125-Instruct"),
+    Family(
+        "ERNIE 4.5 MoE",
+        "ernie4_5_moe",
+        {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+        "ERNIE-4.5-21B-A3B",
+    ),
+    Family(
+        "Falcon-H1 (hybrid)",
+        "falcon_h1",
+        {
+            "mamba_d_ssm": 64,
+            "mamba_n_heads": 4,
+            "mamba_d_head": 16,
+            "mamba_d_state": 16,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 16,
+        },
+        "Falcon-H1-7B-Instruct",
+    ),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
 
