@@ -22,6 +22,7 @@ if __name__ == "__main__":
 # isort: split
 import argparse
 import contextlib
+import difflib
 import io
 import logging
 import re
@@ -70,9 +71,11 @@ class Row:
 
 
 def without_measurements(message: str) -> str:
-    """A message's first line without parenthesised figures (a probe's measured differences vary by machine)."""
+    """A message's first line as the same on every machine and run: without parenthesised figures (a probe's
+    measured differences), a printed set of names in sorted order (a set's order changes with each process)."""
     first_line = message.strip().splitlines()[0] if message.strip() else ""
-    return re.sub(r"\s*\([^()]*\d\.\d[^()]*\)", "", first_line)
+    first_line = re.sub(r"\s*\([^()]*\d\.\d[^()]*\)", "", first_line)
+    return re.sub(r"\{'[^{}]*'\}", lambda names: "{" + ", ".join(sorted(names[0][1:-1].split(", "))) + "}", first_line)
 
 
 class WrongResult(Exception):
@@ -333,6 +336,7 @@ def main() -> None:
         sys.exit(f"error: {args.readme} has no section between {START!r} and {END!r}")
     if args.check:
         if readme_section(readme) != table:
+            print("\n".join(difflib.unified_diff(readme_section(readme).splitlines(), table.splitlines(), lineterm="")))
             sys.exit(f"error: {args.readme}'s table of families is not what the code decides now; run "
                      "python -m scripts.family_table")  # fmt: skip
         print("The README's table of families is current.")

@@ -34,6 +34,7 @@ def test_measured_figures_leave_a_refusal_but_its_words_stay():
     message = str(PackingError("--packing: it leaks (a sample's logits change by 0.0339; 0.273 with all). Use sdpa"))
     assert without_measurements(message) == "--packing: it leaks. Use sdpa"
     assert without_measurements("top 2 of 4 experts (r=8)\nsecond line") == "top 2 of 4 experts (r=8)"
+    assert without_measurements("modules {'out_proj', 'conv1d'} clash") == "modules {'conv1d', 'out_proj'} clash"
 
 
 def test_each_reason_is_one_numbered_note_shared_by_the_rows_that_give_it():
