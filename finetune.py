@@ -44,7 +44,14 @@ from sft.args import (
     parse_arguments,
     training_mode,
 )
-from sft.data import cache_folder, load_train_eval, make_collator, template_overhead, tokenize_conversations
+from sft.data import (
+    cache_folder,
+    load_train_eval,
+    make_collator,
+    source_names,
+    template_overhead,
+    tokenize_conversations,
+)
 from sft.disk import check_room, checkpoint_bytes
 from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
@@ -86,7 +93,8 @@ def train(
     with local_main_first(training_args.local_process_index, shared_dir=prepared):
         train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
     mode = training_mode(training_args, lora_args)
-    logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
+    sources = " ".join(data_args.data_path)
+    logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), sources)
 
     # 2. The base model's path, resolved once: later steps and the saved adapter use the resolved one.
     requested_model = model_args.model_name_or_path
@@ -199,9 +207,9 @@ def train(
     return trainer
 
 
-def data_path_record(data_path: str) -> str:
+def data_path_record(data_path: list[str]) -> list[str]:
     """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
-    return " ".join(os.path.abspath(name) if os.path.exists(name) else name for name in data_path.split())
+    return [os.path.abspath(name) if os.path.exists(name) else name for name in source_names(data_path)]
 
 
 def tokenizer_or_error(model_args: ModelArguments, max_length: int):

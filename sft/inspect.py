@@ -397,7 +397,7 @@ def inspect_data(
         total_steps = math.ceil(training_args.num_train_epochs * epoch_steps)
 
     report = {
-        "data_path": data_args.data_path,
+        "data_path": list(data_args.data_path),
         "model": model_args.model_name_or_path,
         "model_max_length": max_length,
         "train_on": data_args.train_on,
@@ -444,7 +444,8 @@ def write_report(inspection: Inspection, report_dir: Path) -> list[Path]:
     figure = length_histogram_figure(
         inspection.lengths_by_fate,
         inspection.report["model_max_length"],
-        title=f"{Path(inspection.report['data_path']).name}: {inspection.report['samples']} samples",
+        title=f"{' '.join(Path(name).name for name in inspection.report['data_path'])}: "
+        f"{inspection.report['samples']} samples",
     )
     save_figure(figure, picture)
     return [text, data, picture]

@@ -54,6 +54,7 @@ from sft.data.sources import (
     parse_sources,
     read_data,
     resample,
+    source_names,
     split_validation,
 )
 from sft.data.spans import ANSWER_CLOSE, ANSWER_OPEN, spans_by_generation, spans_by_markers, spans_by_prefixes
@@ -91,6 +92,7 @@ __all__ = [
     "split_validation",
     "resample",
     "parse_sources",
+    "source_names",
     "load_train_eval",
     "load_data",
     "cache_folder",

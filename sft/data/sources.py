@@ -119,9 +119,20 @@ def _read_config(path: Path) -> list[Source] | None:
     return [_source_from_dict(entry, path, index) for index, entry in enumerate(config["sources"])]
 
 
-def parse_sources(data_path: str) -> list[Source]:
-    """The sources `--data_path` names: space-separated paths, globs or hub ids, or one data config file."""
-    names = data_path.split()
+def source_names(data_path: str | list[str]) -> list[str]:
+    """The names `--data_path` gives, one per argument, spaces in a path kept. An argument (or a config's or an
+    older run record's string) that is no existing path nor a glob matching files is the older form, several
+    names separated by spaces."""
+    names = []
+    for item in [data_path] if isinstance(data_path, str) else data_path:
+        item = str(item)
+        names += [item] if os.path.exists(item) or glob_files(item) else item.split()
+    return names
+
+
+def parse_sources(data_path: str | list[str]) -> list[Source]:
+    """The sources `--data_path` names (`source_names`): paths, globs, hub ids or data config files."""
+    names = source_names(data_path)
     if not names:
         raise DataError(data_path, "", None, "no data source given")
     sources = []
@@ -293,7 +304,7 @@ def resample(count: int, wanted: int, seed: int) -> list[int]:
 
 
 def load_data(
-    data_path: str,
+    data_path: str | list[str],
     default_system: str | None = None,
     max_samples: int | None = None,
     seed: int = 42,
@@ -311,7 +322,8 @@ def load_data(
             source_rows_ = [source_rows_[k] for k in resample(len(source_rows_), source.num_samples, seed + number)]
         rows += source_rows_
     problems.raise_any()
-    result = Conversations([messages for _, _, messages, _ in rows], data_path, [where for _, where, _, _ in rows])
+    label = " ".join(source_names(data_path))
+    result = Conversations([messages for _, _, messages, _ in rows], label, [where for _, where, _, _ in rows])
     result.paths, result.formats = [file for file, *_ in rows], [form for *_, form in rows]
     return result
 
@@ -388,7 +400,7 @@ def _record_batch(rows: list[Row]) -> pa.RecordBatch:
 
 
 def read_data(
-    data_path: str,
+    data_path: str | list[str],
     default_system: str | None = None,
     max_samples: int | None = None,
     seed: int = 42,
@@ -460,5 +472,5 @@ def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datase
     if data_args.eval_data_path:
         evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir)
     elif val_size is not None:
-        train, evaluation = split_validation(train, val_size, seed, data_args.data_path)
+        train, evaluation = split_validation(train, val_size, seed, " ".join(source_names(data_args.data_path)))
     return train, evaluation
