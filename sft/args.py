@@ -119,7 +119,6 @@ class DataArguments:
         },
     )
 
-
     def __post_init__(self):
         # A config file's string (one path, or the older space-separated names) as the list the flags give.
         self.data_path = source_names(self.data_path) if self.data_path is not None else None
@@ -210,7 +209,9 @@ class LoraArguments:
         default=False,
         metadata={
             "help": "Also train the embedding and output rows of the chat template's special tokens "
-            "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them."
+            "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them. With a --chat_template "
+            "whose markers are not single tokens of the tokenizer: add them as special tokens (embeddings "
+            "resized), trained by LoRA or the full fine-tune."
         },
     )
     use_dora: bool = field(
@@ -310,8 +311,6 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
         raise ConfigurationError(
             f"--lora_weight_path {lora_args.lora_weight_path}: no LoRA adapter there (no adapter_config.json)"
         )
-    if lora_args.train_special_tokens and not training_args.use_lora:
-        raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
     check_lora_variant(training_args, lora_args)
 
 
