@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from sft.chat import adapter_base_model
 from sft.data import Conversation, load_data, source_names
+from sft.data.template_fit import grow_embeddings
 from sft.errors import run_main
 from sft.evaluation import (
     format_size,
@@ -145,6 +146,7 @@ def main() -> None:
 
     logger.info("Loading the base model in %s and the adapter", dtype)
     model = load_model(base, dtype, trust_remote_code=args.trust_remote_code)
+    grow_embeddings(model, tokenizer)  # markers a --chat_template added with --train_special_tokens
     model = PeftModel.from_pretrained(model, args.adapter)
     expected = sample_logits(model, samples)
 

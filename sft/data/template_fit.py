@@ -97,6 +97,14 @@ def fit_chat_template(tokenizer: PreTrainedTokenizerBase, where: str, add_marker
     return split
 
 
+def grow_embeddings(model, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The model's embeddings (and output layer) grown to the tokens added to its tokenizer (the markers of
+    `fit_chat_template`), before an adapter trained with them is loaded onto it, or before training."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        logger.info("Embeddings resized to %d tokens for the added markers", len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+
+
 def _token_count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
