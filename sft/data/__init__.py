@@ -10,6 +10,7 @@ means the same thing everywhere:
 2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, prompt/completion, plain text, with
    tools) checked and turned into messages, a `DataError` naming file, place and field otherwise;
 3. `templates`: a conversation rendered with the tokenizer's chat template, what the template refuses;
+   `template_fit`: whether a --chat_template fits the tokenizer (the tokens it reads, its markers);
 4. `profile`, `spans`, `labels`: the template profile (once per template) chooses how answers are found; each
    conversation's trained spans, checked for prompt leaks, with a stop token where the template writes none;
 5. `tokenizing`: token ids and labels of labelled texts, truncated or dropped by length;
