@@ -47,15 +47,19 @@ def read_outcomes(folder: str | os.PathLike) -> dict[int, dict]:
     return outcomes
 
 
-def launcher_outcome(outcomes: dict[int, dict], signal_number: int | None = None) -> Outcome | None:
-    """The launcher's ending, from the workers' recorded `outcomes` (rank -> exit code and message) and the
-    signal torchrun itself received (None: it received none, a worker failed); None for a crash (keep torchrun's
-    report)."""
+def launcher_outcome(
+    outcomes: dict[int, dict], signal_number: int | None = None, failed_ranks: Sequence[int] = ()
+) -> Outcome | None:
+    """The launcher's ending, from the workers' recorded `outcomes` (rank -> exit code and message), the signal
+    torchrun itself received (None: it received none) and the ranks torchrun saw fail; None for a crash (keep
+    torchrun's report)."""
     codes = [outcomes[rank]["exit_code"] for rank in sorted(outcomes)]
     errors = [outcomes[rank] for rank in sorted(outcomes) if outcomes[rank].get("message")]
     if errors:  # a user error is the cause; workers without a record were stopped because of it
         messages = list(dict.fromkeys(error["message"] for error in errors))
         return Outcome(int(errors[0]["exit_code"]), messages)
+    if signal_number is None and any(rank not in outcomes for rank in failed_ranks):
+        return None  # a worker failed without a word: a crash
     if codes and len(set(codes)) == 1:  # stopped on request (75) or interrupted before training (130)
         return Outcome(int(codes[0]), [])
     if signal_number is not None:
@@ -76,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             run(arguments)
             return
-        except ChildFailedError:
-            outcome = launcher_outcome(read_outcomes(folder))
+        except ChildFailedError as failed:
+            outcome = launcher_outcome(read_outcomes(folder), failed_ranks=list(failed.failures))
             if outcome is None:
                 raise  # a crash: torchrun's report, with the failed workers' tracebacks
         except SignalException as signalled:

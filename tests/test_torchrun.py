@@ -29,7 +29,9 @@ def test_a_stop_on_request_ends_with_the_workers_code():
 
 
 def test_a_crash_keeps_torchruns_report():
-    assert launcher_outcome({}) is None
+    assert launcher_outcome({}, failed_ranks=[0]) is None
+    # One worker stopped on request, the other failed without recording anything: a crash, not a stop.
+    assert launcher_outcome({0: {"exit_code": 75, "message": ""}}, failed_ranks=[0, 1]) is None
 
 
 def test_a_worker_records_its_user_error_instead_of_printing_it(tmp_path):
