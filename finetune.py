@@ -27,8 +27,6 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-import torch
-import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.args import (
@@ -39,32 +37,26 @@ from sft.args import (
     check_arguments,
     check_parallelism,
     check_required,
-    lora_init,
     lora_init_moves_base_weights,
     parse_arguments,
     training_mode,
 )
-from sft.data import cache_folder, load_train_eval, make_collator, template_overhead, tokenize_conversations
+from sft.data import (
+    cache_folder,
+    load_train_eval,
+    make_collator,
+    source_names,
+    tokenize_conversations,
+)
 from sft.disk import check_room, checkpoint_bytes
 from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
-from sft.modeling import (
-    add_lora,
-    chat_special_token_ids,
-    load_lora,
-    load_model,
-    load_tokenizer,
-    quantization_config,
-    read_chat_template,
-    training_dtype,
-    training_weights_dtype,
-)
-from sft.moe import keep_router_aux_loss
+from sft.model_setup import build_model, tokenizer_or_error
 from sft.outputs import save_final, save_initial_adapter
 from sft.packing import LeakProbe, pack_dataset, packing_collator
 from sft.qwen1 import native_lora_targets, resolve_model_path
 from sft.resume import decide_resume, run_identity
-from sft.training import FinetuneTrainer, init_deepspeed_comm, train_until_done
+from sft.training import FinetuneTrainer, train_until_done
 
 logger = logging.getLogger("finetune")
 
@@ -87,7 +79,8 @@ def train(
     with local_main_first(training_args.local_process_index, shared_dir=prepared):
         train_conversations, eval_conversations = load_train_eval(data_args, training_args.seed)
     mode = training_mode(training_args, lora_args)
-    logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), data_args.data_path)
+    sources = " ".join(data_args.data_path)
+    logger.info("Mode: %s; %d training conversations from %s", mode, len(train_conversations), sources)
 
     # 2. The base model's path, resolved once: later steps and the saved adapter use the resolved one.
     requested_model = model_args.model_name_or_path
@@ -103,7 +96,7 @@ def train(
 
     # 3. The tokenizer, and what --output_dir holds: this run to resume, extend or leave finished, or another
     # run (refused), all before the model loads.
-    tokenizer = tokenizer_or_error(model_args, training_args.model_max_length)
+    tokenizer = tokenizer_or_error(model_args, training_args.model_max_length, lora_args.train_special_tokens)
 
     identity = run_identity(
         mode,
@@ -202,75 +195,9 @@ def train(
     return trainer
 
 
-def data_path_record(data_path: str) -> str:
+def data_path_record(data_path: list[str]) -> list[str]:
     """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
-    return " ".join(os.path.abspath(name) if os.path.exists(name) else name for name in data_path.split())
-
-
-def tokenizer_or_error(model_args: ModelArguments, max_length: int):
-    """The tokenizer of --model_name_or_path, checked to leave room for text within `max_length` tokens."""
-    path = model_args.model_name_or_path
-    chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
-    try:
-        # Its own model_max_length is kept (and saved with the output): --model_max_length is the training length.
-        tokenizer = load_tokenizer(path, model_args.trust_remote_code, chat_template=chat_template)
-    except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
-        raise ConfigurationError(f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})") from None
-    overhead = template_overhead(tokenizer)
-    if max_length <= overhead + 1:
-        raise ConfigurationError(
-            f"--model_max_length {max_length} leaves no room for text: the chat template alone takes {overhead} tokens"
-        )
-    return tokenizer
-
-
-def build_model(
-    model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments, tokenizer
-) -> torch.nn.Module:
-    """The base model in its dtype (quantised for Q-LoRA), with LoRA adapters when --use_lora."""
-    dtype = training_weights_dtype(
-        model_args.model_dtype, training_args.bf16, training_args.fp16, training_args.use_lora
-    )
-    quantization = None
-    if lora_args.q_lora:
-        quantization = quantization_config(
-            lora_args.bits,
-            training_dtype(training_args.bf16, training_args.fp16),
-            lora_args.bnb_4bit_quant_type,
-            lora_args.double_quant,
-            sharded=is_deepspeed_zero3_enabled() or bool(training_args.fsdp),  # 4-bit weights split by ZeRO-3/FSDP
-        )
-    init_deepspeed_comm(training_args)
-    # The LoRA initialisation draws random numbers too: --seed fixes it, whatever ran before.
-    transformers.set_seed(training_args.seed)
-    model = load_model(
-        model_args.model_name_or_path, dtype, quantization, model_args.trust_remote_code, model_args.attn_implementation
-    )
-    if training_args.gradient_checkpointing:
-        model.config.use_cache = False
-    keep_router_aux_loss(model)
-    if not training_args.use_lora:
-        return model
-    if lora_args.lora_weight_path:
-        return load_lora(model, lora_args.lora_weight_path, lora_args.q_lora, training_args.gradient_checkpointing)
-    try:
-        return add_lora(
-            model,
-            r=lora_args.lora_r,
-            alpha=lora_args.lora_alpha,
-            dropout=lora_args.lora_dropout,
-            target_modules=lora_args.lora_target_modules,
-            bias=lora_args.lora_bias,
-            trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
-            quantized=lora_args.q_lora,
-            gradient_checkpointing=training_args.gradient_checkpointing,
-            use_dora=lora_args.use_dora,
-            use_rslora=lora_args.use_rslora,
-            init_lora_weights=lora_init(lora_args.init_lora_weights),
-            scope=lora_args.lora_target,
-        )
-    except ValueError as error:  # e.g. target modules that match nothing
-        raise ConfigurationError(str(error)) from None
+    return [os.path.abspath(name) if os.path.exists(name) else name for name in source_names(data_path)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,8 @@ from typing import Literal
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from sft.chat import adapter_base_model
-from sft.data import Conversation, load_data
+from sft.data import Conversation, load_data, source_names
+from sft.data.template_fit import grow_embeddings
 from sft.errors import run_main
 from sft.evaluation import (
     format_size,
@@ -85,7 +86,7 @@ class MergeArguments:
     )
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard, e.g. 2GB."})
     overwrite: bool = field(default=False, metadata={"help": "Replace what --output holds."})
-    data_path: str | None = field(
+    data_path: list[str] | None = field(
         default=None,
         metadata={
             "help": "Samples for the self-check: data sources as finetune.py's --data_path takes them (files, "
@@ -120,7 +121,8 @@ def check_conversations(args: MergeArguments, run_info: dict) -> list[Conversati
     if args.data_path:
         return head(load_data(args.data_path, max_samples=args.num_check_samples), args.num_check_samples)
     trained_on = run_info.get("data_path")
-    if trained_on and all(os.path.exists(name) for name in trained_on.split()):  # still where the run read it
+    # A list, or in older records one string of names separated by spaces.
+    if trained_on and all(os.path.exists(name) for name in source_names(trained_on)):  # still where the run read it
         return head(load_data(trained_on, max_samples=args.num_check_samples), args.num_check_samples)
     return FALLBACK_CHECK_CONVERSATIONS[: args.num_check_samples]
 
@@ -144,6 +146,7 @@ def main() -> None:
 
     logger.info("Loading the base model in %s and the adapter", dtype)
     model = load_model(base, dtype, trust_remote_code=args.trust_remote_code)
+    grow_embeddings(model, tokenizer)  # markers a --chat_template added with --train_special_tokens
     model = PeftModel.from_pretrained(model, args.adapter)
     expected = sample_logits(model, samples)
 

@@ -59,7 +59,7 @@ QUANTIZE_INFO_FILE = "gptq_run.json"
 @dataclass
 class GptqArguments:
     model_name_or_path: str = field(metadata={"help": "Model to quantise: a merged or full fine-tuned model folder."})
-    data_path: str = field(
+    data_path: list[str] = field(
         metadata={
             "help": "Calibration data: the fine-tuning data, as finetune.py's --data_path takes it (files, globs, "
             "folders, hub ids, a data config), rendered as in training; the first samples of each source."
@@ -82,7 +82,7 @@ class GptqArguments:
     )
     sym: bool = field(default=True, metadata={"help": "Symmetric quantisation (--sym false: asymmetric)."})
     damp_percent: float = field(default=0.01, metadata={"help": "Dampening added to the Hessian diagonal."})
-    eval_data_path: str | None = field(
+    eval_data_path: list[str] | None = field(
         default=None,
         metadata={
             "help": "Held-out samples for the perplexity report (sources as --data_path). Default: "
@@ -139,7 +139,9 @@ def read_data(args: GptqArguments) -> tuple[list[Conversation], list[Conversatio
     # Enough to hold out up to a quarter and still calibrate on --num_samples.
     conversations = load_data(args.data_path, max_samples=args.num_samples + args.num_eval_samples)
     if len(conversations) < 2:
-        raise DataError(args.data_path, "", None, "one sample only: need more to hold some out, or --eval_data_path")
+        raise DataError(
+            " ".join(args.data_path), "", None, "one sample only: need more to hold some out, or --eval_data_path"
+        )
     calibration, held_out = split_held_out(
         conversations, max(1, min(args.num_eval_samples, len(conversations) // 4)), args.seed
     )

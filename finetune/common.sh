@@ -116,7 +116,9 @@ launch() {
     )
     echo "+ ${command[*]}" >&2
     [[ "${SFT_DRY_RUN:-0}" == 1 ]] && exit 0  # only show the command
-    exec "${command[@]}"
+    # torchrun, run by sft/torchrun.py: the launcher ends as the workers did (a user error's one `error:` line and
+    # exit 2, 75 after a stop on request), where torchrun would report any of them as a crash.
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec python -m sft.torchrun "${command[@]:1}"
 }
 
 # Defaults every mode shares (Qwen's recipe: cosine schedule, AdamW with beta2 0.95, checkpoint every 1000 steps).

@@ -1,7 +1,7 @@
 """What our code decides for each model family, and the README's table of families written from it.
 
 For every family of scripts/tiny_families.py a tiny random model is built and put through our own code paths, one
-forward and backward pass each, no training: finetune.py's `build_model` for full fine-tuning, LoRA and Q-LoRA with
+forward and backward pass each, no training: `sft.model_setup.build_model` (finetune.py's) for full fine-tuning, LoRA and Q-LoRA with
 the default flags; sft.packing's collator choice and leak probe; sft.loss's fused-or-plain decision; merge_lora.py
 on a (randomly perturbed) adapter; sft.chat loading and replying. Each mode comes out as works, refused (our
 one-line `error:` message), wrong (runs, but its result is off) or crash (a traceback: a bug). The training itself
@@ -101,15 +101,15 @@ def run_flags(folder: str, output: str, *extra: str) -> list[str]:
 
 def build(folder: str, *extra: str):
     """finetune.py's model for these flags (its `build_model`), with its tokenizer and a batch of the example data."""
-    import finetune
+    from sft import model_setup
     from sft.args import parse_arguments
     from sft.data import load_conversations, make_collator
     from sft.evaluation import tokenize_samples
 
     with tempfile.TemporaryDirectory() as output:
         model_args, _data_args, training_args, lora_args = parse_arguments(run_flags(folder, output, *extra))
-        tokenizer = finetune.tokenizer_or_error(model_args, training_args.model_max_length)
-        model = finetune.build_model(model_args, training_args, lora_args, tokenizer)
+        tokenizer = model_setup.tokenizer_or_error(model_args, training_args.model_max_length)
+        model = model_setup.build_model(model_args, training_args, lora_args, tokenizer)
     samples = tokenize_samples(tokenizer, load_conversations(EXAMPLES)[:2], 128)
     batch = make_collator(tokenizer)([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
     return model, tokenizer, batch

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from sft.data.sources import source_names
 from sft.errors import ConfigurationError
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -56,16 +57,19 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(
+    data_path: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Training data (required): one or more sources, space-separated: files (.json, .jsonl, .parquet, "
+            "help": "Training data (required): one or more sources, one argument each (--data_path a.jsonl "
+            "'my data/b.parquet'): files (.json, .jsonl, .parquet, "
             ".csv, .tsv, .arrow), globs, folders (a downloaded hub dataset, a save_to_disk folder), hub dataset ids, "
             "or a data config file (YAML, or JSON with 'sources') listing sources with options. Samples: Qwen "
             "'conversations', ChatML 'messages', 'prompt'/'completion', alpaca or plain 'text'."
         },
     )
-    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same sources and formats."})
+    eval_data_path: list[str] | None = field(
+        default=None, metadata={"help": "Evaluation data: one or more sources, as --data_path."}
+    )
     val_size: float | None = field(
         default=None,
         metadata={
@@ -114,6 +118,11 @@ class DataArguments:
             "own position ids and attending only to itself; no padding. Batch size then counts packed sequences."
         },
     )
+
+    def __post_init__(self):
+        # A config file's string (one path, or the older space-separated names) as the list the flags give.
+        self.data_path = source_names(self.data_path) if self.data_path is not None else None
+        self.eval_data_path = source_names(self.eval_data_path) if self.eval_data_path is not None else None
 
 
 @dataclass
@@ -209,7 +218,9 @@ class LoraArguments:
         default=False,
         metadata={
             "help": "Also train the embedding and output rows of the chat template's special tokens "
-            "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them."
+            "(<|im_start|>, <|im_end|>, ...): for LoRA on a base model that never saw them. With a --chat_template "
+            "whose markers are not single tokens of the tokenizer: add them as special tokens (embeddings "
+            "resized), trained by LoRA or the full fine-tune."
         },
     )
     use_dora: bool = field(
@@ -314,8 +325,6 @@ def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) 
             "--lora_target attention chooses the modules itself: drop --lora_target_modules "
             f"{' '.join(lora_args.lora_target_modules)}"
         )
-    if lora_args.train_special_tokens and not training_args.use_lora:
-        raise ConfigurationError("--train_special_tokens applies to LoRA; a full fine-tune trains every row already")
     check_lora_variant(training_args, lora_args)
 
 

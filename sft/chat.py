@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from sft.data import Conversation, end_of_turn, render, with_tools
+from sft.data.template_fit import grow_embeddings
 from sft.errors import ConfigurationError, UserError
 from sft.gptq import require_gptq
 from sft.modeling import (
@@ -128,6 +129,7 @@ def load_for_chat(
     if adapter_config.is_file():
         from peft import PeftModel
 
+        grow_embeddings(model, tokenizer)  # markers a --chat_template added with --train_special_tokens
         model = PeftModel.from_pretrained(model, path)
     return model.eval(), tokenizer
 

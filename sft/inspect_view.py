@@ -96,7 +96,7 @@ def render_row(
 
 def format_report(report: dict) -> str:
     r = report
-    lines = [f"Data: {r['data_path']} ({r['samples']} samples), tokenizer of {r['model']}"]
+    lines = [f"Data: {' '.join(r['data_path'])} ({r['samples']} samples), tokenizer of {r['model']}"]
     if r["validation_samples"] is not None:
         lines.append(
             f"  validation:     {r['validation_samples']} more samples cut off by --val_size {r['val_size']:g} "

@@ -23,6 +23,8 @@ redirected. What is silenced, and why it is harmless:
   models whose config names no loss (most) get the causal-LM loss, which is what we train with.
 - FutureWarning "`is_gradient_checkpointing` is deprecated" (peft asks transformers for it) and torch's
   "'pin_memory' argument is set as true but no accelerator is found" UserWarning on the CPU.
+- torchrun's "failed (exitcode: N) ..." line under the launchers (`quiet_torchrun`): the launcher says how the
+  run ended itself (sft/torchrun.py).
 - peft's "PiSSA/OLoRA changes the base weights of the model ... Consider converting ..." UserWarning: finetune.py
   saves such adapters converted (--init_lora_weights).
 
@@ -73,6 +75,14 @@ def quiet_gptq() -> None:
         return
     LogBar.shared().setLevel(logging.WARNING)
     logging.getLogger("optimum.gptq.quantizer").addFilter(_BelowWarning())
+
+
+def quiet_torchrun() -> None:
+    """In sft.torchrun, the launchers' torchrun: its "failed (exitcode: N) local_rank: ..." line, logged as soon as
+    a worker fails, is dropped; the launcher then prints the worker's error line, or for a crash torchrun's report,
+    which names the same exit code and worker. Nothing when verbose."""
+    if not VERBOSE and os.environ.get("SFT_VERBOSE", "0") in ("", "0"):
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropMessages("failed (exitcode"))
 
 
 def _silence_known_chatter() -> None:

@@ -1,7 +1,8 @@
 """What an output folder holds, and what a run may do with it: resume, extend, stop as finished, or start over.
 
-A run's identity is what makes its checkpoints mean something: the base model, the data (sources and content),
-the LoRA configuration, the options that change the rows trained on and the optimisation that the saved
+A run's identity is what makes its checkpoints mean something: the base model, the data (sources and content,
+and which of their rows are selected: sample limits, validation cut, a data config's options, a hub dataset's
+revision), the LoRA configuration, the options that change the rows trained on and the optimisation that the saved
 optimizer state belongs to. finetune.py writes it into every checkpoint and its final output
 (finetune_run.json, key "identity") and, before the model loads, refuses to continue a run whose identity
 differs, naming each field with both values. Logging, saving and evaluation cadence and the number of epochs or
@@ -19,12 +20,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
-from sft.data import parse_sources
+from sft.data import Source, parse_sources
 from sft.data.files import file_fingerprint
 from sft.data.sources import glob_files
 from sft.errors import ConfigurationError, UserError
@@ -68,6 +70,18 @@ def data_fingerprint(sources: list[str]) -> list[dict[str, Any]]:
     return fingerprints
 
 
+def hub_revision(kind: str, repo_id: str, ref: str = "main") -> str | None:
+    """The commit the local hub cache resolves `repo_id`'s `ref` to (`kind`: "models" or "datasets"), which is
+    what an offline load reads; None where the cache has no record of it."""
+    try:
+        from huggingface_hub import constants
+
+        refs = Path(constants.HF_HUB_CACHE, f"{kind}--" + repo_id.replace("/", "--"), "refs", ref)
+        return refs.read_text().strip() if refs.is_file() else None
+    except (ImportError, OSError):
+        return None
+
+
 def model_identity(model: str) -> dict[str, Any]:
     """The base model as resolved: a local folder's absolute path and its config's hash, or a hub id and the
     revision the local hub cache resolves it to (None where it has no record)."""
@@ -75,15 +89,24 @@ def model_identity(model: str) -> dict[str, Any]:
         config = Path(model, "config.json")
         return {"model": os.path.abspath(model), "config": file_fingerprint(config).get("sha256") if config.is_file()
                 else None}  # fmt: skip
-    revision = None
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
+    return {"model": model, "revision": hub_revision("models", model)}
 
-        refs = Path(HF_HUB_CACHE, "models--" + model.replace("/", "--"), "refs", "main")
-        revision = refs.read_text().strip() if refs.is_file() else None
-    except (ImportError, OSError):
-        pass
-    return {"model": model, "revision": revision}
+
+def data_selection(sources: list[Source], data_args: Any) -> dict[str, Any]:
+    """Which rows of the data a run trains on, beyond the files' content: --max_samples, --val_size, each source's
+    options from a data config (split, subset, columns, num_samples, system_prompt) and a hub dataset's revision
+    as the local hub cache resolves it."""
+    selected = []
+    for source in sources:
+        options = {name: value for name, value in asdict(source).items() if name != "path"}
+        if not Path(source.path).exists() and glob_files(source.path) is None:  # a hub dataset id
+            options["revision"] = hub_revision("datasets", source.path)
+        selected.append(options)
+    return {
+        "max_samples": getattr(data_args, "max_samples", None),
+        "val_size": getattr(data_args, "val_size", None),
+        "sources": selected,
+    }
 
 
 # Data options that change the rows trained on.
@@ -111,10 +134,13 @@ def run_identity(
     """The identity recorded with a run's checkpoints and output (see the module docstring). `model` is the base
     model as given (a Qwen-1 folder rather than its conversion), with the path of a local folder made absolute."""
     template_hash = hashlib.sha256(chat_template.encode()).hexdigest()[:16] if chat_template else None
+    sources = parse_sources(data_args.data_path)
     identity = {
         "mode": mode,
         "base_model": model_identity(model),
-        "data": data_fingerprint([source.path for source in parse_sources(data_args.data_path)]),
+        "data": data_fingerprint([source.path for source in sources]),
+        # A field of its own, so that a record written before it existed is not compared on it.
+        "data_selection": data_selection(sources, data_args),
         "lora": {name: getattr(lora_args, name) for name in LORA_OPTIONS} if training_args.use_lora else None,
         "model_max_length": training_args.model_max_length,
         **{name: getattr(data_args, name) for name in ROW_OPTIONS},

@@ -71,3 +71,32 @@ def test_bf16_needs_native_support(cuda_bf16, accelerator, refusal):
     else:
         with pytest.raises(ConfigurationError, match=refusal):
             check_bf16(cuda_bf16, accelerator, "Tesla V100")
+
+
+def test_data_path_takes_one_argument_per_source_spaces_kept(tmp_path):
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    (folder / "a b.jsonl").write_text((REPO / "data/example_chatml.jsonl").read_text())
+    spaced = str(folder / "a b.jsonl")
+    _, data, _, _ = finetune_arguments(*BASE, "--data_path", spaced, "data/example_chatml.jsonl", "--val_size", "2")
+    assert data.data_path == [spaced, "data/example_chatml.jsonl"]
+    _, data, _, _ = finetune_arguments(*BASE, "--data_path", "x.jsonl", "--eval_data_path", spaced, "y.jsonl")
+    assert data.eval_data_path == [spaced, "y.jsonl"]
+    # A config file's string: one existing path, or the older space-separated names.
+    for value, expected in [(spaced, [spaced]), ("a.jsonl b.jsonl", ["a.jsonl", "b.jsonl"])]:
+        config = tmp_path / "run.yaml"
+        config.write_text(json.dumps({"data_path": value, "output_dir": "out"}))
+        assert finetune_arguments(str(config)).data.data_path == expected
+
+
+def test_sources_with_spaces_are_read_whole(tmp_path):
+    from sft.data import load_train_eval
+
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    (folder / "a b.jsonl").write_text((REPO / "data/example_chatml.jsonl").read_text())
+    examples = str(REPO / "data/example_chatml.jsonl")
+    _, data, _, _ = finetune_arguments(*BASE, "--data_path", str(folder / "a b.jsonl"), examples)
+    data.preprocessing_cache_dir = str(tmp_path / "cache")
+    train, _ = load_train_eval(data, seed=0)
+    assert sorted(set(train["file"])) == sorted([str(folder / "a b.jsonl"), examples])

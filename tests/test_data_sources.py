@@ -248,7 +248,7 @@ def test_finetune_trains_on_a_mix_with_a_validation_split(run_finetune, common_a
         *flags, "--data_path", f"data/example_chatml.jsonl {tmp_path / 'extra.parquet'}", "--val_size", "3"
     )
     assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (examples + 6 - 3, 3)
-    recorded = read_run_info(tmp_path / "out")["data_path"].split()
+    recorded = read_run_info(tmp_path / "out")["data_path"]
     assert recorded == [os.path.abspath("data/example_chatml.jsonl"), str(tmp_path / "extra.parquet")]
 
 

@@ -152,7 +152,7 @@ def test_config_file_gives_the_same_arguments(tiny_model, tmp_path):
         "use_lora: true\nmax_steps: 1\nreport_to: none\nsave_strategy: 'no'\nlora_r: 4\n"
     )
     _, data_args, training_args, lora_args = parse_arguments([str(config)])
-    assert data_args.data_path == EXAMPLES and training_args.use_lora and lora_args.lora_r == 4
+    assert data_args.data_path == [EXAMPLES] and training_args.use_lora and lora_args.lora_r == 4
     # Flags after the file override it.
     _, _, training_args, lora_args = parse_arguments([str(config), "--lora_r", "16", "--max_steps", "3"])
     assert lora_args.lora_r == 16 and training_args.max_steps == 3 and training_args.use_lora

@@ -311,7 +311,7 @@ def test_the_fates_check_holds_with_plain_texts(tiny_model, tmp_path, monkeypatc
     write_mixed_data(data)
     args = inspect_args(tiny_model, str(data), "--model_max_length", "64")[:3]
     # A wrong count of the chunks' rows is caught, not skipped for data with plain texts.
-    monkeypatch.setattr("sft.inspect.sample_rows", lambda fate, length, max_length: 1)
+    monkeypatch.setattr("sft.inspect_survey.sample_rows", lambda fate, length, max_length: 1)
     with pytest.raises(RuntimeError, match="disagrees with sft.data"):
         inspect_data(*args)
 

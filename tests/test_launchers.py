@@ -212,6 +212,8 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_the_rerun_resumes(tiny_mod
             os.killpg(run.pid, signal.SIGINT)
             break
     log = "".join(lines) + run.communicate(timeout=600)[0]
+    assert run.returncode == 75, log[-4000:]  # the workers' own code: stopped on request, checkpoint saved
+    assert "Traceback" not in log
     assert log.count("SIGINT received: finishing this step") == 2, log[-4000:]  # one per worker
     assert "Second SIGINT" not in log
     assert "Stopped on request after step" in log
@@ -253,6 +255,19 @@ def test_unsupported_set_ups_stop_before_the_model_load(tiny_model, tmp_path):
         assert f"error: {message}" in run.stderr or message in run.stderr, run.stderr[-3000:]
         assert "Loading " not in run.stderr  # stopped before the model load
         assert not (tmp_path / "out").exists()
+
+
+def test_a_user_error_in_the_workers_ends_the_launcher_with_its_error_line(tiny_model, tmp_path):
+    # Missing data, found by both workers; --optim against a DeepSpeed config with its own optimizer block.
+    for processes, extra, message in [
+        (2, ["-d", "missing.jsonl"], "missing.jsonl: no such file"),
+        (1, ["--optim", "adafactor", "--deepspeed", "ds_configs/zero3_offload.json"], "--optim adafactor: "),
+    ]:
+        run = launch("finetune_lora_ds.sh", tiny_model, tmp_path / "out", processes, *extra)
+        assert run.returncode == 2, run.stderr[-3000:]
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), run.stderr[-3000:]
+        assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr
 
 
 def test_qlora_with_fsdp_names_the_supported_launchers(tiny_model, tmp_path, run_finetune):

@@ -229,3 +229,13 @@ def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(variant_run
     # Without the flag, one rate for all.
     rates = {group["initial_lr"] for group in variant_runs["dora"][2].optimizer.param_groups if group["params"]}
     assert rates == {1e-2}
+
+
+def test_the_self_check_reads_the_recorded_sources_with_spaces(tmp_path):
+    from merge_lora import FALLBACK_CHECK_CONVERSATIONS, MergeArguments, check_conversations
+
+    spaced = tmp_path / "my data.jsonl"
+    spaced.write_text(Path("data/example_chatml.jsonl").read_text())
+    args = MergeArguments(adapter=str(tmp_path), output=str(tmp_path / "merged"), num_check_samples=2)
+    conversations = check_conversations(args, {"data_path": [str(spaced)]})
+    assert conversations != FALLBACK_CHECK_CONVERSATIONS[:2] and len(conversations) == 2

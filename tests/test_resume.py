@@ -11,8 +11,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sft.args import parse_arguments
 from sft.errors import UserError
-from sft.resume import decide_on_rank_zero, file_fingerprint, identity_differences
+from sft.resume import decide_on_rank_zero, file_fingerprint, identity_differences, run_identity
 
 EXAMPLES = "data/example_chatml.jsonl"
 
@@ -50,6 +51,8 @@ def finished_run(tiny_model, tmp_path_factory, common_args, run_finetune) -> tup
         (["--learning_rate", "1e-3"], "learning_rate: 0.005 there, 0.001 now"),
         (["--train_on", "all"], 'train_on: "assistant" there, "all" now'),
         (["--lora_target", "attention"], '"lora_target": "attention"'),
+        (["--max_samples", "5"], '"max_samples": 5'),
+        (["--val_size", "2"], '"val_size": 2.0'),
     ],
 )
 def test_a_rerun_of_another_run_is_refused_naming_the_field(finished_run, tmp_path, run_finetune, change, field):
@@ -199,3 +202,46 @@ def test_rank_zero_decides_and_the_other_ranks_receive_it(tmp_path):
     assert [outcome["chosen"] for outcome in outcomes] == ["decided by 0", "decided by 0"]
     assert [outcome["calls"] for outcome in outcomes] == [[0], []]  # only rank 0 looked at the folder
     assert [outcome["refused"] for outcome in outcomes] == ["refused on rank 0", "refused on rank 0"]
+
+
+def _identity_of(tmp_path: Path, data_path: str) -> dict:
+    model_args, data_args, training_args, lora_args = parse_arguments(
+        ["--model_name_or_path", str(tmp_path), "--data_path", data_path, "--output_dir", str(tmp_path / "out")]
+    )
+    return run_identity("full", str(tmp_path), None, data_args, training_args, lora_args)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("num_samples", 7),
+        ("columns", {"dialogue": "messages"}),
+        ("system_prompt", "Be brief."),
+        ("split", "validation"),
+        ("subset", "chat"),
+    ],
+)
+def test_a_data_config_option_that_changes_rows_changes_the_identity(tmp_path, option, value):
+    data = tmp_path / "data.jsonl"
+    data.write_text(Path(EXAMPLES).read_text())
+    config = tmp_path / "mix.yaml"
+    config.write_text(json.dumps({"sources": [{"path": str(data)}]}))
+    before = _identity_of(tmp_path, str(config))
+    config.write_text(json.dumps({"sources": [{"path": str(data), option: value}]}))
+    differences = identity_differences(before, _identity_of(tmp_path, str(config)))
+    assert [line.split(":")[0] for line in differences] == ["data_selection"]
+    assert json.dumps(value) in differences[0]
+
+
+def test_a_hub_dataset_is_identified_by_its_resolved_revision(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub" / "datasets--someone--chats" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    before = _identity_of(tmp_path, "someone/chats")
+    assert before["data_selection"]["sources"][0]["revision"] == "a" * 40
+    (refs / "main").write_text("b" * 40)
+    differences = identity_differences(before, _identity_of(tmp_path, "someone/chats"))
+    assert len(differences) == 1 and differences[0].startswith("data_selection:") and "b" * 40 in differences[0]

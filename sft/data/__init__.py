@@ -12,6 +12,7 @@ means the same thing everywhere:
 2. `formats`: each record (Qwen `conversations`, ChatML `messages`, alpaca, prompt/completion, plain text, with
    tools) checked and turned into messages, a `DataError` naming file, place and field otherwise;
 3. `templates`: a conversation rendered with the tokenizer's chat template, what the template refuses;
+   `template_fit`: whether a --chat_template fits the tokenizer (the tokens it reads, its markers);
 4. `profile`, `spans`, `labels`: the template profile (once per template) chooses how answers are found; each
    conversation's trained spans, checked for prompt leaks, with a stop token where the template writes none;
 5. `tokenizing`: token ids and labels of labelled texts, truncated or dropped by length;
@@ -43,7 +44,7 @@ from sft.data.labels import IGNORE_INDEX, add_stops, label_many, label_spans, la
 from sft.data.profile import TemplateProfile, compute_profile, template_profile
 from sft.data.reading import Conversations, DataError, read_records
 from sft.data.rows import load_data, resample
-from sft.data.sources import DataErrors, Source, parse_sources
+from sft.data.sources import DataErrors, Source, parse_sources, source_names
 from sft.data.spans import ANSWER_CLOSE, ANSWER_OPEN, spans_by_generation, spans_by_markers, spans_by_prefixes
 from sft.data.splits import load_train_eval, split_validation
 from sft.data.templates import (
@@ -99,6 +100,7 @@ __all__ = [
     "split_validation",
     "resample",
     "parse_sources",
+    "source_names",
     "load_train_eval",
     "load_data",
     "cache_folder",

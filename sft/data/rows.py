@@ -20,7 +20,7 @@ from sft.data.files import FILE_BUILDERS, JSON_EXTENSIONS, data_suffix
 from sft.data.folders import is_save_to_disk, local_files
 from sft.data.formats import parse_record, record_format, with_default_system
 from sft.data.reading import Conversations, DataError, iter_records
-from sft.data.sources import MAX_REPORTED, DataErrors, Source, label, parse_sources
+from sft.data.sources import MAX_REPORTED, DataErrors, Source, label, parse_sources, source_names
 
 if TYPE_CHECKING:
     import datasets
@@ -183,7 +183,7 @@ def load_data(
             source_rows_ = [source_rows_[k] for k in resample(len(source_rows_), source.num_samples, seed + number)]
         rows += source_rows_
     problems.raise_any()
-    name = data_path if isinstance(data_path, str) else " ".join(data_path)
+    name = " ".join(source_names(data_path))
     result = Conversations([messages for _, _, messages, _ in rows], name, [where for _, where, _, _ in rows])
     result.paths, result.formats = [file for file, *_ in rows], [form for *_, form in rows]
     return result

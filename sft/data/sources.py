@@ -129,13 +129,20 @@ def _read_config(path: Path) -> list[Source] | None:
     return [_source_from_dict(entry, path, index) for index, entry in enumerate(config["sources"])]
 
 
+def source_names(data_path: str | list[str]) -> list[str]:
+    """The names `--data_path` gives, one per argument, spaces in a path kept. An argument (or a config's or an
+    older run record's string) that is no existing path nor a glob matching files is the older form, several
+    names separated by spaces."""
+    names = []
+    for item in [data_path] if isinstance(data_path, str) else data_path:
+        item = str(item)
+        names += [item] if os.path.exists(item) or glob_files(item) else item.split()
+    return names
+
+
 def parse_sources(data_path: str | list[str]) -> list[Source]:
-    """The sources `--data_path` names: paths, globs or hub ids (a list, or one string split at spaces), each of
-    which may be a data config file."""
-    if isinstance(data_path, str):
-        names = [data_path] if os.path.exists(data_path) else data_path.split()  # a path may hold spaces
-    else:
-        names = [name for name in data_path if name]
+    """The sources `--data_path` names (`source_names`): paths, globs, hub ids or data config files."""
+    names = source_names(data_path)
     if not names:
         raise DataError(str(data_path), "", None, "no data source given")
     sources = []

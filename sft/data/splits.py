@@ -16,6 +16,7 @@ import numpy as np
 
 from sft.data.arrow_files import read_data
 from sft.data.reading import Conversations, DataError
+from sft.data.sources import source_names
 from sft.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -90,6 +91,6 @@ def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datase
     if data_args.eval_data_path:
         evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir)
     elif val_size is not None:
-        label = data_args.data_path if isinstance(data_args.data_path, str) else " ".join(data_args.data_path)
+        label = " ".join(source_names(data_args.data_path))
         train, evaluation = split_validation(train, val_size, seed, label)
     return train, evaluation
