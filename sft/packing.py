@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from sft.data import IGNORE_INDEX, own_mapping
+from sft.data import IGNORE_INDEX, bucketed_length, own_mapping
 from sft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -176,20 +176,39 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset
     return packed
 
 
+def pad_block(length: int, target: int, pad_token_id: int) -> dict[str, list[int]]:
+    """The padding that brings a packed row of `length` tokens to `target`: pad tokens with label -100 and positions
+    0, 1, ... of their own, so that any boundary list read from positions (transformers' masks, cu_seq_lens) makes
+    them a separate block, attended to by no real token and trained on by none."""
+    pad = target - length
+    return {"input_ids": [pad_token_id] * pad, "labels": [IGNORE_INDEX] * pad, "position_ids": list(range(pad))}
+
+
 class PackedCollator:
     """Batches packed rows without an attention mask, so that transformers masks by `position_ids`.
 
-    layout "rows": rows padded to the longest (the padding gets positions 0, 1, ... of its own and label -100, so
-    it is a separate block that no real token attends to). layout "flat": all rows of the batch concatenated into
-    one, with the flash-attention varlen arguments.
+    layout "rows": rows padded to the longest, rounded up to a multiple of `pad_to_multiple_of` but not past
+    `max_length` (sft.data.bucketed_length); the padding is a `pad_block`, so no real token attends to it. layout
+    "flat": all rows of the batch concatenated into one (and the total rounded up the same way, with no cap), with
+    the flash-attention varlen arguments; a pad block is a segment of its own there too.
     """
 
-    def __init__(self, pad_token_id: int, layout: PackingLayout = "rows"):
+    def __init__(
+        self,
+        pad_token_id: int,
+        layout: PackingLayout = "rows",
+        pad_to_multiple_of: int = 1,
+        max_length: int | None = None,
+    ):
         self.pad_token_id = pad_token_id
         self.layout = layout
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
         if self.layout == "flat":
+            total = sum(len(f["input_ids"]) for f in features)
+            features = [*features, pad_block(total, bucketed_length(total, self.pad_to_multiple_of), self.pad_token_id)]
             position_ids = torch.tensor([[p for f in features for p in f["position_ids"]]])
             starts = (position_ids[0] == 0).nonzero().flatten()
             cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.shape[1]])]).to(torch.int32)
@@ -204,12 +223,13 @@ class PackedCollator:
                 "max_length_k": max_length,
             }
         longest = max(len(f["input_ids"]) for f in features)
+        length = bucketed_length(longest, self.pad_to_multiple_of, self.max_length)
         input_ids, labels, position_ids = [], [], []
         for f in features:
-            pad = longest - len(f["input_ids"])
-            input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-            position_ids.append(list(f["position_ids"]) + list(range(pad)))
+            pad = pad_block(len(f["input_ids"]), length, self.pad_token_id)
+            input_ids.append(list(f["input_ids"]) + pad["input_ids"])
+            labels.append(list(f["labels"]) + pad["labels"])
+            position_ids.append(list(f["position_ids"]) + pad["position_ids"])
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
@@ -299,12 +319,19 @@ class LeakProbe(TrainerCallback):
         return control
 
 
-def packing_collator(model: PreTrainedModel, pad_token_id: int, use_cache: bool = False) -> PackedCollator:
+def packing_collator(
+    model: PreTrainedModel,
+    pad_token_id: int,
+    use_cache: bool = False,
+    pad_to_multiple_of: int = 1,
+    max_length: int | None = None,
+) -> PackedCollator:
     """The collator of packed rows for the model's attention implementation; a PackingError where packing would
-    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off."""
+    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off; rows are
+    padded to a multiple of `pad_to_multiple_of` (sft.data.pad_multiple), at most `max_length`."""
     if use_cache:
         raise PackingError("--packing needs --use_cache off: with a KV cache transformers does not separate samples")
-    return PackedCollator(pad_token_id, packing_layout(model))
+    return PackedCollator(pad_token_id, packing_layout(model), pad_to_multiple_of, max_length)
 
 
 def prepare_packing(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import finetune_arguments
 
-from sft.args import DEFAULT_OPTIM, check_bf16, check_deepspeed_optimizer, check_parallelism
+from sft.args import DEFAULT_OPTIM, check_arguments, check_bf16, check_deepspeed_optimizer, check_parallelism
 from sft.errors import ConfigurationError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,3 +71,11 @@ def test_bf16_needs_native_support(cuda_bf16, accelerator, refusal):
     else:
         with pytest.raises(ConfigurationError, match=refusal):
             check_bf16(cuda_bf16, accelerator, "Tesla V100")
+
+
+def test_pad_to_multiple_of_must_be_positive():
+    _, _, training, lora = finetune_arguments(*BASE, "--pad_to_multiple_of", "0")
+    with pytest.raises(ConfigurationError, match="--pad_to_multiple_of must be 1 .no rounding. or more, got 0"):
+        check_arguments(training, lora)
+    _, _, training, lora = finetune_arguments(*BASE)
+    assert training.pad_to_multiple_of is None  # decided by the device when training starts (sft.data.pad_multiple)

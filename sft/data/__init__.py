@@ -27,7 +27,7 @@ from sft.data.cache import (
     own_mapping,
     tokenize_conversations,
 )
-from sft.data.collate import make_collator
+from sft.data.collate import CUDA_PAD_MULTIPLE, BucketedCollator, bucketed_length, make_collator, pad_multiple
 from sft.data.formats import (
     ALPACA_KEYS,
     ROLE_NAMES,
@@ -129,6 +129,10 @@ __all__ = [
     "load_conversations",
     "load_tools",
     "make_collator",
+    "pad_multiple",
+    "bucketed_length",
+    "BucketedCollator",
+    "CUDA_PAD_MULTIPLE",
     "own_mapping",
     "missing_tool_text",
     "parse_record",
