@@ -45,6 +45,7 @@ from sft.data import (
     cache_folder,
     load_train_eval,
     make_collator,
+    pad_multiple,
     source_names,
     tokenize_conversations,
 )
@@ -148,11 +149,17 @@ def train(
         save_initial_adapter(model, initial_adapter, training_args.should_save)
 
     # 6. Batches: padded, or packed rows that each keep their samples apart.
-    data_collator = make_collator(tokenizer)
+    multiple = pad_multiple(training_args.pad_to_multiple_of, training_args.device.type)
+    data_collator = make_collator(tokenizer, pad_to_multiple_of=multiple, max_length=training_args.model_max_length)
     callbacks = []
     if data_args.packing:
         data_collator = packing_collator(
-            model, tokenizer.pad_token_id, training_args.use_cache, device_type=training_args.device.type
+            model,
+            tokenizer.pad_token_id,
+            training_args.use_cache,
+            multiple,
+            training_args.model_max_length,
+            device_type=training_args.device.type,
         )
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
             callbacks.append(LeakProbe(data_collator.layout))

@@ -1,5 +1,9 @@
 """Real (non-pad) tokens per second: our per-batch padding against padding every sample to model_max_length.
 
+Also per-batch padding rounded up to a multiple of 64 tokens (finetune.py's default on CUDA, for shape-stable
+attention kernels), and how many distinct batch shapes each collation gives (a CPU does not care; a kernel that
+builds a plan per shape does).
+
 Same tiny model, same data, same LoRA set-up and the same optimizer steps for each, measured one after the
 other in this run (best of --repeats); run it on an otherwise idle machine. The data is a long-tailed
 (lognormal) mix of conversation lengths.
@@ -43,23 +47,31 @@ def long_tailed_conversations(count: int, seed: int) -> list[list[dict]]:
 
 
 class CountingCollator:
-    """Counts the tokens each batch holds, padding included."""
+    """Counts the tokens each batch holds, padding included, and the distinct shapes of the batches."""
 
     def __init__(self, collator):
-        self.collator, self.tokens = collator, 0
+        self.collator, self.tokens, self.shapes = collator, 0, set()
 
     def __call__(self, features):
         batch = self.collator(features)
         self.tokens += batch["input_ids"].numel()
+        self.shapes.add(tuple(batch["input_ids"].shape))
         return batch
 
 
 def train_once(
-    model_path: str, dataset, tokenizer, pad_to_length: int | None, batch_size: int, group_by_length: bool
-) -> tuple[float, int]:
+    model_path: str,
+    dataset,
+    tokenizer,
+    pad_to_length: int | None,
+    batch_size: int,
+    group_by_length: bool,
+    multiple: int = 1,
+    max_length: int | None = None,
+) -> tuple[float, int, int]:
     torch.manual_seed(0)
     model = add_lora(load_model(model_path), r=16, alpha=32, dropout=0.0, target_modules="all-linear")
-    collator = CountingCollator(make_collator(tokenizer, pad_to_length))
+    collator = CountingCollator(make_collator(tokenizer, pad_to_length, multiple, max_length))
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir,
@@ -76,7 +88,7 @@ def train_once(
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         start = time.perf_counter()
         trainer.train()
-        return time.perf_counter() - start, collator.tokens
+        return time.perf_counter() - start, collator.tokens, len(collator.shapes)
 
 
 def main() -> None:
@@ -104,25 +116,25 @@ def main() -> None:
         )
         results = {}
         setups = {
-            "pad to model_max_length": (args.max_length, False),
-            "per-batch padding (ours, default)": (None, False),
-            "per-batch padding + --group_by_length": (None, True),
+            "pad to model_max_length": (args.max_length, False, 1),
+            "per-batch padding (ours, default off CUDA)": (None, False, 1),
+            "per-batch padding to a multiple of 64 (ours, default on CUDA)": (None, False, 64),
+            "per-batch padding + --group_by_length": (None, True, 1),
         }
-        for name, (pad_to, grouped) in setups.items():
+        for name, (pad_to, grouped, multiple) in setups.items():
             runs = [
-                train_once(model_path, dataset, tokenizer, pad_to, args.batch_size, grouped)
+                train_once(model_path, dataset, tokenizer, pad_to, args.batch_size, grouped, multiple, args.max_length)
                 for _ in range(args.repeats)
             ]
-            seconds, tokens = min(runs)
-            results[name] = (seconds, tokens)
+            results[name] = min(runs)
 
-    print("\n| collation | seconds | tokens in batches | real share | real tokens/s | ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| collation | seconds | tokens in batches | real share | batch shapes | real tokens/s | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     baseline = real_tokens / results["pad to model_max_length"][0]
-    for name, (seconds, tokens) in results.items():
+    for name, (seconds, tokens, shapes) in results.items():
         speed = real_tokens / seconds
         print(
-            f"| {name} | {seconds:.2f} | {tokens:,} | {real_tokens / tokens:.0%} | {speed:,.0f} | "
+            f"| {name} | {seconds:.2f} | {tokens:,} | {real_tokens / tokens:.0%} | {shapes} | {speed:,.0f} | "
             f"{speed / baseline:.2f}x |"
         )
 

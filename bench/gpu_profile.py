@@ -3,8 +3,12 @@
 The model is a randomly initialised one of a real shape (the configs below are copied from the released
 models' config.json, so nothing is downloaded; weight values change neither speed nor memory). It is written
 once to --work_dir and loaded through sft.modeling, the same path finetune.py takes. Each cell trains
---steps optimizer steps of batch 1 and gradient accumulation 8 on random tokens of one sequence length, after
-a warm-up step, and reports the peak GPU memory allocated and the seconds per optimizer step.
+--steps optimizer steps (at least 4) of batch 1 and gradient accumulation 8 on random tokens of one sequence
+length, and reports the peak GPU memory allocated and the median seconds per optimizer step. Before them, a
+warm-up step and one forward and backward pass on each further shape the timed steps meet (timed apart): a
+kernel that builds a plan per new shape (cuDNN attention) pays for it there, not in a timed step. Each step's and
+each micro-batch's time is kept (`measure_batches`; micro-batches by CUDA events, with no synchronisation between
+them), as are the attention kernels that ran (sdpa's choice among flash, memory-efficient, cuDNN and math).
 
     python -m bench.gpu_profile --model qwen2.5-1.5b                      # all modes, 256..8192
     python -m bench.gpu_profile --model qwen2-7b --modes lora qlora --attn_implementation flash_attention_2
@@ -22,6 +26,7 @@ if __name__ == "__main__":
 # isort: split
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from sft.loss import causal_lm_loss, fused_loss_for  # noqa: E402
@@ -92,6 +98,10 @@ CONFIGS = {
     ),
 }
 MODE_NAMES = {"lora": "LoRA", "qlora": "Q-LoRA", "full": "Full-parameter"}
+MIN_TIMED_STEPS = 4
+# Dispatched operators that are attention kernels: sdpa's choices (aten::_scaled_dot_product_{flash_attention,
+# efficient_attention,cudnn_attention,...}) and flash_attn's own. sdpa's math fallback shows none (it decomposes).
+ATTENTION_OPERATORS = ("scaled_dot_product", "flash_attn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,11 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plain_loss", action="store_true", help="the model's own loss (whole logits), not finetune.py's fused loss"
     )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per cell")
+    parser.add_argument("--steps", type=int, default=MIN_TIMED_STEPS, help="timed optimizer steps per cell (>= 4)")
     parser.add_argument("--no_gradient_checkpointing", action="store_true", help="Qwen's profile uses it")
     parser.add_argument("--lora_r", type=int, default=64)
     parser.add_argument("--work_dir", default=None, help="where the random model is written (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.steps < MIN_TIMED_STEPS:
+        parser.error(f"--steps: at least {MIN_TIMED_STEPS}, so that the median is not one step's accident")
     if args.tiny:
         args.model = "tiny"
     if not args.seq_lengths:
@@ -179,15 +191,15 @@ def build(path: Path, mode: str, args: argparse.Namespace):
 
 
 def measure(model, seq_length: int, args: argparse.Namespace) -> tuple[float, float]:
-    """(peak memory GiB, seconds per optimizer step) for one sequence length, on rows of random tokens."""
+    """(peak memory GiB, median seconds per optimizer step) for one sequence length, on rows of random tokens."""
     vocabulary = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seq_length)
     batches = []
     for _ in range((args.steps + 1) * args.gradient_accumulation_steps):
         input_ids = torch.randint(0, vocabulary, (1, seq_length), generator=generator)
         batches.append({"input_ids": input_ids, "labels": input_ids})
-    peak, step_seconds = measure_batches(model, batches, args)
-    return peak, sum(step_seconds) / len(step_seconds)
+    measured = measure_batches(model, batches, args)
+    return measured["peak_gib"], measured["median_step_seconds"]
 
 
 def check_recomputation(model, batch: dict, checkpointing: bool) -> None:
@@ -211,10 +223,58 @@ def check_recomputation(model, batch: dict, checkpointing: bool) -> None:
         )
 
 
-def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tuple[float, list[float]]:
-    """Trains on `batches`, args.gradient_accumulation_steps micro-batches per optimizer step; the first step is a
-    warm-up. Returns the peak memory (GiB) and the seconds of each optimizer step after the warm-up."""
-    if len(batches) < 2 * args.gradient_accumulation_steps:
+class AttentionKernels(TorchDispatchMode):
+    """The attention operators dispatched while it is active: what ran, not what was asked for (sdpa picks its
+    kernel per call from the device, dtype, mask and shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if any(operator in name for operator in ATTENTION_OPERATORS) and not name.endswith("_backward"):
+            self.names.add(name.removeprefix("aten::"))
+        return func(*args, **(kwargs or {}))
+
+
+class Clock:
+    """Marks in the device's stream (CUDA events: no synchronisation between marks) or on the host (the CPU runs
+    synchronously), and the seconds between consecutive marks once the device has finished."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def intervals(self, marks: list) -> list[float]:
+        if not self.cuda:
+            return [end - start for start, end in zip(marks, marks[1:])]
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1000 for start, end in zip(marks, marks[1:])]
+
+
+def shape_of(batch: dict) -> tuple[int, ...]:
+    return tuple(batch["input_ids"].shape)
+
+
+def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> dict:
+    """Trains on `batches`, args.gradient_accumulation_steps micro-batches per optimizer step.
+
+    The first step is a warm-up; then one forward and backward pass on each shape the timed steps meet that the
+    warm-up did not (gradients dropped), so that no timed step pays for a first run of a shape; the warm-up's
+    seconds are reported apart. Returns peak_gib; step_seconds, micro_batch_seconds (per step, per micro-batch)
+    and optimizer_seconds of each timed step, and their median_step_seconds; step_losses (each step's mean
+    micro-batch loss, read after its timing); warmup_seconds, warmup_shapes and shapes (input_ids shapes of the
+    warm-up's extra passes and of the timed micro-batches); attention_kernels (the attention operators that ran).
+    """
+    accumulation = args.gradient_accumulation_steps
+    if len(batches) < 2 * accumulation:
         raise ValueError("measure_batches needs micro-batches for at least two optimizer steps (one is warm-up)")
     # Training mode, as the Trainer sets it: transformers recomputes activations (gradient checkpointing) and
     # applies LoRA dropout only in training mode, so a model left in eval mode would be measured without either.
@@ -225,24 +285,67 @@ def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> tup
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    clock = Clock(args.device)
+
+    def on_device(batch: dict) -> dict:
+        return {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def forward_backward(batch: dict) -> torch.Tensor:
+        loss = causal_lm_loss(model, {**on_device(batch), "use_cache": False}, fused) / accumulation
+        loss.backward()
+        return loss.detach()
+
     peak_memory_reset(args.device)
-    times = []
-    steps = len(batches) // args.gradient_accumulation_steps
-    for step in range(steps):
+    start = time.perf_counter()
+    check_recomputation(model, on_device(batches[0]), not args.no_gradient_checkpointing)
+    kernels = AttentionKernels()
+    with kernels:
+        forward_backward(batches[0])
+    for batch in batches[1:accumulation]:
+        forward_backward(batch)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seen = {shape_of(batch) for batch in batches[:accumulation]}
+    timed = batches[accumulation:]
+    shapes = sorted({shape_of(batch) for batch in timed})
+    warmup_shapes = [shape for shape in shapes if shape not in seen]
+    for shape in warmup_shapes:
+        forward_backward(next(batch for batch in timed if shape_of(batch) == shape))
+        model.zero_grad(set_to_none=True)
+    synchronize()
+    warmup_seconds = time.perf_counter() - start
+
+    step_seconds, micro_batch_seconds, optimizer_seconds, step_losses = [], [], [], []
+    for step in range(len(timed) // accumulation):
         start = time.perf_counter()
-        for index in range(step * args.gradient_accumulation_steps, (step + 1) * args.gradient_accumulation_steps):
-            batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batches[index].items()}
-            if index == 0:
-                check_recomputation(model, batch, not args.no_gradient_checkpointing)
-            loss = causal_lm_loss(model, {**batch, "use_cache": False}, fused) / args.gradient_accumulation_steps
-            loss.backward()
+        marks = [clock.mark()]
+        step_loss = torch.zeros((), device=args.device)
+        for batch in timed[step * accumulation : (step + 1) * accumulation]:
+            step_loss += forward_backward(batch).float()
+            marks.append(clock.mark())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        marks.append(clock.mark())
         synchronize()
-        times.append(time.perf_counter() - start)
+        step_seconds.append(time.perf_counter() - start)
+        intervals = clock.intervals(marks)
+        micro_batch_seconds.append(intervals[:-1])
+        optimizer_seconds.append(intervals[-1])
+        step_losses.append(step_loss.item())  # after the step's timing
     peak = peak_memory_gib(args.device)
     del optimizer
-    return peak, times[1:]
+    return {
+        "peak_gib": peak,
+        "median_step_seconds": statistics.median(step_seconds),
+        "step_seconds": step_seconds,
+        "micro_batch_seconds": micro_batch_seconds,
+        "optimizer_seconds": optimizer_seconds,
+        "step_losses": step_losses,
+        "warmup_seconds": warmup_seconds,
+        "warmup_shapes": [list(shape) for shape in warmup_shapes],
+        "shapes": [list(shape) for shape in shapes],
+        "attention_kernels": sorted(kernels.names) or ["none (eager or sdpa's math: matmul and softmax)"],
+    }
 
 
 def profile(args: argparse.Namespace) -> dict[tuple[str, int], str]:
@@ -282,7 +385,8 @@ def table(cells: dict[tuple[str, int], str], args: argparse.Namespace) -> str:
         f"{args.model}, {device}, {args.attn_implementation}{', Liger' if args.use_liger_kernel else ''}"
         f"{', plain loss' if args.plain_loss else ', fused loss'}, "
         f"batch 1, gradient accumulation {args.gradient_accumulation_steps}, "
-        f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}; cells: {memory} / s per step",
+        f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}; cells: {memory} / median s "
+        f"per step of {args.steps}",
         "",
         "| Model Size | Method | " + " | ".join(f"Sequence Length {n}" for n in lengths) + " |",
         "|---|---|" + "---|" * len(lengths),

@@ -20,13 +20,18 @@ with one process, finetune.py --packing with sdpa and flash_attention_2, an fp16
 process's log tail included) or skip (with the reason: no CUDA, no flash_attn, ...), and prints its seconds.
 
 Phase `profile` (bench.gpu_profile's Qwen2-7B-shaped model, batch 1 x gradient accumulation 8, gradient
-checkpointing, sequence lengths 256..8192): for LoRA, Q-LoRA and full fine-tuning, two recipes on the same
-model in the same process: ours (packed rows of a long-tailed length mix, sdpa or flash-attention varlen) and
-Qwen's official recipe (one sample per row padded to the length, eager attention, no packing). Cells give peak
-GPU memory, seconds per optimizer step, real (non-pad) tokens per second and MFU against the GPU's dense bf16
-peak. On an H100 each of profile-lora / -qlora / -full is estimated at 4-8 minutes (a 15 GB random model
-written once, ~30 s; each cell 3 optimizer steps of 8 x L tokens; Q-LoRA the slowest); --budget_s stops
-starting new cells once spent and records the rest as skipped, so a call always returns its report.
+checkpointing, sequence lengths 256..8192): for LoRA, Q-LoRA and full fine-tuning, four recipes on the same
+model in the same process, like with like: ours (packed rows of a long-tailed length mix drawn at random from
+the bins, padded to a multiple of 64 on CUDA as finetune.py does, sdpa or flash-attention varlen, the fused
+loss), ours with the plain loss, Qwen's official recipe (one sample per row padded to the length, eager
+attention, the plain loss) and the official recipe on sdpa (--recipes picks some). Each cell runs a warm-up
+step and a pass on every further shape it will time (timed apart), then --steps (>= 4) timed optimizer steps;
+it gives peak GPU memory, the median seconds per step, median real (non-pad) tokens per second, the pads' share
+and MFU on real tokens against the GPU's dense bf16 peak, and keeps in the JSON each step's and micro-batch's
+seconds, each step's loss, the shapes and the attention kernels that ran; the run records cuDNN's version.
+On an H100 each of profile-lora / -qlora / -full is estimated at 10-20 minutes with all four recipes (a 15 GB
+random model written once, ~30 s; each cell 5 optimizer steps of 8 x L tokens; Q-LoRA the slowest); --budget_s
+stops starting new cells once spent and records the rest as skipped, so a call always returns its report.
 
 Every phase merges its results into OUT/gpu_suite.json (by check name and cell) and rewrites OUT/gpu_suite.md,
 after each check and cell: split runs, even on different machines, give one report.
@@ -51,6 +56,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,9 +80,21 @@ REPORT_MD = "gpu_suite.md"
 PHASES = ("check", "profile-lora", "profile-qlora", "profile-full", "profile", "all", "report")
 PROFILE_MODES = ("lora", "qlora", "full")
 RECIPES = {
-    "ours": "packed rows (best-fit decreasing, sdpa block mask or flash-attention varlen), the fused loss",
+    "ours": "packed rows (best-fit decreasing, sdpa block mask or flash-attention varlen) padded to a multiple of "
+    "the bucket size, the fused loss: what finetune.py --packing trains with",
+    "ours-plain-loss": "ours with the model's own loss (the whole logits), the loss the official recipe computes",
     "official": "Qwen's recipe: one sample per row, padded to the length, eager attention, the whole logits' loss",
+    "official-sdpa": "Qwen's recipe on sdpa attention instead of eager",
 }
+# recipe: (its rows, its attention: None for ours', its loss)
+RECIPE_SETUP = {
+    "ours": ("packed", None, "fused"),
+    "ours-plain-loss": ("packed", None, "plain"),
+    "official": ("padded", "eager", "plain"),
+    "official-sdpa": ("padded", "sdpa", "plain"),
+}
+# Ratio rows of the report's table, (numerator, denominator): what users get, and like with like (same loss).
+RATIOS = (("ours", "official"), ("ours-plain-loss", "official-sdpa"))
 # name: what it shows. Order is the report's.
 CHECKS = {
     "train-lora": "LoRA trains through finetune.train(): loss finite and falling",
@@ -162,6 +180,8 @@ def format_cell(cell: dict) -> str:
     if cell.get("status") != "ok":
         return f"{cell.get('status', '?')}: {cell.get('reason', '')}".rstrip(": ")
     parts = [f"{cell['peak_gib']:.1f}G", f"{cell['s_per_it']:.3g}s/it", f"{cell['tokens_per_s']:,.0f} tok/s"]
+    if cell.get("pad_fraction"):
+        parts.append(f"{100 * cell['pad_fraction']:.0f}% pad")
     if cell.get("mfu") is not None:
         parts.append(f"MFU {100 * cell['mfu']:.0f}%")
     return " / ".join(parts)
@@ -199,7 +219,11 @@ def render_markdown(data: dict) -> str:
         settings = data["profile"]["settings"]
         lines += ["## Profile", ""]
         lines += [f"- {key}: {value}" for key, value in settings.items()]
-        lines.append("- cells: peak memory / seconds per optimizer step / real (non-pad) tokens per second / MFU")
+        lines.append(
+            "- cells: peak memory / median seconds per optimizer step / median real (non-pad) tokens per second / "
+            "share of pad tokens processed / MFU on real tokens; each step's and micro-batch's seconds, the "
+            "warm-up's, the shapes and the attention kernels that ran are in gpu_suite.json"
+        )
         lines.append("")
         lengths = sorted({cell["seq_length"] for cell in cells.values()})
         lines.append("| Model Size | Method | Recipe | " + " | ".join(f"Sequence Length {n}" for n in lengths) + " |")
@@ -211,15 +235,15 @@ def render_markdown(data: dict) -> str:
                 if any(row):
                     shown = [format_cell(cell) if cell else "-" for cell in row]
                     lines.append(f"| {model} | {gpu_profile.MODE_NAMES[mode]} | {recipe} | " + " | ".join(shown) + " |")
-            ratios = []
-            for n in lengths:
-                ours, official = cells.get(f"{mode}/ours/{n}"), cells.get(f"{mode}/official/{n}")
-                both = ours and official and ours.get("status") == "ok" and official.get("status") == "ok"
-                ratios.append(f"{ours['tokens_per_s'] / official['tokens_per_s']:.2f}x" if both else "-")
-            if any(r != "-" for r in ratios):
-                lines.append(
-                    f"| {model} | {gpu_profile.MODE_NAMES[mode]} | ours / official tok/s | " + " | ".join(ratios) + " |"
-                )
+            for numerator, denominator in RATIOS:
+                ratios = []
+                for n in lengths:
+                    top, bottom = cells.get(f"{mode}/{numerator}/{n}"), cells.get(f"{mode}/{denominator}/{n}")
+                    both = top and bottom and top.get("status") == "ok" and bottom.get("status") == "ok"
+                    ratios.append(f"{top['tokens_per_s'] / bottom['tokens_per_s']:.2f}x" if both else "-")
+                if any(r != "-" for r in ratios):
+                    name = f"{numerator} / {denominator} tok/s"
+                    lines.append(f"| {model} | {gpu_profile.MODE_NAMES[mode]} | {name} | " + " | ".join(ratios) + " |")
         devices = sorted({cell["device"] for cell in cells.values()})
         lines += ["", f"Measured on: {', '.join(devices)}."]
     return "\n".join(lines) + "\n"
@@ -244,6 +268,7 @@ def versions() -> dict[str, str | None]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
     }
     for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "flash_attn", "liger_kernel"):
         try:
@@ -713,11 +738,15 @@ def matmul_params(model_name: str) -> int:
     return total if tied else total - embedding.numel()
 
 
-def make_batches(recipe: str, seq_length: int, rows: int, vocabulary: int, layout: str) -> tuple[list[dict], list[int]]:
+def make_batches(
+    rows_kind: str, seq_length: int, rows: int, vocabulary: int, layout: str, multiple: int
+) -> tuple[list[dict], list[int]]:
     """`rows` micro-batches of one row each, and the real (non-pad) tokens of each.
 
-    ours: samples of a long-tailed length mix (bench.common.lognormal_length, median 180, clipped to the
-    length) packed by sft.packing; official: one sample of the same mix per row, padded to the length."""
+    packed: samples of a long-tailed length mix (bench.common.lognormal_length, median 180, clipped to the
+    length) packed by sft.packing, rows drawn at random from all the bins (packing's order puts the fullest
+    first), padded to a multiple of `multiple` as finetune.py pads them; padded: one sample of the same mix per
+    row, padded to the length. Seeded by the length: every recipe of a kind gets the same rows."""
     import datasets
 
     from sft.data import IGNORE_INDEX
@@ -730,7 +759,7 @@ def make_batches(recipe: str, seq_length: int, rows: int, vocabulary: int, layou
         return torch.randint(0, vocabulary, (lognormal_length(rng, low=16, high=seq_length),), generator=generator)
 
     batches, real = [], []
-    if recipe == "official":
+    if rows_kind == "padded":
         for _ in range(rows):
             ids = sample()
             input_ids = torch.zeros(1, seq_length, dtype=torch.long)
@@ -742,13 +771,13 @@ def make_batches(recipe: str, seq_length: int, rows: int, vocabulary: int, layou
             real.append(len(ids))
         return batches, real
     samples, total = [], 0
-    while total < 1.3 * rows * seq_length:
+    while total < 2 * rows * seq_length:  # bins enough to draw `rows` of them
         ids = sample().tolist()
         samples.append(ids)
         total += len(ids)
     packed = pack_dataset(datasets.Dataset.from_dict({"input_ids": samples, "labels": samples}), seq_length)
-    collator = PackedCollator(0, layout)
-    for index in range(rows):
+    collator = PackedCollator(0, layout, pad_to_multiple_of=multiple, max_length=seq_length)
+    for index in rng.sample(range(len(packed)), rows):
         row = packed[index]
         batches.append(collator([row]))
         real.append(row["length"])
@@ -756,11 +785,15 @@ def make_batches(recipe: str, seq_length: int, rows: int, vocabulary: int, layou
 
 
 def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Budget, modes: list[str]) -> None:
+    from sft.data import pad_multiple
+
     model_name = "tiny" if args.smoke else "qwen2-7b"
     lengths = args.seq_lengths or ([32, 64] if args.smoke else [256, 512, 1024, 2048, 4096, 8192])
     accumulation = 2 if args.smoke else 8
-    steps = 1 if args.smoke else args.steps
+    steps = args.steps
+    recipes = args.recipes or list(RECIPES)
     ours_attention = "sdpa" if flash_attention_reason() else "flash_attention_2"
+    multiple = pad_multiple(None, DEVICE)  # as finetune.py decides it on this device
     peak, assumed = (
         (args.peak_tflops * 1e12, f"{args.peak_tflops:g} TFLOP/s (--peak_tflops)") if args.peak_tflops else peak_flops()
     )
@@ -769,17 +802,20 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
         {
             "model": model_name,
             "batch": f"1 x gradient accumulation {accumulation}, gradient checkpointing on, LoRA r 64 all-linear",
-            "steps": f"{steps} measured optimizer steps per cell after 1 warm-up step",
-            "ours": f"{RECIPES['ours']}; attention: {ours_attention}"
-            + ("" if ours_attention != "sdpa" else f" ({flash_attention_reason()})"),
-            "official": RECIPES["official"],
+            "steps": f"{steps} timed optimizer steps per cell, the median reported, after a warm-up step and one "
+            "forward and backward pass on each further shape the timed steps meet (timed apart)",
+            **{recipe: RECIPES[recipe] for recipe in recipes},
+            "ours attention": ours_attention + ("" if ours_attention != "sdpa" else f" ({flash_attention_reason()})"),
+            "ours rows": f"drawn at random (seeded) from all the packed bins; padded to a multiple of {multiple} tokens"
+            + (" (finetune.py's default on CUDA)" if multiple > 1 else " (none: finetune.py's default off CUDA)"),
             "data": "random token ids, sample lengths lognormal (median 180, sigma 1) clipped to [16, length]",
             "dtype": "bf16 weights (full: bf16 weights, gradients and AdamW states, torch AdamW)"
             if DEVICE == "cuda"
             else "float32 (CPU)",
+            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
             "MFU": "6 x N x tokens for full, (4 x N + 6 x trained) x tokens for LoRA/Q-LoRA (frozen weights get no "
             f"weight gradients); N = {matmul:,} parameters in matrix products (all but the input embedding); tokens "
-            "= all tokens the model processed, pads included; recompute and attention-score FLOPs not counted",
+            "= real (non-pad) tokens, the pads' share reported apart; recompute and attention-score FLOPs not counted",
             "peak": assumed,
         }
     )
@@ -794,18 +830,20 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
         steps=steps,
     )
     print(f"profile: MFU against {assumed}", flush=True)
+
+    def skip_all(mode: str, reason: str) -> None:
+        for n in lengths:
+            for recipe in RECIPES:
+                report.cell(mode, recipe, n, status="skip", reason=reason)
+
     path = None
     for mode in modes:
         done: set[str] = set()
         if mode == "qlora" and (reason := gpu_only_reason()):
-            for n in lengths:
-                for recipe in RECIPES:
-                    report.cell(mode, recipe, n, status="skip", reason=f"CUDA bitsandbytes kernels: {reason}")
+            skip_all(mode, f"CUDA bitsandbytes kernels: {reason}")
             continue
         if reason := budget.spent():
-            for n in lengths:
-                for recipe in RECIPES:
-                    report.cell(mode, recipe, n, status="skip", reason=reason)
+            skip_all(mode, reason)
             continue
         if path is None:
             path = gpu_profile.write_random_model(model_name, work, DEVICE)
@@ -817,22 +855,27 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
             per_token = flops_per_token(matmul, trained, mode)
             vocabulary = model.get_input_embeddings().weight.shape[0]
             for n in lengths:
+                rows: dict[str, tuple[list[dict], list[int]]] = {}  # the same rows for every recipe of a kind
                 for recipe in RECIPES:
+                    if recipe not in recipes:
+                        report.cell(mode, recipe, n, status="skip", reason="not selected (--recipes)")
+                        continue
                     if reason := budget.spent():
                         report.cell(mode, recipe, n, status="skip", reason=reason)
                         continue
-                    attention = ours_attention if recipe == "ours" else "eager"
+                    rows_kind, attention, loss = RECIPE_SETUP[recipe]
+                    attention = attention or ours_attention
                     model.set_attn_implementation(attention)
-                    # Ours trains with finetune.py's fused loss; Qwen's recipe computes the whole logits.
-                    profile_args.plain_loss = recipe == "official"
+                    profile_args.plain_loss = loss == "plain"
                     layout = "flat" if "flash" in attention else "rows"
-                    batches, real_rows = make_batches(recipe, n, (steps + 1) * accumulation, vocabulary, layout)
-                    timed = batches[accumulation:]  # the first optimizer step is the warm-up
-                    real = sum(real_rows[accumulation:])
-                    processed = sum(int(b["input_ids"].numel()) for b in timed)
+                    if rows_kind not in rows:
+                        rows[rows_kind] = make_batches(
+                            rows_kind, n, (steps + 1) * accumulation, vocabulary, layout, multiple
+                        )
+                    batches, real_rows = rows[rows_kind]
                     done.add(f"{recipe}/{n}")
                     try:
-                        peak_gib, step_seconds = gpu_profile.measure_batches(model, batches, profile_args)
+                        measured = gpu_profile.measure_batches(model, batches, profile_args)
                     except torch.OutOfMemoryError:
                         model.zero_grad(set_to_none=True)
                         free_memory()
@@ -844,23 +887,14 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
                         free_memory()
                         report.cell(mode, recipe, n, status="error", reason=f"{type(error).__name__}: {error}"[:300])
                         continue
-                    seconds = sum(step_seconds)
-                    mfu = per_token * processed / seconds / peak if peak else None
                     report.cell(
                         mode,
                         recipe,
                         n,
-                        status="ok",
+                        **profile_figures(measured, batches, real_rows, accumulation, per_token, peak),
                         attention=attention,
-                        loss="plain" if profile_args.plain_loss else "fused",
-                        peak_gib=peak_gib,
-                        s_per_it=seconds / len(step_seconds),
-                        tokens_per_s=real / seconds,
-                        processed_tokens_per_s=processed / seconds,
-                        real_tokens=real,
-                        processed_tokens=processed,
+                        loss=loss,
                         trained_params=trained,
-                        mfu=mfu,
                     )
         except Exception as error:  # loading or adapting the model failed: every cell of this mode says why
             traceback.print_exc()
@@ -873,6 +907,31 @@ def run_profile(args: argparse.Namespace, report: Report, work: Path, budget: Bu
         finally:
             del model
             free_memory()
+
+
+def profile_figures(
+    measured: dict, batches: list[dict], real_rows: list[int], accumulation: int, per_token: float, peak: float | None
+) -> dict:
+    """A cell's figures from gpu_profile.measure_batches' timings of the steps after the first (the warm-up): the
+    median step, the median of each step's real tokens per second, MFU on real tokens, the pads' share apart."""
+    step_seconds = measured["step_seconds"]
+    real_per_step = [sum(real_rows[accumulation * (k + 1) : accumulation * (k + 2)]) for k in range(len(step_seconds))]
+    processed = sum(int(batch["input_ids"].numel()) for batch in batches[accumulation:])
+    real = sum(real_per_step)
+    tokens_per_s = statistics.median(tokens / seconds for tokens, seconds in zip(real_per_step, step_seconds))
+    return {
+        "status": "ok",
+        "s_per_it": measured["median_step_seconds"],
+        "tokens_per_s": tokens_per_s,
+        "processed_tokens_per_s": tokens_per_s * processed / real,
+        "real_tokens": real,
+        "processed_tokens": processed,
+        "pad_tokens": processed - real,
+        "pad_fraction": (processed - real) / processed,
+        "real_tokens_per_step": real_per_step,
+        "mfu": per_token * tokens_per_s / peak if peak else None,
+        **{key: value for key, value in measured.items() if key != "median_step_seconds"},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -888,10 +947,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checks", nargs="+", choices=list(CHECKS), help="run only these checks (others: skip)")
     parser.add_argument("--parallel", type=int, default=3, help="launcher checks run at the same time (1: one by one)")
     parser.add_argument("--seq_lengths", nargs="+", type=int, help="profile lengths (default 256 .. 8192)")
-    parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per profile cell")
+    parser.add_argument(
+        "--steps", type=int, default=gpu_profile.MIN_TIMED_STEPS, help="timed optimizer steps per profile cell (>= 4)"
+    )
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), help="profile only these (others: skip)")
     parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak, if not known by name")
     parser.add_argument("--merge", nargs="+", default=[], help="gpu_suite.json files of other runs to merge in")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps < gpu_profile.MIN_TIMED_STEPS:
+        parser.error(f"--steps: at least {gpu_profile.MIN_TIMED_STEPS}, so that the median is not one step's accident")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -150,6 +150,15 @@ class TrainingArguments(transformers.TrainingArguments):
             "DeepSpeed, whose update is already applied, the first stops the run); the last good checkpoint is kept."
         },
     )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pad each batch's rows (padded or packed) to a multiple of this many tokens, never past "
+            "model_max_length, so that attention kernels meet a handful of shapes in a run (cuDNN attention and "
+            "torch.compile build a plan per new shape); the padding is never trained. Default: 64 on CUDA, none "
+            "(the longest row) elsewhere; 1: none."
+        },
+    )
     fused_loss: bool = field(
         default=True,
         metadata={
@@ -310,6 +319,10 @@ def check_required(model_args: ModelArguments, data_args: DataArguments) -> None
 
 def check_arguments(training_args: TrainingArguments, lora_args: LoraArguments) -> None:
     """Argument combinations that cannot work, refused before anything is loaded."""
+    if training_args.pad_to_multiple_of is not None and training_args.pad_to_multiple_of < 1:
+        raise ConfigurationError(
+            f"--pad_to_multiple_of must be 1 (no rounding) or more, got {training_args.pad_to_multiple_of}"
+        )
     if lora_args.q_lora and not training_args.use_lora:
         raise ConfigurationError("--q_lora trains LoRA adapters on a quantised model: add --use_lora")
     if lora_args.bits not in (4, 8):

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from sft.data import IGNORE_INDEX, own_mapping
+from sft.data import IGNORE_INDEX, bucketed_length, own_mapping
 from sft.errors import UserError
 from sft.packing_models import build_masks_from_positions, linear_mixers, mixer_leaks, restart_linear_mixers
 
@@ -182,21 +182,41 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset
     return packed
 
 
+def pad_block(length: int, target: int, pad_token_id: int) -> dict[str, list[int]]:
+    """The padding that brings a packed row of `length` tokens to `target`: pad tokens with label -100 and positions
+    0, 1, ... of their own, so that any boundary list read from positions (transformers' masks, cu_seq_lens) makes
+    them a separate block, attended to by no real token and trained on by none."""
+    pad = target - length
+    return {"input_ids": [pad_token_id] * pad, "labels": [IGNORE_INDEX] * pad, "position_ids": list(range(pad))}
+
+
 class PackedCollator:
     """Batches packed rows without an attention mask, so that transformers masks by `position_ids`.
 
-    layout "rows": rows padded to the longest (the padding gets positions 0, 1, ... of its own and label -100, so
-    it is a separate block that no real token attends to). layout "flat": all rows of the batch concatenated into
-    one, with the flash-attention varlen arguments.
+    layout "rows": rows padded to the longest, rounded up to a multiple of `pad_to_multiple_of` but not past
+    `max_length` (sft.data.bucketed_length); the padding is a `pad_block`, so no real token attends to it. layout
+    "flat": all rows of the batch concatenated into one (and the total rounded up the same way, with no cap), with
+    the flash-attention varlen arguments; a pad block is a segment of its own there too.
     """
 
-    def __init__(self, pad_token_id: int, layout: PackingLayout = "rows", seq_idx: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        layout: PackingLayout = "rows",
+        pad_to_multiple_of: int = 1,
+        max_length: int | None = None,
+        seq_idx: bool = False,
+    ):
         self.pad_token_id = pad_token_id
         self.layout = layout
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
         self.seq_idx = seq_idx  # the sample index of every token too, for linear-attention kernels (flat layout)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor | int]:
         if self.layout == "flat":
+            total = sum(len(f["input_ids"]) for f in features)
+            features = [*features, pad_block(total, bucketed_length(total, self.pad_to_multiple_of), self.pad_token_id)]
             position_ids = torch.tensor([[p for f in features for p in f["position_ids"]]])
             return {
                 "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]]),
@@ -205,12 +225,13 @@ class PackedCollator:
                 **flat_boundaries(position_ids[0], self.seq_idx),
             }
         longest = max(len(f["input_ids"]) for f in features)
+        length = bucketed_length(longest, self.pad_to_multiple_of, self.max_length)
         input_ids, labels, position_ids = [], [], []
         for f in features:
-            pad = longest - len(f["input_ids"])
-            input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-            position_ids.append(list(f["position_ids"]) + list(range(pad)))
+            pad = pad_block(len(f["input_ids"]), length, self.pad_token_id)
+            input_ids.append(list(f["input_ids"]) + pad["input_ids"])
+            labels.append(list(f["labels"]) + pad["labels"])
+            position_ids.append(list(f["position_ids"]) + pad["position_ids"])
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
@@ -330,10 +351,16 @@ class LeakProbe(TrainerCallback):
 
 
 def packing_collator(
-    model: PreTrainedModel, pad_token_id: int, use_cache: bool = False, device_type: str | None = None
+    model: PreTrainedModel,
+    pad_token_id: int,
+    use_cache: bool = False,
+    pad_to_multiple_of: int = 1,
+    max_length: int | None = None,
+    device_type: str | None = None,
 ) -> PackedCollator:
     """The collator of packed rows for the model's attention implementation; a PackingError where packing would
-    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off. Sets the model
+    let samples attend to each other. `use_cache` is the Trainer's --use_cache, which must stay off; rows are
+    padded to a multiple of `pad_to_multiple_of` (sft.data.pad_multiple), at most `max_length`. Sets the model
     up to keep samples apart where its own code does not (sft.packing_models), for `device_type`, the device it
     trains on (default: where it is now)."""
     if use_cache:
@@ -342,7 +369,7 @@ def packing_collator(
     device_type = device_type or next(model.parameters()).device.type
     hybrid = restart_linear_mixers(model, device_type) is not None
     build_masks_from_positions(model)
-    return PackedCollator(pad_token_id, layout, seq_idx=hybrid)
+    return PackedCollator(pad_token_id, layout, pad_to_multiple_of, max_length, seq_idx=hybrid)
 
 
 def prepare_packing(

@@ -9,7 +9,9 @@
   non-finite loss or gradient norm skips that step (its gradients are dropped, or the fp16 loss scaler skips it)
   and `max_nonfinite_steps` such steps in a row stop the run without saving over the last good checkpoint; an
   ordinary fp16 overflow the scaler skips is not counted; a non-finite step DeepSpeed has already applied stops
-  the run at once.
+  the run at once. Whether a micro-batch's loss is finite stays on the device, read once per optimizer step with
+  the gradient norm: no host synchronisation of ours per micro-batch (nor the Trainer's --logging_nan_inf_filter
+  one, applied on the device instead).
 - The training loss is fused with the output layer (sft/loss.py) unless `--fused_loss false`: set up once, used
   in `compute_loss` wherever nobody needs the logits.
 - Tokens are counted as they are trained on (`token_counts`, `throughput`), across resumes: each checkpoint's
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -65,6 +66,15 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def _norm_on(device: torch.device, grad_norm) -> torch.Tensor:
+    """The gradient norm as a 0-d tensor on `device` without reading it on the host: a tensor (a DTensor under
+    FSDP2, made whole), a float (DeepSpeed) or None (not computed: 0)."""
+    if isinstance(grad_norm, torch.Tensor):
+        whole = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return whole.detach().float().reshape(()).to(device)
+    return torch.tensor(float(grad_norm or 0.0), device=device)
+
+
 class _GuardAfterStep(TrainerCallback):
     """Hands the Trainer's on_optimizer_step event to the guard: the step's outcome is known only then."""
 
@@ -96,7 +106,8 @@ class FinetuneTrainer(Trainer):
         self._resumed_loss_sum = 0.0  # the sum of the per-step losses of the sessions before this one
         self.nonfinite_steps = 0  # in a row
         self.nonfinite_stop_step: int | None = None
-        self._loss_nonfinite = False  # this process, this optimizer step
+        self._loss_nonfinite: torch.Tensor | None = None  # this process, this optimizer step: a flag on the device
+        self._host_nan_inf_filter: bool | None = None  # --logging_nan_inf_filter, applied on the device meanwhile
         self._step_flags = (False, False)  # all processes: (loss, gradient norm) not finite, this step
         self._step_grad_norm = None
         self.add_callback(_GuardAfterStep(self))
@@ -248,11 +259,27 @@ class FinetuneTrainer(Trainer):
     # ---- NaN / inf guard ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, with no host synchronisation of ours per micro-batch: whether the loss is finite
+        stays on the device until the optimizer step (`_get_grad_norm`) reads it, once."""
         self._count_tokens(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            self._loss_nonfinite = True
-        return loss
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_nonfinite = ~finite if self._loss_nonfinite is None else self._loss_nonfinite | ~finite
+        return self._filter_logged_loss(loss, finite)
+
+    def _filter_logged_loss(self, loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """transformers' --logging_nan_inf_filter, on the device: the Trainer's own check reads every micro-batch's
+        loss on the host (a synchronisation each), so it is off from here until the step's end
+        (`_maybe_log_save_evaluate` puts it back for evaluation and saving), and a non-finite loss is replaced here
+        by what the Trainer would have added in its place: the mean of the losses since the last log."""
+        if self._host_nan_inf_filter is None:
+            self._host_nan_inf_filter = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = False
+        logged = getattr(self, "_tr_loss", None)  # the Trainer's running sum since the last log
+        if not self._host_nan_inf_filter or logged is None:
+            return loss
+        mean_since_log = logged / (1 + self.state.global_step - self._globalstep_last_logged)
+        return torch.where(finite, loss, mean_since_log.to(loss.dtype))
 
     def _update_engine(self) -> UpdateEngine:
         if self.is_deepspeed_enabled:
@@ -263,13 +290,15 @@ class FinetuneTrainer(Trainer):
         # Called once per optimizer step, after backward and clipping, before optimizer.step() (under DeepSpeed,
         # after its step: accelerate runs the engine's step inside backward).
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        norm_nonfinite = grad_norm is not None and not math.isfinite(float(grad_norm))
+        device = self.args.device
+        loss_nonfinite = self._loss_nonfinite if self._loss_nonfinite is not None else torch.tensor(False)
+        flags = torch.stack([loss_nonfinite.to(device), ~torch.isfinite(_norm_on(device, grad_norm))]).float()
         # One decision for all processes: a rank that skipped or stopped alone would hang the others.
-        flags = torch.tensor([float(self._loss_nonfinite), float(norm_nonfinite)], device=self.args.device)
         flags = self.accelerator.reduce(flags, reduction="sum")
-        self._step_flags = (bool(flags[0] > 0), bool(flags[1] > 0))
+        loss_flag, norm_flag = flags.tolist()  # the step's one read of the flags on the host
+        self._step_flags = (loss_flag > 0, norm_flag > 0)
         self._step_grad_norm = grad_norm
-        self._loss_nonfinite = False
+        self._loss_nonfinite = None
         if self._update_engine() == "plain" and any(self._step_flags):
             for parameter in model.parameters():
                 parameter.grad = None  # the optimizer skips parameters without a gradient
@@ -305,6 +334,8 @@ class FinetuneTrainer(Trainer):
             self.control.should_training_stop = True
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
+        if self._host_nan_inf_filter is not None:  # as given, for evaluation and the saved arguments
+            self.args.logging_nan_inf_filter = self._host_nan_inf_filter
         if self.nonfinite_stop_step is not None:
             self.control.should_save = False  # keep the last good checkpoint as the newest one
         return super()._maybe_log_save_evaluate(*args, **kwargs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import finetune_arguments
 
-from sft.args import DEFAULT_OPTIM, check_bf16, check_deepspeed_optimizer, check_parallelism
+from sft.args import DEFAULT_OPTIM, check_arguments, check_bf16, check_deepspeed_optimizer, check_parallelism
 from sft.errors import ConfigurationError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,3 +100,11 @@ def test_sources_with_spaces_are_read_whole(tmp_path):
     data.preprocessing_cache_dir = str(tmp_path / "cache")
     train, _ = load_train_eval(data, seed=0)
     assert sorted(set(train["file"])) == sorted([str(folder / "a b.jsonl"), examples])
+
+
+def test_pad_to_multiple_of_must_be_positive():
+    _, _, training, lora = finetune_arguments(*BASE, "--pad_to_multiple_of", "0")
+    with pytest.raises(ConfigurationError, match="--pad_to_multiple_of must be 1 .no rounding. or more, got 0"):
+        check_arguments(training, lora)
+    _, _, training, lora = finetune_arguments(*BASE)
+    assert training.pad_to_multiple_of is None  # decided by the device when training starts (sft.data.pad_multiple)

@@ -5,17 +5,22 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from chat_templates import LLAMA3_TEMPLATE, THINKING_TEMPLATE
+from transformers import AutoModelForCausalLM
 
 from sft.data import (
+    CUDA_PAD_MULTIPLE,
     IGNORE_INDEX,
     DataError,
+    bucketed_length,
     label_spans,
     label_spans_many,
     labels_from_offsets,
     labels_of_encoding,
     load_conversations,
     make_collator,
+    pad_multiple,
     spans_by_prefixes,
     tokenize_conversation,
     tokenize_conversations,
@@ -414,6 +419,42 @@ def test_collator_pads_to_the_longest_sample_only(tokenizer):
     assert batch["attention_mask"][1, short:].sum() == 0
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
     assert make_collator(tokenizer, pad_to_length=256)(rows)["input_ids"].shape == (2, 256)
+
+
+def test_bucket_size_is_decided_once_by_the_device_unless_asked(caplog):
+    with caplog.at_level("INFO", logger="sft.data.collate"):
+        assert pad_multiple(None, "cuda") == CUDA_PAD_MULTIPLE == 64
+    assert caplog.messages == ["Batches: rows padded to a multiple of 64 tokens (the default on CUDA: few shapes for "
+                               "the attention kernels)"]  # fmt: skip
+    assert pad_multiple(None, "cpu") == 1  # the CPU's kernels build nothing per shape: no extra padding there
+    assert pad_multiple(8, "cpu") == 8 and pad_multiple(1, "cuda") == 1  # --pad_to_multiple_of wins
+
+
+def test_bucketed_lengths_are_multiples_never_past_the_training_length():
+    assert [bucketed_length(n, 64) for n in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    assert [bucketed_length(n, 64, cap=150) for n in (1, 100, 130, 150)] == [64, 128, 150, 150]
+    assert bucketed_length(37, 1) == 37 and bucketed_length(300, 64, cap=256) == 300  # never cuts a row
+
+
+@torch.no_grad()
+def test_bucketed_padding_keeps_the_loss_and_the_shapes_few(tokenizer, tiny_model):
+    ids = tokenize_conversation(tokenizer, MULTI_TURN + MULTI_TURN[1:] * 8, 300)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(24):  # rows of random lengths, each a prefix of one conversation, trained where it is
+        length = rng.randint(8, len(ids.input_ids))
+        rows.append({"input_ids": ids.input_ids[:length], "labels": ids.labels[:length]})
+    plain, bucketed = make_collator(tokenizer), make_collator(tokenizer, pad_to_multiple_of=64, max_length=300)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    plain_shapes, bucketed_shapes = set(), set()
+    for start in range(0, len(rows), 3):
+        batch, padded = plain(rows[start : start + 3]), bucketed(rows[start : start + 3])
+        plain_shapes.add(batch["input_ids"].shape[1])
+        bucketed_shapes.add(padded["input_ids"].shape[1])
+        assert padded["attention_mask"].sum() == batch["attention_mask"].sum()
+        assert (padded["labels"][:, batch["labels"].shape[1] :] == IGNORE_INDEX).all()
+        assert model(**padded).loss.item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+    assert bucketed_shapes <= {64, 128, 192, 256, 300} and len(bucketed_shapes) < len(plain_shapes)
 
 
 def test_data_errors_are_user_errors_and_still_value_errors(tokenizer, tmp_path):

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_profile_smoke_run_prints_the_qwen_layout(tmp_path):
-    command = ["-m", "bench.gpu_profile", "--tiny", "--device", "cpu", "--seq_lengths", "16", "--steps", "1"]
+    command = ["-m", "bench.gpu_profile", "--tiny", "--device", "cpu", "--seq_lengths", "16", "--steps", "4"]
     command += ["--gradient_accumulation_steps", "1", "--lora_r", "4", "--work_dir", str(tmp_path)]
     done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

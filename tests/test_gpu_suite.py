@@ -4,6 +4,7 @@ with their reason, and split runs merge into the same files."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -83,28 +84,41 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     )
 
     cells = report["profile"]["cells"]
-    assert set(cells) == {
-        f"{mode}/{recipe}/32" for mode in ("lora", "qlora", "full") for recipe in ("ours", "official")
-    }
+    recipes = {"ours": "fused", "ours-plain-loss": "plain", "official": "plain", "official-sdpa": "plain"}
+    assert set(cells) == {f"{mode}/{recipe}/32" for mode in ("lora", "qlora", "full") for recipe in recipes}
     for mode in ("lora", "full"):
-        for recipe in ("ours", "official"):
+        for recipe, loss in recipes.items():
             cell = cells[f"{mode}/{recipe}/32"]
             assert cell["status"] == "ok", cell
+            assert cell["loss"] == loss  # both losses measured: ours against the official one's on the same rows
             assert cell["s_per_it"] > 0 and cell["tokens_per_s"] > 0 and cell["mfu"] is None
-            # Padding is processed but not counted as real tokens; packed rows hold only real tokens.
-            assert cell["processed_tokens"] >= cell["real_tokens"] > 0
-        assert cells[f"{mode}/ours/32"]["attention"] == "sdpa"
-        # Ours trains with finetune.py's fused loss, Qwen's recipe with the whole logits: both measured.
-        assert (cells[f"{mode}/ours/32"]["loss"], cells[f"{mode}/official/32"]["loss"]) == ("fused", "plain")
-        assert cells[f"{mode}/official/32"]["attention"] == "eager"
-    for recipe in ("ours", "official"):
+            # Like with like: at least 4 timed steps, each step's and micro-batch's seconds kept, the median shown.
+            steps = cell["step_seconds"]
+            assert len(steps) >= 4 and cell["s_per_it"] == statistics.median(steps)
+            assert [len(micro) for micro in cell["micro_batch_seconds"]] == [2] * len(steps)  # accumulation 2
+            assert len(cell["step_losses"]) == len(steps) and all(loss > 0 for loss in cell["step_losses"])
+            assert cell["warmup_seconds"] > 0 and cell["shapes"] and cell["attention_kernels"]
+            # Pads are processed but neither counted as real tokens nor in MFU; apart, as their share.
+            assert cell["processed_tokens"] == cell["real_tokens"] + cell["pad_tokens"]
+            assert cell["pad_fraction"] == pytest.approx(cell["pad_tokens"] / cell["processed_tokens"])
+        for recipe, attention in (("ours", "sdpa"), ("official", "eager"), ("official-sdpa", "sdpa")):
+            assert cells[f"{mode}/{recipe}/32"]["attention"] == attention
+        # sdpa's own choice of kernel is recorded: on a CPU its flash kernel, none for eager attention
+        assert any("scaled_dot_product" in name for name in cells[f"{mode}/ours/32"]["attention_kernels"])
+        assert cells[f"{mode}/official/32"]["attention_kernels"][0].startswith("none")
+        assert cells[f"{mode}/official/32"]["shapes"] == [[1, 32]]  # every row padded to the length
+        assert cells[f"{mode}/ours/32"]["pad_tokens"] == 0  # packed rows of batch 1, no bucketing on a CPU
+    for recipe in recipes:
         assert cells[f"qlora/{recipe}/32"]["status"] == "skip" and "CUDA" in cells[f"qlora/{recipe}/32"]["reason"]
-    assert "MFU not computed" in report["profile"]["settings"]["peak"]
+    settings = report["profile"]["settings"]
+    assert "MFU not computed" in settings["peak"] and "real (non-pad) tokens" in settings["MFU"]
+    assert "cudnn" in settings and "cudnn" in report["runs"][-1]["versions"]
 
     markdown = (out / REPORT_MD).read_text()
     for name in ALL_CHECKS:
         assert f"| {name} | **{checks[name]['status']}** |" in markdown
     assert "| Model Size | Method | Recipe | Sequence Length 32 |" in markdown
+    assert "| tiny | LoRA | ours-plain-loss / official-sdpa tok/s |" in markdown
     assert "| tiny | Q-LoRA | ours | skip: CUDA bitsandbytes kernels" in markdown
 
     # Reports of separate calls (separate machines) merge into one.

@@ -175,6 +175,37 @@ def test_packed_loss_equals_unpacked_loss(tiny_model, tokenizer, samples, implem
     assert packed_sum / packed_count == pytest.approx(unpacked_sum / unpacked_count, rel=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+@torch.no_grad()
+def test_bucketed_packed_rows_keep_the_loss_and_meet_few_shapes(tiny_model, tokenizer, samples, layout):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    packed = pack_dataset(samples, max_length=256)
+    plain = PackedCollator(tokenizer.pad_token_id, layout)
+    bucketed = PackedCollator(tokenizer.pad_token_id, layout, pad_to_multiple_of=64, max_length=256)
+    sums, shapes = {"plain": [0.0, 0], "bucketed": [0.0, 0]}, {"plain": set(), "bucketed": set()}
+    start, size = 0, 1
+    while start < len(packed):  # batches of 1, 2 and 3 rows
+        rows = [packed[i] for i in range(start, min(start + size, len(packed)))]
+        for name, collate in (("plain", plain), ("bucketed", bucketed)):
+            batch = collate(rows)
+            shapes[name].add(batch["input_ids"].shape[1])
+            if layout == "flat":  # the pad block is a segment of its own in the varlen boundaries
+                real = sum(len(row["input_ids"]) for row in rows)
+                ends = batch["cu_seq_lens_q"].tolist()
+                assert real in ends and ends[-1] == batch["input_ids"].shape[1]
+                varlen_keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+                batch = {key: value for key, value in batch.items() if key not in varlen_keys}  # sdpa reads positions
+            loss, count = summed_token_loss(model, batch)
+            sums[name][0] += loss
+            sums[name][1] += count
+        start, size = start + size, size % 3 + 1
+    assert sums["bucketed"][1] == sums["plain"][1]
+    assert sums["bucketed"][0] == pytest.approx(sums["plain"][0], rel=1e-5)
+    assert all(length % 64 == 0 for length in shapes["bucketed"])
+    if layout == "rows":
+        assert shapes["bucketed"] <= {64, 128, 192, 256} and len(shapes["bucketed"]) < len(shapes["plain"])
+
+
 def test_packing_refused_where_attention_would_leak(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
     check_no_leak(model, packing_layout(model))  # transformers' sdpa keeps packed samples apart
@@ -192,9 +223,10 @@ def test_finetune_trains_packed_and_refuses_a_leaking_attention(tiny_model, tmp_
         # A repeated flag takes its last value: batch 2 here, so that a packed row holds several samples.
         return [*common_args(model, output, steps=6), "--per_device_train_batch_size", "2", "--packing", *extra]
 
-    trainer = run_finetune(*finetune_args(tiny_model, tmp_path / "packed"))
+    trainer = run_finetune(*finetune_args(tiny_model, tmp_path / "packed", "--pad_to_multiple_of", "64"))
     batch = next(iter(trainer.get_train_dataloader()))
     assert "position_ids" in batch and "attention_mask" not in batch
+    assert batch["input_ids"].shape[1] % 64 == 0  # --pad_to_multiple_of reaches the collator
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]  # several samples per row
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]

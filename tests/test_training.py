@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
+from transformers import Trainer
 
 from sft.errors import UserError
 from sft.stopping import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, nonfinite_verdict
@@ -224,3 +227,42 @@ def test_bf16_without_a_gpu_says_so(tmp_path, run_finetune):
         pytest.skip("this machine has an accelerator")
     with pytest.raises(UserError, match="--bf16: no GPU found"):
         run_finetune("--output_dir", str(tmp_path / "out"), "--bf16")
+
+
+HOST_READS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+TRAINING_LOOP = (
+    str(REPO / "sft" / "training.py"),
+    str(REPO / "sft" / "loss.py"),
+    sys.modules[Trainer.__module__].__file__,
+)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the reads of a tensor's value on the host (item(), bool(), float(), tolist()...: on a GPU each one
+    waits for the device to finish) made by the training loop's own code, ours and the Trainer's, by caller."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_caller: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in HOST_READS:
+            caller = sys._getframe(1).f_code
+            if caller.co_filename in TRAINING_LOOP:
+                self.by_caller[f"{Path(caller.co_filename).name}:{caller.co_name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_loop_reads_the_device_once_per_optimizer_step_not_per_micro_batch(tiny_model, tmp_path, run_finetune,
+                                                                               common_args):  # fmt: skip
+    reads = {}
+    for accumulation in (1, 4):  # 2 optimizer steps of 1 or 4 micro-batches, all within one epoch
+        with HostReads() as host_reads:
+            run_finetune(
+                *common_args(tiny_model, tmp_path / f"accumulation-{accumulation}", steps=2),
+                *("--use_lora", "--per_device_train_batch_size", "1"),
+                *("--gradient_accumulation_steps", str(accumulation)),
+            )
+        reads[accumulation] = host_reads.by_caller
+    assert reads[4] == reads[1]  # four times the micro-batches, not one read more
+    assert reads[1]["training.py:_get_grad_norm"] == 2  # the NaN guard: one read of its flags per optimizer step

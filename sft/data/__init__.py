@@ -24,7 +24,7 @@ Every public name is importable from `sft.data` itself.
 """
 
 from sft.data.arrow_files import read_data
-from sft.data.collate import make_collator
+from sft.data.collate import CUDA_PAD_MULTIPLE, BucketedCollator, bucketed_length, make_collator, pad_multiple
 from sft.data.formats import (
     ALPACA_KEYS,
     ROLE_NAMES,
@@ -139,6 +139,10 @@ __all__ = [
     "load_conversations",
     "load_tools",
     "make_collator",
+    "pad_multiple",
+    "bucketed_length",
+    "BucketedCollator",
+    "CUDA_PAD_MULTIPLE",
     "own_mapping",
     "missing_tool_text",
     "parse_record",
