@@ -2,11 +2,11 @@
 
 For every family of scripts/tiny_families.py a tiny random model is built and put through our own code paths, one
 forward and backward pass each, no training: finetune.py's `sft.model_setup.build_model` for full fine-tuning, LoRA
-and Q-LoRA with the default flags; sft.packing's collator choice and leak probe; sft.loss's fused-or-plain
-decision; merge_lora.py on a (randomly perturbed) adapter; sft.chat loading and replying. Each mode comes out as works, refused (our
-one-line `error:` message), wrong (runs, but its result is off) or crash (a traceback: a bug). The training itself
-is proven per family by tests/test_architectures.py, which also checks that the README's table is the one this
-module writes now.
+and Q-LoRA with the default flags; sft.packing's collator choice and leak probe; sft.loss's fused-or-plain decision;
+merge_lora.py on a (randomly perturbed) adapter; sft.chat loading and replying. Each mode comes out as works,
+refused (our one-line `error:` message), wrong (runs, but its result is off) or crash (a traceback: a bug). The
+training itself is proven per family by tests/test_architectures.py, which also checks that the README's table is
+the one this module writes now.
 
     python -m scripts.family_table            # rewrites the README's section between the markers
     python -m scripts.family_table --check    # exits 1 when the README's table is not what the code decides
