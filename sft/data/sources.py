@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -255,6 +255,14 @@ class _Problems:
 
 # One checked sample: (file, place, messages, record format).
 Row = tuple[str, str, list, str]
+# How a record becomes a sample: (record, file, place, default system prompt) -> (sample, record format). SFT's is
+# `conversation_sample`; preference data passes `sft.data.pairs.pair_sample`.
+Parse = Callable[[Any, str, str, "str | None"], tuple[Any, str]]
+
+
+def conversation_sample(record: Any, file: str, where: str, system: str | None) -> tuple[list, str]:
+    """A record as SFT reads it: its messages (`parse_record`, with the default system prompt) and format."""
+    return with_default_system(parse_record(record, file, where), system), record_format(record)
 
 
 def _checked_rows(
@@ -263,6 +271,7 @@ def _checked_rows(
     max_samples: int | None,
     problems: _Problems,
     opened: datasets.Dataset | None = None,
+    parse: Parse = conversation_sample,
 ) -> Iterator[Row]:
     """Every sample of one source (`opened` already, for a hub dataset: see `source_rows`), checked and turned into
     messages (the first `max_samples`); the problems go to `problems`, and reading stops once it is full."""
@@ -271,15 +280,14 @@ def _checked_rows(
         if max_samples is not None and count >= max_samples:
             break
         try:
-            record = _renamed(record, source.columns)
-            messages = parse_record(record, file, where)
+            sample, form = parse(_renamed(record, source.columns), file, where, source.system_prompt or default_system)
         except DataError as error:
             problems.add(error)
             if problems.more:
                 return
             continue
         count += 1
-        yield file, where, with_default_system(messages, source.system_prompt or default_system), record_format(record)
+        yield file, where, sample, form
     if count == 0 and not problems.errors:
         raise DataError(source.path, "", None, "no samples in this source")
 
@@ -297,6 +305,7 @@ def load_data(
     default_system: str | None = None,
     max_samples: int | None = None,
     seed: int = 42,
+    parse: Parse = conversation_sample,
 ) -> Conversations:
     """Every conversation of the sources `data_path` names, checked, in memory, with its file and place (`paths`,
     `wheres`): for the few samples of a check or a calibration set. Training reads through `read_data` instead.
@@ -304,7 +313,7 @@ def load_data(
     rows: list[Row] = []
     problems = _Problems()
     for number, source in enumerate(parse_sources(data_path)):
-        source_rows_ = list(_checked_rows(source, default_system, max_samples, problems))
+        source_rows_ = list(_checked_rows(source, default_system, max_samples, problems, parse=parse))
         if problems.more:
             break
         if source.num_samples is not None and source_rows_:
@@ -347,7 +356,12 @@ def _source_state(source: Source) -> tuple[str, datasets.Dataset | None]:
 
 
 def _read_source(
-    source: Source, default_system: str | None, max_samples: int | None, cache_dir: Path, problems: _Problems
+    source: Source,
+    default_system: str | None,
+    max_samples: int | None,
+    cache_dir: Path,
+    problems: _Problems,
+    parse: Parse = conversation_sample,
 ) -> datasets.Dataset | None:
     """One source's checked samples as a memory-mapped Arrow file (columns messages (JSON), file, place, format),
     written once and found again by a key of the source's files and the options; None when it has problems."""
@@ -355,6 +369,8 @@ def _read_source(
 
     state, hub = _source_state(source)
     options = (READ_FORMAT, asdict(source), state, default_system, max_samples)
+    if parse is not conversation_sample:  # SFT's keys stay as they were
+        options += (f"{parse.__module__}.{parse.__qualname__}",)
     key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir / f"read-{key}.arrow"
     if path.is_file():
@@ -366,7 +382,7 @@ def _read_source(
     try:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, READ_SCHEMA) as writer:
             batch: list[Row] = []
-            for row in _checked_rows(source, default_system, max_samples, problems, hub):
+            for row in _checked_rows(source, default_system, max_samples, problems, hub, parse):
                 batch.append(row)
                 if len(batch) == WRITE_BATCH:
                     writer.write_batch(_record_batch(batch))
@@ -393,6 +409,7 @@ def read_data(
     max_samples: int | None = None,
     seed: int = 42,
     cache_dir: str | os.PathLike | None = None,
+    parse: Parse = conversation_sample,
 ) -> datasets.Dataset:
     """Every sample of the sources `data_path` names, checked, as a memory-mapped Arrow data set: columns
     `messages` (the conversation as JSON), `file`, `place` ("line N", "sample N", "row N") and `format`.
@@ -408,7 +425,7 @@ def read_data(
     parts = []
     problems = _Problems()
     for number, source in enumerate(parse_sources(data_path)):
-        part = _read_source(source, default_system, max_samples, cache_dir, problems)
+        part = _read_source(source, default_system, max_samples, cache_dir, problems, parse)
         if problems.more:
             break
         if part is not None and source.num_samples is not None:
@@ -443,7 +460,9 @@ def split_validation(data: Data, val_size: float, seed: int, label: str = "") ->
     return _take(data, train), _take(data, sorted(validation))
 
 
-def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def load_train_eval(
+    data_args: Any, seed: int, parse: Parse = conversation_sample
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The training and evaluation data of finetune.py's data arguments (`--data_path`, `--eval_data_path`,
     `--val_size`, `--max_samples`, `--system_prompt`, `--preprocessing_cache_dir`): every source read and checked,
     as `read_data`'s memory-mapped data sets."""
@@ -455,10 +474,10 @@ def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datase
     if max_samples is not None and max_samples < 1:
         raise ConfigurationError(f"--max_samples must be at least 1, got {max_samples}")
     cache_dir = getattr(data_args, "preprocessing_cache_dir", None)
-    train = read_data(data_args.data_path, data_args.system_prompt, max_samples, seed, cache_dir)
+    train = read_data(data_args.data_path, data_args.system_prompt, max_samples, seed, cache_dir, parse)
     evaluation = None
     if data_args.eval_data_path:
-        evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir)
+        evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir, parse)
     elif val_size is not None:
         train, evaluation = split_validation(train, val_size, seed, data_args.data_path)
     return train, evaluation
