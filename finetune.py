@@ -27,8 +27,6 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-import torch
-import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.args import (
@@ -39,31 +37,20 @@ from sft.args import (
     check_arguments,
     check_parallelism,
     check_required,
-    lora_init,
     lora_init_moves_base_weights,
     parse_arguments,
     training_mode,
 )
-from sft.data import cache_folder, load_train_eval, make_collator, template_overhead, tokenize_conversations
+from sft.data import cache_folder, load_train_eval, make_collator, tokenize_conversations
 from sft.disk import check_room, checkpoint_bytes
 from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
-from sft.modeling import (
-    add_lora,
-    chat_special_token_ids,
-    load_lora,
-    load_model,
-    load_tokenizer,
-    quantization_config,
-    read_chat_template,
-    training_dtype,
-    training_weights_dtype,
-)
 from sft.outputs import save_final, save_initial_adapter
 from sft.packing import LeakProbe, pack_dataset, packing_collator
 from sft.qwen1 import native_lora_targets, resolve_model_path
 from sft.resume import decide_resume, run_identity
-from sft.training import FinetuneTrainer, init_deepspeed_comm, train_until_done
+from sft.run import build_model, data_path_record, tokenizer_or_error
+from sft.training import FinetuneTrainer, train_until_done
 
 logger = logging.getLogger("finetune")
 
@@ -197,75 +184,6 @@ def train(
         run_info["qwen1_source"] = qwen1_source
     save_final(trainer, tokenizer, training_args.output_dir, run_info, initial_adapter)
     return trainer
-
-
-def data_path_record(data_path: str) -> str:
-    """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
-    return " ".join(os.path.abspath(name) if os.path.exists(name) else name for name in data_path.split())
-
-
-def tokenizer_or_error(model_args: ModelArguments, max_length: int):
-    """The tokenizer of --model_name_or_path, checked to leave room for text within `max_length` tokens."""
-    path = model_args.model_name_or_path
-    chat_template = read_chat_template(model_args.chat_template) if model_args.chat_template else None
-    try:
-        # Its own model_max_length is kept (and saved with the output): --model_max_length is the training length.
-        tokenizer = load_tokenizer(path, model_args.trust_remote_code, chat_template=chat_template)
-    except (OSError, ValueError) as error:  # a typo in the path or the hub id, or no network to fetch it
-        raise ConfigurationError(f"--model_name_or_path {path}: cannot load a tokenizer from it ({error})") from None
-    overhead = template_overhead(tokenizer)
-    if max_length <= overhead + 1:
-        raise ConfigurationError(
-            f"--model_max_length {max_length} leaves no room for text: the chat template alone takes {overhead} tokens"
-        )
-    return tokenizer
-
-
-def build_model(
-    model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments, tokenizer
-) -> torch.nn.Module:
-    """The base model in its dtype (quantised for Q-LoRA), with LoRA adapters when --use_lora."""
-    dtype = training_weights_dtype(
-        model_args.model_dtype, training_args.bf16, training_args.fp16, training_args.use_lora
-    )
-    quantization = None
-    if lora_args.q_lora:
-        quantization = quantization_config(
-            lora_args.bits,
-            training_dtype(training_args.bf16, training_args.fp16),
-            lora_args.bnb_4bit_quant_type,
-            lora_args.double_quant,
-            sharded=is_deepspeed_zero3_enabled() or bool(training_args.fsdp),  # 4-bit weights split by ZeRO-3/FSDP
-        )
-    init_deepspeed_comm(training_args)
-    # The LoRA initialisation draws random numbers too: --seed fixes it, whatever ran before.
-    transformers.set_seed(training_args.seed)
-    model = load_model(
-        model_args.model_name_or_path, dtype, quantization, model_args.trust_remote_code, model_args.attn_implementation
-    )
-    if training_args.gradient_checkpointing:
-        model.config.use_cache = False
-    if not training_args.use_lora:
-        return model
-    if lora_args.lora_weight_path:
-        return load_lora(model, lora_args.lora_weight_path, lora_args.q_lora, training_args.gradient_checkpointing)
-    try:
-        return add_lora(
-            model,
-            r=lora_args.lora_r,
-            alpha=lora_args.lora_alpha,
-            dropout=lora_args.lora_dropout,
-            target_modules=lora_args.lora_target_modules,
-            bias=lora_args.lora_bias,
-            trainable_token_ids=chat_special_token_ids(tokenizer) if lora_args.train_special_tokens else None,
-            quantized=lora_args.q_lora,
-            gradient_checkpointing=training_args.gradient_checkpointing,
-            use_dora=lora_args.use_dora,
-            use_rslora=lora_args.use_rslora,
-            init_lora_weights=lora_init(lora_args.init_lora_weights),
-        )
-    except ValueError as error:  # e.g. target modules that match nothing
-        raise ConfigurationError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

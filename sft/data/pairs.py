@@ -326,15 +326,20 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 @dataclass
 class PairCollator:
-    """A batch of pairs as one padded batch of rows: the chosen sides, then the rejected sides, in pair order."""
+    """A batch of pairs as one padded batch of rows: the chosen sides, then the rejected sides, in pair order
+    (with the reference's log-probs of each row, `ref_logps`, where they were precomputed)."""
 
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         ids = [list(f["chosen_input_ids"]) for f in features] + [list(f["rejected_input_ids"]) for f in features]
         labels = [list(f["chosen_labels"]) for f in features] + [list(f["rejected_labels"]) for f in features]
-        return {
+        batch = {
             "input_ids": _pad(ids, self.pad_token_id),
             "attention_mask": _pad([[1] * len(row) for row in ids], 0),
             "labels": _pad(labels, IGNORE_INDEX),
         }
+        if "ref_chosen_logps" in features[0]:  # precomputed by the reference (sft.preference)
+            logps = [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features]
+            batch["ref_logps"] = torch.tensor(logps, dtype=torch.float32)
+        return batch
