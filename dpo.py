@@ -137,9 +137,6 @@ def train(
     model = build_model(model_args, training_args, lora_args, tokenizer)
     if sft_adapter and not training_args.use_lora:
         model = merged_adapter(model, sft_adapter)
-    dropouts = disable_dropout(model)
-    if dropouts:
-        logger.info("Dropout off in %d modules: policy and reference score the same tokens alike", dropouts)
     check_room(
         training_args.output_dir,
         checkpoint_bytes(model, full=mode == "full", with_optimizer=training_args.save_strategy != "no"),
@@ -151,6 +148,10 @@ def train(
         logger.info("Reference model: %s%s", reference.description, when)
     else:
         logger.info("Reference model: none (--loss_type %s is reference-free)", preference_args.loss_type)
+    # After the reference is made: a second adapter brings dropouts of its own.
+    dropouts = disable_dropout(model)
+    if dropouts:
+        logger.info("Dropout off in %d modules: policy and reference score the same tokens alike", dropouts)
 
     # 5. Training, stoppable by a signal and guarded against NaN.
     collator = PairCollator(tokenizer.pad_token_id)

@@ -141,6 +141,11 @@ def pair_sample(record: Any, file: str, where: str, system: str | None) -> tuple
     return pair, form
 
 
+def pair_conversation(pair: dict) -> Conversation:
+    """The pair's prompt and chosen answer as one conversation (a sample for checks such as merge_lora.py's)."""
+    return [*pair["prompt"], pair["chosen"]]
+
+
 @dataclass
 class TokenizedPair:
     status: str  # "ok", "truncated", "dropped_equal", "dropped_no_label"
