@@ -191,3 +191,23 @@ def test_user_mistakes_are_one_error_line_before_the_model_loads(user_error, tin
     assert "broken.jsonl, line 1, field 'rejected'" in line
     line = user_error("dpo.py", *flags(tiny_model, str(broken), tmp_path / "out", "--loss_type", "kto"))
     assert "--loss_type 'kto'" in line
+
+
+def test_dpo_launcher_trains_through_torchrun(tiny_model, pairs_file, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+    output = tmp_path / "out"
+    command = ["bash", "finetune/dpo_lora_single_gpu.sh", "-m", tiny_model, "-d", pairs_file, "-o", str(output)]
+    command += ["--max_steps", "2", "--save_strategy", "no", "--gradient_accumulation_steps", "1"]
+    command += ["--model_max_length", "128", "--gradient_checkpointing", "false"]
+    run = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dpo.py" in run.stderr and "--beta 0.1" in run.stderr
+    assert json.loads((output / "finetune_run.json").read_text())["stage"] == "preference"
