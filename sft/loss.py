@@ -252,6 +252,10 @@ def causal_lm_loss(model: nn.Module, batch: dict, fused: FusedLoss | None, num_i
 
 # ---- per-sequence log-probs (preference training, dpo.py) ----
 
+# Logits per chunk here: about 2^23 (32 MiB in fp32). Backward recomputes a chunk's logits and holds a few tensors
+# of its size at once; preference batches are small, so smaller chunks cost little speed and much peak memory.
+SEQUENCE_CHUNK_LOGITS = 2**23
+
 
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
     logits = head(hidden).float()
@@ -281,10 +285,12 @@ def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None
         selected = caught[0][:, :-1][keep.to(caught[0].device)]
         wanted = targets[keep].to(selected.device)
         head, _ = fused.head_fn()
+        vocab_size = causal_lm(model).config.get_text_config().vocab_size
+        chunk = max(16, min(fused.chunk, SEQUENCE_CHUNK_LOGITS // max(vocab_size, 1)))
         pieces = []
         with fused.gather():
-            for start in range(0, selected.shape[0], fused.chunk):
-                piece, piece_targets = selected[start : start + fused.chunk], wanted[start : start + fused.chunk]
+            for start in range(0, selected.shape[0], chunk):
+                piece, piece_targets = selected[start : start + chunk], wanted[start : start + chunk]
                 if torch.is_grad_enabled():
                     pieces.append(
                         torch.utils.checkpoint.checkpoint(_token_logps, piece, piece_targets, head, use_reentrant=False)
