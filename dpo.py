@@ -115,7 +115,7 @@ def train(
     )
     identity = run_identity(mode, base, tokenizer.chat_template, data_args, training_args, lora_args)
     identity["preference"] = asdict(preference_args)
-    identity["sft_adapter"] = file_fingerprint(Path(sft_adapter, "adapter_config.json")) if sft_adapter else None
+    identity["sft_adapter"] = sft_adapter_identity(sft_adapter)
     plan = decide_resume(training_args, identity)
     if plan.finished:
         return None
@@ -217,6 +217,15 @@ def train(
     }
     save_final(trainer, tokenizer, training_args.output_dir, run_info)
     return trainer
+
+
+def sft_adapter_identity(adapter: str | None) -> dict | None:
+    """The SFT adapter a run starts from, by content (its weights, or its config where they are elsewhere)."""
+    if not adapter:
+        return None
+    weights = Path(adapter, "adapter_model.safetensors")
+    fingerprint = file_fingerprint(weights if weights.is_file() else Path(adapter, "adapter_config.json"))
+    return {key: value for key, value in fingerprint.items() if key != "path"}
 
 
 def merged_adapter(model, adapter: str):

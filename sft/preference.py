@@ -103,25 +103,31 @@ def disable_dropout(model: nn.Module) -> int:
     return active
 
 
+def _holds_adapter(module: nn.Module, name: str) -> bool:
+    """Whether a peft layer or wrapper has weights of adapter `name` (LoRA matrices, token rows, saved modules)."""
+    attributes = (*getattr(module, "adapter_layer_names", ()), "modules_to_save")
+    return any(isinstance(getattr(module, a, None), (nn.ModuleDict, nn.ParameterDict, dict)) and name in getattr(
+        module, a) for a in attributes)  # fmt: skip
+
+
 @contextmanager
 def active_adapter(model: nn.Module, name: str | None):
     """`model` (a peft model) answering with adapter `name`, or with no adapter when None. The switch sets which
-    adapter each LoRA layer applies and nothing else: which parameters train is left as it is."""
+    adapter each peft layer applies and nothing else: which parameters train is left as it is (peft's own
+    set_adapter would also change that)."""
     if name is None:
         with model.disable_adapter():
             yield
         return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-    before = [layer._active_adapter for layer in layers]
+    switched = [m for m in model.modules() if hasattr(m, "_active_adapter") and _holds_adapter(m, name)]
+    before = [module._active_adapter for module in switched]
     try:
-        for layer in layers:
-            layer._active_adapter = [name] if name in getattr(layer, "lora_A", {}) else layer._active_adapter
+        for module in switched:
+            module._active_adapter = [name] if isinstance(module._active_adapter, list) else name
         yield
     finally:
-        for layer, active in zip(layers, before):
-            layer._active_adapter = active
+        for module, active in zip(switched, before):
+            module._active_adapter = active
 
 
 class AdapterReference:

@@ -211,3 +211,23 @@ def test_dpo_launcher_trains_through_torchrun(tiny_model, pairs_file, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dpo.py" in run.stderr and "--beta 0.1" in run.stderr
     assert json.loads((output / "finetune_run.json").read_text())["stage"] == "preference"
+
+
+def test_rerun_resumes_and_another_loss_is_another_run(tiny_model, pairs_file, tmp_path, user_error):
+    output = tmp_path / "out"
+    saving = ("--use_lora", "--save_strategy", "steps", "--save_steps", "1")
+    run_dpo(*flags(tiny_model, pairs_file, output, *saving))
+    assert (output / "checkpoint-2").is_dir()
+    trainer = run_dpo(*flags(tiny_model, pairs_file, output, *saving, "--max_steps", "3"))
+    assert trainer.state.global_step == 3
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry][-1] == 3
+    line = user_error("dpo.py", *flags(tiny_model, pairs_file, output, *saving, "--max_steps", "4", "--beta", "0.5"))
+    assert "holds another run" in line and "preference" in line
+
+
+def test_qlora_from_an_sft_adapter_starts_at_ln2(chat_adapter, pairs_file, tmp_path):
+    extra = ("--use_lora", "--q_lora", "--max_steps", "1")
+    trainer = run_dpo(*flags(chat_adapter, pairs_file, tmp_path / "out", *extra))
+    step = first_step(trainer)
+    assert step["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert step["rewards/chosen"] == 0 and step["rewards/rejected"] == 0
