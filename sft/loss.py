@@ -285,8 +285,7 @@ def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None
         selected = caught[0][:, :-1][keep.to(caught[0].device)]
         wanted = targets[keep].to(selected.device)
         head, _ = fused.head_fn()
-        vocab_size = causal_lm(model).config.get_text_config().vocab_size
-        chunk = max(16, min(fused.chunk, SEQUENCE_CHUNK_LOGITS // max(vocab_size, 1)))
+        chunk = max(16, fused.chunk * SEQUENCE_CHUNK_LOGITS // CHUNK_LOGITS)  # `model` may be wrapped (DDP)
         pieces = []
         with fused.gather():
             for start in range(0, selected.shape[0], chunk):
