@@ -46,13 +46,12 @@ from sft.data import (
     load_train_eval,
     make_collator,
     pad_multiple,
-    source_names,
     tokenize_conversations,
 )
 from sft.disk import check_room, checkpoint_bytes
 from sft.distributed import local_main_first
 from sft.errors import ConfigurationError, run_main
-from sft.model_setup import build_model, tokenizer_or_error
+from sft.model_setup import build_model, data_path_record, tokenizer_or_error
 from sft.outputs import save_final, save_initial_adapter
 from sft.packing import LeakProbe, pack_dataset, packing_collator
 from sft.qwen1 import native_lora_targets, resolve_model_path
@@ -200,11 +199,6 @@ def train(
         run_info["qwen1_source"] = qwen1_source
     save_final(trainer, tokenizer, training_args.output_dir, run_info, initial_adapter)
     return trainer
-
-
-def data_path_record(data_path: list[str]) -> list[str]:
-    """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
-    return [os.path.abspath(name) if os.path.exists(name) else name for name in source_names(data_path)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from sft.chat import adapter_base_model
 from sft.data import Conversation, load_data, source_names
+from sft.data.pairs import pair_conversation, pair_sample
 from sft.data.template_fit import grow_embeddings
 from sft.errors import run_main
 from sft.evaluation import (
@@ -123,6 +124,9 @@ def check_conversations(args: MergeArguments, run_info: dict) -> list[Conversati
     trained_on = run_info.get("data_path")
     # A list, or in older records one string of names separated by spaces.
     if trained_on and all(os.path.exists(name) for name in source_names(trained_on)):  # still where the run read it
+        if run_info.get("stage") == "preference":  # dpo.py's pairs: each prompt with its chosen answer
+            pairs = load_data(trained_on, max_samples=args.num_check_samples, parse=pair_sample)
+            return head([pair_conversation(pair) for pair in pairs], args.num_check_samples)
         return head(load_data(trained_on, max_samples=args.num_check_samples), args.num_check_samples)
     return FALLBACK_CHECK_CONVERSATIONS[: args.num_check_samples]
 

@@ -11,6 +11,7 @@
 #   DEEPSPEED      default DeepSpeed config ("" for none; --deepspeed PATH replaces it)
 #   MODE_ARGS      (array) its finetune.py defaults; the user's arguments come after them and win
 #   ONE_PROCESS    1 for a one-GPU launcher: one process whatever the GPU count (GPUS_PER_NODE>1 is refused)
+#   SCRIPT         the training script (default finetune.py; the dpo_*.sh launchers set dpo.py)
 #
 # torchrun variables, all overridable from the environment:
 #   GPUS_PER_NODE  processes on this node (default: the visible GPU count, 1 without a GPU; always 1 for a
@@ -105,7 +106,7 @@ launch() {
         --node_rank "${NODE_RANK:-0}"
         --master_addr "${MASTER_ADDR:-localhost}"
         --master_port "${MASTER_PORT:-6001}"
-        "$REPO/finetune.py"
+        "$REPO/${SCRIPT:-finetune.py}"
         --model_name_or_path "$model"
         --data_path "$data"
         --output_dir "$OUTPUT"

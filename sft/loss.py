@@ -248,3 +248,54 @@ def causal_lm_loss(model: nn.Module, batch: dict, fused: FusedLoss | None, num_i
     if fused is None:
         return model(**batch).loss
     return fused(model, batch, num_items_in_batch)[0]
+
+
+# ---- per-sequence log-probs (preference training, dpo.py) ----
+
+# Logits per chunk here: about 2^23 (32 MiB in fp32). Backward recomputes a chunk's logits and holds a few tensors
+# of its size at once; preference batches are small, so smaller chunks cost little speed and much peak memory.
+SEQUENCE_CHUNK_LOGITS = 2**23
+
+
+def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's labelled tokens [rows], their count [rows]) of a padded batch with labels.
+
+    With `fused`, the model runs with `logits_to_keep=1` and the output layer sees only labelled positions, a
+    chunk at a time under activation checkpointing: no `[rows, length, vocabulary]` logits are built, and backward
+    recomputes one chunk's logits at a time. Without it, the model's own logits are used."""
+    import torch.utils.checkpoint
+
+    labels = batch["labels"]
+    inputs = {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids")}
+    targets = labels[:, 1:]
+    keep = targets.ne(IGNORE_INDEX)
+    rows = keep.nonzero()[:, 0]
+    counts = keep.sum(1)
+    if fused is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        token_logps = logits[keep].log_softmax(-1).gather(-1, targets[keep][:, None]).squeeze(-1)
+    else:
+        with capture_output(fused.decoder) as caught:
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        selected = caught[0][:, :-1][keep.to(caught[0].device)]
+        wanted = targets[keep].to(selected.device)
+        head, _ = fused.head_fn()
+        chunk = max(16, fused.chunk * SEQUENCE_CHUNK_LOGITS // CHUNK_LOGITS)  # `model` may be wrapped (DDP)
+        pieces = []
+        with fused.gather():
+            for start in range(0, selected.shape[0], chunk):
+                piece, piece_targets = selected[start : start + chunk], wanted[start : start + chunk]
+                if torch.is_grad_enabled():
+                    pieces.append(
+                        torch.utils.checkpoint.checkpoint(_token_logps, piece, piece_targets, head, use_reentrant=False)
+                    )
+                else:
+                    pieces.append(_token_logps(piece, piece_targets, head))
+        token_logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=token_logps.device)
+    return logps.index_add(0, rows.to(token_logps.device), token_logps), counts.to(token_logps.device)

@@ -1,10 +1,13 @@
 """What a run trains, built from its arguments: the tokenizer (checked against --chat_template and
---model_max_length) and the base model in its dtype, quantised for Q-LoRA, with its LoRA adapters.
+--model_max_length) and the base model in its dtype, quantised for Q-LoRA, with its LoRA adapters; and the data
+path as the run record keeps it.
 
-finetune.py builds both; `sft.inspect` builds the same tokenizer, so that it refuses what the run would.
+finetune.py and dpo.py build both; `sft.inspect` builds the same tokenizer, so that it refuses what the run would.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import transformers
@@ -12,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sft.args import LoraArguments, ModelArguments, TrainingArguments, lora_init
-from sft.data import template_overhead
+from sft.data import source_names, template_overhead
 from sft.data.template_fit import fit_chat_template, grow_embeddings
 from sft.errors import ConfigurationError
 from sft.modeling import (
@@ -109,3 +112,8 @@ def build_model(
         )
     except ValueError as error:  # e.g. target modules that match nothing
         raise ConfigurationError(str(error)) from None
+
+
+def data_path_record(data_path: list[str]) -> list[str]:
+    """--data_path for the run record: each local source as an absolute path (hub ids as given)."""
+    return [os.path.abspath(name) if os.path.exists(name) else name for name in source_names(data_path)]

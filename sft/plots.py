@@ -130,4 +130,32 @@ def plotted_data(path: str | os.PathLike) -> dict:
 
 def save_training_curves(log_history: list[dict], output_dir: str | os.PathLike) -> Path:
     """`training_curves.png` in `output_dir`, replacing the one an earlier run (or this run before a resume) wrote."""
-    return save_figure(training_curves_figure(log_history), Path(output_dir) / TRAINING_CURVES_FILE)
+    preference = any("rewards/margins" in entry for entry in log_history)
+    figure = preference_curves_figure(log_history) if preference else training_curves_figure(log_history)
+    return save_figure(figure, Path(output_dir) / TRAINING_CURVES_FILE)
+
+
+def preference_curves_figure(log_history: list[dict]) -> Figure:
+    """A preference run's curves (dpo.py): loss and eval loss; rewards of chosen and rejected answers, their margin
+    and accuracy; the mean token lengths of chosen and rejected answers (a length bias shows as a growing gap)."""
+    figure = Figure(figsize=(7, 8))
+    panels = figure.subplots(3, 1, sharex=True)
+    groups = (
+        ("loss", ("loss", "eval_loss")),
+        ("reward", ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")),
+        ("answer tokens", ("length/chosen", "length/rejected")),
+    )
+    for axes, (label, names) in zip(panels, groups):
+        for name in names:
+            points = [(entry["step"], entry[name]) for entry in log_history if name in entry]
+            if points:
+                steps, values = zip(*points)
+                axes.plot(steps, values, marker=".", markersize=4, label=name)
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize="small")
+    panels[0].set_title("Preference training curves")
+    panels[-1].set_xlabel("optimizer step")
+    figure.tight_layout()
+    return figure

@@ -18,7 +18,8 @@ means the same thing everywhere:
 5. `tokenizing`: token ids and labels of labelled texts, truncated or dropped by length;
 6. `cache`: whole data sets through `datasets.map` (batched, multi-process), from Arrow to Arrow, cached on disk
    (`tokenize_conversations`); packing (`sft.packing`) writes its rows from there the same way;
-7. `collate`: padded batches.
+7. `collate`: padded batches;
+8. `pairs`: preference pairs (dpo.py): read by stage 1 with their own parser, labelled by stage 4's rules.
 
 Every public name is importable from `sft.data` itself.
 """
@@ -41,6 +42,7 @@ from sft.data.formats import (
 )
 from sft.data.housekeeping import cache_folder
 from sft.data.labels import IGNORE_INDEX, add_stops, label_many, label_spans, label_spans_many, repeated_prompt
+from sft.data.pairs import PairCollator, TokenizedPair, pair_sample, parse_pair, tokenize_pair, tokenize_pairs
 from sft.data.profile import TemplateProfile, compute_profile, template_profile
 from sft.data.reading import Conversations, DataError, read_records
 from sft.data.rows import load_data, resample
@@ -94,6 +96,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "PairCollator",
+    "TokenizedPair",
+    "pair_sample",
+    "parse_pair",
+    "tokenize_pair",
+    "tokenize_pairs",
     "check_reasoning_rendered",
     "with_default_system",
     "tokenize_text",

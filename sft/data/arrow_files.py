@@ -22,7 +22,7 @@ import pyarrow as pa
 from sft.data.files import content_key
 from sft.data.folders import local_files
 from sft.data.housekeeping import cache_folder, log_cache_size, mark_used, remove_stale_partials
-from sft.data.rows import Problems, Row, checked_rows, hub_dataset, resample
+from sft.data.rows import Parse, Problems, Row, checked_rows, conversation_sample, hub_dataset, resample
 from sft.data.sources import Source, parse_sources
 
 if TYPE_CHECKING:
@@ -47,7 +47,12 @@ def _source_state(source: Source) -> tuple[str, list[Path] | None, datasets.Data
 
 
 def _read_source(
-    source: Source, default_system: str | None, max_samples: int | None, cache_dir: Path, problems: Problems
+    source: Source,
+    default_system: str | None,
+    max_samples: int | None,
+    cache_dir: Path,
+    problems: Problems,
+    parse: Parse = conversation_sample,
 ) -> datasets.Dataset | None:
     """One source's checked samples as a memory-mapped Arrow file (columns messages (JSON), file, place, format),
     written once and found again by a key of the source's content and the options; None when it has problems."""
@@ -55,6 +60,8 @@ def _read_source(
 
     state, files, hub = _source_state(source)
     options = (READ_FORMAT, asdict(source), state, default_system, max_samples)
+    if parse is not conversation_sample:  # SFT's keys stay as they were
+        options += (f"{parse.__module__}.{parse.__qualname__}",)
     key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir / f"read-{key}.arrow"
     if path.is_file():
@@ -67,7 +74,7 @@ def _read_source(
     try:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, READ_SCHEMA) as writer:
             batch: list[Row] = []
-            for row in checked_rows(source, default_system, max_samples, problems, files, hub):
+            for row in checked_rows(source, default_system, max_samples, problems, files, hub, parse):
                 batch.append(row)
                 if len(batch) == WRITE_BATCH:
                     writer.write_batch(_record_batch(batch))
@@ -93,6 +100,7 @@ def read_sources(
     default_system: str | None = None,
     max_samples: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    parse: Parse = conversation_sample,
 ) -> list[tuple[Source, datasets.Dataset]]:
     """Each source `data_path` names with its checked samples, memory-mapped, before any resampling (`read_data`).
     Raises a DataError naming every problem found (up to `MAX_REPORTED`)."""
@@ -101,7 +109,7 @@ def read_sources(
     parts = []
     problems = Problems()
     for source in parse_sources(data_path):
-        part = _read_source(source, default_system, max_samples, cache_dir, problems)
+        part = _read_source(source, default_system, max_samples, cache_dir, problems, parse)
         if problems.more:
             break
         if part is not None:
@@ -128,6 +136,7 @@ def read_data(
     max_samples: int | None = None,
     seed: int = 42,
     cache_dir: str | os.PathLike | None = None,
+    parse: Parse = conversation_sample,
 ) -> datasets.Dataset:
     """Every sample of the sources `data_path` names, checked, as a memory-mapped Arrow data set: columns
     `messages` (the conversation as JSON), `file`, `place` ("line N", "sample N", "row N") and `format`.
@@ -137,4 +146,4 @@ def read_data(
     options, so that a rerun, or another process of the run, opens the file instead of reading the source again.
     The mix is the sources in order, each resampled to its `num_samples` by a seeded draw of rows.
     Raises a DataError naming every problem found (up to `MAX_REPORTED`)."""
-    return mix(read_sources(data_path, default_system, max_samples, cache_dir), seed)
+    return mix(read_sources(data_path, default_system, max_samples, cache_dir, parse), seed)

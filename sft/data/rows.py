@@ -12,7 +12,7 @@ first cut to `max_samples` and then resampled to its `num_samples`.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +126,14 @@ class Problems:
 
 # One checked sample: (file, place, messages, record format).
 Row = tuple[str, str, list, str]
+# How a record becomes a sample: (record, file, place, default system prompt) -> (sample, record format). SFT's is
+# `conversation_sample`; preference data passes `sft.data.pairs.pair_sample`.
+Parse = Callable[[Any, str, str, "str | None"], tuple[Any, str]]
+
+
+def conversation_sample(record: Any, file: str, where: str, system: str | None) -> tuple[list, str]:
+    """A record as SFT reads it: its messages (`parse_record`, with the default system prompt) and format."""
+    return with_default_system(parse_record(record, file, where), system), record_format(record)
 
 
 def checked_rows(
@@ -135,6 +143,7 @@ def checked_rows(
     problems: Problems,
     files: list[Path] | None = None,
     opened: datasets.Dataset | None = None,
+    parse: Parse = conversation_sample,
 ) -> Iterator[Row]:
     """Every sample of one source (of its `files`, or `opened` already: see `source_rows`), checked and turned into
     messages (the first `max_samples`); the problems go to `problems`, and reading stops once it is full."""
@@ -143,15 +152,14 @@ def checked_rows(
         if max_samples is not None and count >= max_samples:
             break
         try:
-            record = _renamed(record, source.columns)
-            messages = parse_record(record, file, where)
+            sample, form = parse(_renamed(record, source.columns), file, where, source.system_prompt or default_system)
         except DataError as error:
             problems.add(error)
             if problems.more:
                 return
             continue
         count += 1
-        yield file, where, with_default_system(messages, source.system_prompt or default_system), record_format(record)
+        yield file, where, sample, form
     if count == 0 and not problems.errors:
         raise DataError(source.path, "", None, "no samples in this source")
 
@@ -169,6 +177,7 @@ def load_data(
     default_system: str | None = None,
     max_samples: int | None = None,
     seed: int = 42,
+    parse: Parse = conversation_sample,
 ) -> Conversations:
     """Every conversation of the sources `data_path` names, checked, in memory, with its file and place (`paths`,
     `wheres`): for the few samples of a check or a calibration set. Training reads through `read_data` instead.
@@ -176,7 +185,7 @@ def load_data(
     rows: list[Row] = []
     problems = Problems()
     for number, source in enumerate(parse_sources(data_path)):
-        source_rows_ = list(checked_rows(source, default_system, max_samples, problems))
+        source_rows_ = list(checked_rows(source, default_system, max_samples, problems, parse=parse))
         if problems.more:
             break
         if source.num_samples is not None and source_rows_:

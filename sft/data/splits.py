@@ -16,6 +16,7 @@ import numpy as np
 
 from sft.data.arrow_files import read_data
 from sft.data.reading import Conversations, DataError
+from sft.data.rows import Parse, conversation_sample
 from sft.data.sources import source_names
 from sft.errors import ConfigurationError
 
@@ -74,7 +75,9 @@ def split_validation(data: Data, val_size: float, seed: int, label: str = "") ->
     return _take(data, train.tolist()), _take(data, validation.tolist())
 
 
-def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def load_train_eval(
+    data_args: Any, seed: int, parse: Parse = conversation_sample
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The training and evaluation data of finetune.py's data arguments (`--data_path`, `--eval_data_path`,
     `--val_size`, `--max_samples`, `--system_prompt`, `--preprocessing_cache_dir`): every source read and checked,
     as `read_data`'s memory-mapped data sets."""
@@ -86,10 +89,10 @@ def load_train_eval(data_args: Any, seed: int) -> tuple[datasets.Dataset, datase
     if max_samples is not None and max_samples < 1:
         raise ConfigurationError(f"--max_samples must be at least 1, got {max_samples}")
     cache_dir = getattr(data_args, "preprocessing_cache_dir", None)
-    train = read_data(data_args.data_path, data_args.system_prompt, max_samples, seed, cache_dir)
+    train = read_data(data_args.data_path, data_args.system_prompt, max_samples, seed, cache_dir, parse)
     evaluation = None
     if data_args.eval_data_path:
-        evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir)
+        evaluation = read_data(data_args.eval_data_path, data_args.system_prompt, max_samples, seed, cache_dir, parse)
     elif val_size is not None:
         label = " ".join(source_names(data_args.data_path))
         train, evaluation = split_validation(train, val_size, seed, label)

@@ -1,0 +1,292 @@
+"""Preference training's own pieces (dpo.py): its arguments, the reference model, and the Trainer that computes
+the preference loss and logs rewards and answer lengths.
+
+The reference answers one question, "the reference's summed log-prob of each row of this batch", in one of four
+ways, chosen once by dpo.py and logged once:
+- `AdapterReference`: LoRA; the same model with the trained adapter switched off (a fresh adapter: the starting
+  model), or switched to a frozen copy of the SFT adapter the run continues (so the reference is the SFT model);
+- `ModelReference`: full fine-tuning; a frozen second copy of the starting model in the compute dtype;
+- `StartingModelReference`: full fine-tuning with precomputed log-probs; the policy before its first step;
+- precomputed (`--precompute_reference`): one pass of one of the above before training, cached on disk under a key
+  of the model, the tokenised data and the options, checked when read; the batches then carry `ref_logps`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sft.errors import ConfigurationError
+from sft.loss import FusedLoss, fused_loss_for, sequence_logps
+from sft.preference_loss import LOSS_TYPES, needs_reference, pearson, preference_loss
+from sft.training import FinetuneTrainer
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_ADAPTER = "reference"
+CORRELATION_WINDOW = 256  # pairs: the margin-length correlation is over the last this many trained pairs
+
+
+@dataclass
+class PreferenceArguments:
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "sigmoid (DPO), robust (DPO with --label_smoothing), hinge (SLiC), ipo, simpo or orpo (the "
+            "last two need no reference model)."
+        },
+    )
+    beta: float = field(default=0.1, metadata={"help": "Strength of the preference (IPO's tau, ORPO's lambda)."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "robust: the assumed fraction of flipped labels, in [0, 0.5)."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "simpo: the target reward margin gamma."})
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "Adds this weight times the chosen answers' per-token NLL to the loss (RPO)."}
+    )
+    precompute_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs in one pass before training (train and eval data), cached on "
+            "disk and reused by reruns; no reference model is kept during training."
+        },
+    )
+
+
+def check_preference_arguments(args: PreferenceArguments) -> None:
+    if args.loss_type not in LOSS_TYPES:
+        raise ConfigurationError(f"--loss_type {args.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if args.beta <= 0:
+        raise ConfigurationError(f"--beta must be positive, got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise ConfigurationError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss_type != "robust":
+        raise ConfigurationError("--label_smoothing is used by --loss_type robust only")
+    if args.sft_weight < 0:
+        raise ConfigurationError(f"--sft_weight must not be negative, got {args.sft_weight}")
+    if args.precompute_reference and not needs_reference(args.loss_type):
+        raise ConfigurationError(f"--precompute_reference: --loss_type {args.loss_type} uses no reference model")
+
+
+def sft_adapter_of(model_path: str, lora_weight_path: str | None) -> tuple[str, str | None]:
+    """(base model, SFT adapter folder or None): --model_name_or_path may be an adapter folder (an SFT output),
+    whose adapter_config.json names its base; --lora_weight_path names the adapter directly."""
+    config = Path(model_path, "adapter_config.json")
+    if not config.is_file():
+        return model_path, lora_weight_path
+    if lora_weight_path:
+        raise ConfigurationError(
+            f"--model_name_or_path {model_path} is an adapter folder and --lora_weight_path names another: give one"
+        )
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigurationError(f"{config}: names no base model (base_model_name_or_path)")
+    return base, model_path
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Sets every dropout's probability to 0 (policy and reference must score the same tokens alike); returns how
+    many were active."""
+    active = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, active = 0.0, active + 1
+    return active
+
+
+def _holds_adapter(module: nn.Module, name: str) -> bool:
+    """Whether a peft layer or wrapper has weights of adapter `name` (LoRA matrices, token rows, saved modules)."""
+    attributes = (*getattr(module, "adapter_layer_names", ()), "modules_to_save")
+    return any(isinstance(getattr(module, a, None), (nn.ModuleDict, nn.ParameterDict, dict)) and name in getattr(
+        module, a) for a in attributes)  # fmt: skip
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str | None):
+    """`model` (a peft model) answering with adapter `name`, or with no adapter when None. The switch sets which
+    adapter each peft layer applies and nothing else: which parameters train is left as it is (peft's own
+    set_adapter would also change that)."""
+    if name is None:
+        with model.disable_adapter():
+            yield
+        return
+    switched = [m for m in model.modules() if hasattr(m, "_active_adapter") and _holds_adapter(m, name)]
+    before = [module._active_adapter for module in switched]
+    try:
+        for module in switched:
+            module._active_adapter = [name] if isinstance(module._active_adapter, list) else name
+        yield
+    finally:
+        for module, active in zip(switched, before):
+            module._active_adapter = active
+
+
+class AdapterReference:
+    """The policy's own model with its trained adapter off (None) or switched to a frozen adapter."""
+
+    def __init__(self, unwrapped: nn.Module, adapter: str | None):
+        self.unwrapped, self.adapter = unwrapped, adapter
+        self.description = (
+            "the starting model (the new adapter switched off)"
+            if adapter is None
+            else "base + the SFT adapter, kept frozen as a second adapter (the policy trains a copy of it)"
+        )
+
+    def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
+        with torch.no_grad(), active_adapter(self.unwrapped, self.adapter):
+            return sequence_logps(model, batch, fused)[0]
+
+
+class ModelReference:
+    """A frozen copy of the starting model."""
+
+    def __init__(self, model: nn.Module, description: str):
+        self.model = model.eval().requires_grad_(False)
+        self.fused = fused_loss_for(model)
+        self.description = description
+
+    def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with torch.no_grad():
+            return sequence_logps(self.model, batch, self.fused)[0]
+
+
+class StartingModelReference:
+    """Full fine-tuning with precomputed log-probs: the policy itself, before its first step, is the reference."""
+
+    description = "the starting model itself, before training"
+
+    def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logps(model, batch, fused)[0]
+
+
+PRECOMPUTE_FORMAT = 1
+
+
+def reference_key(parts: dict[str, Any]) -> str:
+    """The cache key of precomputed reference log-probs: the model, the tokenised data and the options."""
+    text = json.dumps({"format": PRECOMPUTE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def precompute_reference(
+    dataset, reference, model: nn.Module, collator, batch_size: int, cache_file: Path, key: str, fused, device
+):
+    """`dataset` with columns ref_chosen_logps and ref_rejected_logps: read from `cache_file` when it holds this
+    key and as many pairs, otherwise computed in one pass (model in eval mode, no gradients) and written there."""
+    if cache_file.is_file():
+        saved = torch.load(cache_file, weights_only=True)
+        if saved.get("key") == key and len(saved["chosen"]) == len(dataset):
+            logger.info("Reference log-probs: precomputed before, read from %s", cache_file)
+            return _with_reference(dataset, saved["chosen"], saved["rejected"])
+        logger.info("Reference log-probs: %s holds other ones (key or size differ); computing again", cache_file)
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[k] for k in range(start, min(start + batch_size, len(dataset)))])
+        batch = {name: value.to(device) for name, value in batch.items()}
+        logps = reference.logps(model, batch, fused).float().cpu()
+        half = logps.shape[0] // 2
+        chosen.append(logps[:half])
+        rejected.append(logps[half:])
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(".partial")
+    torch.save({"key": key, "chosen": chosen, "rejected": rejected}, partial)
+    partial.replace(cache_file)
+    logger.info("Reference log-probs: computed for %d pairs before training, cached in %s", len(dataset), cache_file)
+    return _with_reference(dataset, chosen, rejected)
+
+
+def _with_reference(dataset, chosen: torch.Tensor, rejected: torch.Tensor):
+    dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+    return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+
+class PreferenceTrainer(FinetuneTrainer):
+    """FinetuneTrainer (checkpoints, NaN guard, signals, token counts) whose loss is a preference loss over the
+    batch's pairs (rows: the chosen sides, then the rejected sides)."""
+
+    def __init__(self, *args, preference: PreferenceArguments, reference=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.preference = preference
+        self.reference = reference
+        self.model_accepts_loss_kwargs = False  # our loss is a mean per pair: the Trainer scales accumulation
+        self._stats: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+        self._recent: deque = deque(maxlen=CORRELATION_WINDOW)  # (margin, length difference) of recent pairs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, lengths = sequence_logps(model, inputs, self.fused_loss)
+        pairs = logps.shape[0] // 2
+        ref = None
+        if needs_reference(self.preference.loss_type):
+            ref = inputs["ref_logps"] if "ref_logps" in inputs else self.reference.logps(model, inputs, self.fused_loss)
+            ref = ref.to(logps.device)
+        p = self.preference
+        result = preference_loss(
+            p.loss_type,
+            logps[:pairs],
+            logps[pairs:],
+            lengths[:pairs],
+            lengths[pairs:],
+            None if ref is None else ref[:pairs],
+            None if ref is None else ref[pairs:],
+            beta=p.beta,
+            label_smoothing=p.label_smoothing,
+            simpo_gamma=p.simpo_gamma,
+            sft_weight=p.sft_weight,
+        )
+        self._record(result, logps.detach(), lengths, pairs)
+        return (result.loss, {}) if return_outputs else result.loss
+
+    def _record(self, result, logps: torch.Tensor, lengths: torch.Tensor, pairs: int) -> None:
+        stats = self._stats["train" if self.model.training else "eval"]
+        margins = result.chosen_rewards - result.rejected_rewards
+        values = {
+            "rewards/chosen": result.chosen_rewards,
+            "rewards/rejected": result.rejected_rewards,
+            "rewards/margins": margins,
+            "rewards/accuracies": (margins > 0).float(),
+            "logps/chosen": logps[:pairs],
+            "logps/rejected": logps[pairs:],
+            "length/chosen": lengths[:pairs].float(),
+            "length/rejected": lengths[pairs:].float(),
+        }
+        for name, value in values.items():
+            stats[name].append(value.detach().float().cpu())
+        if self.model.training:
+            difference = (lengths[:pairs] - lengths[pairs:]).float().cpu()
+            self._recent.extend(zip(margins.float().cpu().tolist(), difference.tolist()))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        if mode is not None and self._stats[mode]:
+            prefix = "eval_" if mode == "eval" else ""
+            for name, values in self._stats[mode].items():
+                logs[prefix + name] = round(torch.cat(values).mean().item(), 4)
+            if mode == "train" and len(self._recent) > 2:
+                margins, differences = zip(*self._recent)
+                correlation = pearson(torch.tensor(margins), torch.tensor(differences))
+                if correlation is not None:
+                    logs["length/margin_correlation"] = round(correlation, 4)
+            self._stats[mode].clear()
+        super().log(logs, start_time)
