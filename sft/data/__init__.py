@@ -42,7 +42,6 @@ from sft.data.formats import (
 )
 from sft.data.housekeeping import cache_folder
 from sft.data.labels import IGNORE_INDEX, add_stops, label_many, label_spans, label_spans_many, repeated_prompt
-from sft.data.pairs import PairCollator, TokenizedPair, pair_sample, parse_pair, tokenize_pair, tokenize_pairs
 from sft.data.profile import TemplateProfile, compute_profile, template_profile
 from sft.data.reading import Conversations, DataError, read_records
 from sft.data.rows import load_data, resample
@@ -87,11 +86,19 @@ _CACHE_NAMES = (
 )
 
 
+# Preference pairs (sft.data.pairs) read through sft.data.cache, so they are loaded on first use too.
+_PAIR_NAMES = ("PairCollator", "TokenizedPair", "pair_sample", "parse_pair", "tokenize_pair", "tokenize_pairs")
+
+
 def __getattr__(name: str):
     if name in _CACHE_NAMES:
         from sft.data import cache
 
         return getattr(cache, name)
+    if name in _PAIR_NAMES:
+        from sft.data import pairs
+
+        return getattr(pairs, name)
     raise AttributeError(f"module 'sft.data' has no attribute {name!r}")
 
 

@@ -40,7 +40,7 @@ from sft.data.formats import TOOLS_ROLE, Conversation, Message, _content, _text,
 from sft.data.labels import IGNORE_INDEX
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
-from sft.data.sources import cache_folder
+from sft.data.housekeeping import cache_folder
 from sft.data.templates import TemplateRefusal, fold_system_message, render
 from sft.data.tokenizing import tokenize_many
 
