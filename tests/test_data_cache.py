@@ -46,6 +46,21 @@ def test_a_file_rewritten_with_its_size_and_time_restored_is_read_again(tmp_path
     assert read_data(str(data), cache_dir=tmp_path).cache_files == first.cache_files
 
 
+def test_a_reread_source_keeps_its_fingerprint_so_the_tokenised_cache_is_found_again(tmp_path):
+    # Marking a cache file used must not change its modification time: `datasets` fingerprints a memory-mapped
+    # file by it, and the tokenised and packed caches (and dpo.py's precomputed reference) are keyed by that.
+    data = tmp_path / "d.jsonl"
+    write(data, [1, 2])
+    first = read_data(str(data), cache_dir=tmp_path)
+    (read_file,) = {Path(f["filename"]) for f in first.cache_files}
+    written = read_file.stat().st_mtime_ns
+    time.sleep(0.05)
+    again = read_data(str(data), cache_dir=tmp_path)
+    assert again._fingerprint == first._fingerprint
+    assert read_file.stat().st_mtime_ns == written
+    assert read_file.stat().st_atime_ns > written  # its last use, as the listing shows it
+
+
 def _dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()

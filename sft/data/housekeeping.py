@@ -1,8 +1,9 @@
 """The cache folder of prepared data (read, tokenised, packed Arrow files): where it is, what it holds, and cleaning
 it. `python -m sft.data.cache` lists it (size, last use) and removes what is named or past a bound.
 
-A run marks each cache file it uses (its modification time is set to now), so "last use" is the last run that read
-it; it removes the partial files of reads that an interrupted run left (`*.<pid>.partial` whose process is gone, or
+A run marks each cache file it uses (its access time is set to now; its modification time is kept, since `datasets`
+fingerprints a memory-mapped file by it and the tokenised and packed caches are keyed by that fingerprint), so "last
+use" is the last run that read it; it removes the partial files of reads that an interrupted run left (`*.<pid>.partial` whose process is gone, or
 any a day old) and logs the folder's size.
 """
 
@@ -41,11 +42,17 @@ def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def mark_used(path: str | os.PathLike) -> None:
-    """Sets a cache file's modification time to now: its last use, as the listing shows it."""
+    """Sets a cache file's access time to now: its last use, as the listing shows it (`last_use`). The modification
+    time stays: `datasets` fingerprints the file by it, and the caches made from the file are keyed by that."""
     try:
-        os.utime(path)
+        os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
     except OSError:  # a read-only cache is still usable
         pass
+
+
+def last_use(stat: os.stat_result) -> float:
+    """When a cache file was last read or written (`mark_used` sets the access time)."""
+    return max(stat.st_atime, stat.st_mtime)
 
 
 def _process_alive(pid: int) -> bool:
@@ -129,7 +136,7 @@ def select(folder: Path, names: list[str], older_than: float | None, larger_than
         chosen |= matches
     now = time.time()
     for path, stat in files:
-        if older_than is not None and now - stat.st_mtime > older_than:
+        if older_than is not None and now - last_use(stat) > older_than:
             chosen.add(path)
         if larger_than is not None and stat.st_size > larger_than:
             chosen.add(path)
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     files = cache_files(folder)
     print(f"{folder}: {human_size(sum(stat.st_size for _, stat in files))} in {len(files)} files")
-    for path, stat in sorted(files, key=lambda item: item[1].st_mtime, reverse=True):
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
+    for path, stat in sorted(files, key=lambda item: last_use(item[1]), reverse=True):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_use(stat)))
         print(f"  {human_size(stat.st_size):>10}  last used {used}  {path.name}")
     return 0

@@ -37,10 +37,10 @@ from transformers import PreTrainedTokenizerBase
 
 from sft.data.cache import NothingToTrainError, _fingerprint, as_dataset
 from sft.data.formats import TOOLS_ROLE, Conversation, Message, _content, _text, _tools, _turns, with_default_system
+from sft.data.housekeeping import cache_folder
 from sft.data.labels import IGNORE_INDEX
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
-from sft.data.housekeeping import cache_folder
 from sft.data.templates import TemplateRefusal, fold_system_message, render
 from sft.data.tokenizing import tokenize_many
 
