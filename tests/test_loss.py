@@ -470,9 +470,13 @@ def tiny_multimodal(model_type: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3"])
-def test_multimodal_folder_trains_on_text_through_its_language_model(model_type, tmp_path):
+def test_multimodal_folder_trains_on_text_through_its_language_model(model_type, tmp_path, caplog):
     folder = tiny_multimodal(model_type, tmp_path / model_type)
-    model = load_model(str(folder)).eval()  # finetune.py's load path
+    with caplog.at_level(logging.INFO, logger="sft.modeling"):
+        model = load_model(str(folder)).eval()  # finetune.py's load path
+    # transformers loads Qwen3.5's text model alone, Gemma 3's whole: the log says so where it matters
+    text_only = [r.getMessage() for r in caplog.records if "its language model alone" in r.getMessage()]
+    assert len(text_only) == (model_type == "qwen3_5")
     fused = assert_fused_matches_plain(model, batch())
     assert fused.decoder is model.get_decoder() and fused.head is model.get_output_embeddings()
     # Gemma 3's multimodal forward does not soft-cap, though its text config declares a cap: the check finds so
