@@ -5,9 +5,12 @@ gradient until backward: at a 151,936 to 248,320-token vocabulary that is most o
 Here the model runs with `logits_to_keep=1` (its output layer sees one position per row), the decoder's last hidden
 states are caught by a forward hook, and `FusedLinearCrossEntropy`:
 
-- goes through all `rows x length` positions in chunks of one fixed size (the last chunk overlaps the one before
-  it, its already counted positions ignored; a batch smaller than a chunk is padded to one), with the shifted
-  labels' -100 ignored by the cross-entropy: no boolean-mask indexing, so no data-dependent shapes and no host sync;
+- goes through the positions in chunks of one fixed size (the last chunk overlaps the one before it, its already
+  counted positions ignored; fewer positions than a chunk are padded to one), with the shifted labels' -100
+  ignored by the cross-entropy: no boolean-mask indexing, so no data-dependent shapes. On an accelerator all
+  `rows x length` positions go through, as knowing how many are trained would stall the host until the device
+  caught up; on the CPU, where reading that count waits for nothing, only the chunks holding the trained
+  positions (moved to the front) do (`FusedLoss.compact`, decided at the first call, logged by the check);
 - computes each chunk's logits, loss and gradients (w.r.t. the hidden states and the output layer's trained
   parameters) at once in the forward pass, then drops the logits;
 - saves only those gradients; backward scales them by the incoming gradient. Nothing is recomputed.
@@ -130,6 +133,10 @@ class FusedLoss:
     aux_loss_coef: float | None = None  # the router auxiliary loss's weight in the model's own loss
     candidates: list[Transform] = field(default_factory=list)  # the transforms the config declares, then none
     vocab_size: int = 0
+    # Which positions go through the output layer (decided at the first call, from the device, logged by the check):
+    # on the CPU only the trained ones, moved to the front (reading their count there waits for nothing); on an
+    # accelerator all of them, ignored ones included, as reading the count would wait for the device's queue.
+    compact: bool | None = None
 
     def head_fn(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Parameter]]:
         if type(self.head) is nn.Linear:  # direct: no module hooks per chunk (ZeRO-3 gathers it once, outside)
@@ -179,15 +186,19 @@ class FusedLoss:
         # ignored labels as -100: the shapes are the batch's, whatever its labels.
         labels = labels.to(hidden.device)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        states = hidden.reshape(-1, hidden.shape[-1])
+        trained = targets.ne(IGNORE_INDEX).sum()  # a tensor: no host sync
+        if self.compact is None:
+            self.compact = hidden.device.type == "cpu"
+        if self.compact:
+            states, targets = trained_first(states, targets, int(trained), self.chunk)
         head, params = self.head_fn()
         if not torch.is_grad_enabled():
             params = []  # evaluation: the loss alone
         with self.gather():
-            total = FusedLinearCrossEntropy.apply(
-                hidden.reshape(-1, hidden.shape[-1]), targets, head, self.chunk, *params
-            )
+            total = FusedLinearCrossEntropy.apply(states, targets, head, self.chunk, *params)
         if num_items_in_batch is None:
-            loss = total / targets.ne(IGNORE_INDEX).sum()  # a tensor: no host sync
+            loss = total / trained
         else:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(total.device)
@@ -196,6 +207,14 @@ class FusedLoss:
         if aux_loss is not None and self.aux_loss_coef is not None:
             loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
         return loss, outputs
+
+
+def trained_first(states: torch.Tensor, targets: torch.Tensor, trained: int, chunk: int):
+    """The positions of whole chunks that hold the `trained` positions, these first (a stable sort keeps their
+    order): the chunks keep their one shape, and the ignored positions past them are not computed."""
+    order = torch.argsort(targets.eq(IGNORE_INDEX).to(torch.int8), stable=True)
+    keep = order[: min(targets.shape[0], -(-trained // chunk) * chunk)]
+    return states.index_select(0, keep), targets.index_select(0, keep)
 
 
 @contextmanager
@@ -353,9 +372,13 @@ def check_batch(batch: dict, vocab_size: int) -> dict:
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """No dropout (LoRA's included) while open; every module's mode is restored after."""
+    """No dropout (LoRA's included) while open; every module's mode is restored after. bitsandbytes' layers keep
+    theirs: on the CPU an eval-mode forward repacks a 4-bit weight for inference, which training then fails on."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
+    for module, training in modes:
+        if type(module).__module__.startswith("bitsandbytes."):
+            module.training = training
     try:
         yield
     finally:
@@ -379,8 +402,9 @@ def compare_losses(fused: FusedLoss, model: nn.Module, batch: dict) -> tuple[Tra
                 fused.transform, fused.factor = transform, factor
                 value = float(fused(model, batch)[0])
                 if abs(value - own) <= tolerance:
+                    which = "trained positions only" if fused.compact else "all positions, ignored ones at no sync"
                     return (transform, factor), (
-                        f"{fused.describe()}, {fused.chunk} positions per chunk; checked on the first batch: "
+                        f"{fused.describe()}, {fused.chunk} positions per chunk, {which}; checked on the first batch: "
                         f"{value:.6g} against the model's own {own:.6g} (tolerance {tolerance:.2g}: {rule})"
                     )
                 tried.append(f"{fused.describe()}: {value:.6g}")

@@ -538,3 +538,29 @@ def test_tolerance_rule():
     assert loss_tolerance(torch.float32, cpu, 0.5)[0] == pytest.approx(1e-5)
     assert loss_tolerance(torch.bfloat16, cpu, 1.0)[0] == pytest.approx(2 * 2.0**-7)
     assert loss_tolerance(torch.float16, cpu, 1.0)[0] == pytest.approx(2 * 2.0**-10)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_both_position_strategies_give_the_model_loss(compact):
+    # compact: the CPU's (trained positions first, only their chunks); not: an accelerator's (all positions)
+    model = tiny()
+    inputs = batch()
+    fused = fused_loss_for(model, batch=inputs)
+    fused.compact, fused.chunk = compact, 8
+    seen = []
+    head = fused.head_fn
+
+    def recording_head_fn():
+        function, params = head()
+        return (lambda h: seen.append(h.shape[0]) or function(h)), params
+
+    fused.head_fn = recording_head_fn
+    plain_loss, plain_grads = loss_and_grads(model, lambda: model(**inputs).loss)
+    fused_loss, fused_grads = loss_and_grads(model, lambda: fused(model, inputs)[0])
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=0)
+    for name, plain in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], plain, rtol=1e-4, atol=1e-7, msg=name)
+    assert set(seen) == {8}
+    trained = int(inputs["labels"][:, 1:].ne(-100).sum())
+    positions = inputs["input_ids"].numel()
+    assert len(seen) == (-(-trained // 8) if compact else -(-positions // 8))
