@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 # Positions per chunk: about 2^25 logits (128 MiB in fp32) per chunk, within these bounds.
 CHUNK_LOGITS = 2**25
 MIN_CHUNK, MAX_CHUNK = 64, 4096
-# The check's batch is cut to about this many logits (512 MiB in fp32): the model's own loss builds them whole.
-CHECK_LOGITS = 2**27
+# The check's batch is cut to about as many logits as a chunk's: the model's own loss builds them whole, and the
+# check should cost no more memory than the fused loss's chunks.
+CHECK_LOGITS = CHUNK_LOGITS
 
 Transform = tuple[str, float | None]  # ("none", None), ("softcap", c), ("scale", s) or ("divide", d)
 
@@ -182,8 +183,8 @@ class FusedLoss:
             outputs = model(**inputs, logits_to_keep=1)
         hidden = caught[0]
         # Position t predicts label t + 1; each row's last position predicts nothing (packed rows carry -100 at
-        # every sample's first token, so no position predicts across samples). All positions go in, their
-        # ignored labels as -100: the shapes are the batch's, whatever its labels.
+        # every sample's first token, so no position predicts across samples). Ignored labels stay in as -100:
+        # the chunks' shape is the same whatever the labels.
         labels = labels.to(hidden.device)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         states = hidden.reshape(-1, hidden.shape[-1])
