@@ -280,8 +280,11 @@ def measure_batches(model, batches: list[dict], args: argparse.Namespace) -> dic
     # applies LoRA dropout only in training mode, so a model left in eval mode would be measured without either.
     model.train()
     # The loss finetune.py trains with (sft/loss.py: no whole logits), or the model's own with --plain_loss; decided
-    # once per cell, as the Trainer decides once per run.
-    fused = fused_loss_for(model, liger=args.use_liger_kernel, enabled=not getattr(args, "plain_loss", False))
+    # once per cell, as the Trainer decides once per run (checked against the model's own loss on the first batch).
+    first = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batches[0].items()}
+    fused = fused_loss_for(
+        model, liger=args.use_liger_kernel, enabled=not getattr(args, "plain_loss", False), batch=first
+    )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

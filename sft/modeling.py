@@ -3,6 +3,7 @@ the one dtype policy every script follows."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -289,7 +290,7 @@ def load_model(
     # Passed only when asked for: an explicit None would drop the quantisation of a pre-quantised (GPTQ) model.
     extra = {"quantization_config": quantization} if quantization is not None else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             device_map=device_map,
@@ -299,6 +300,25 @@ def load_model(
         )
     except OSError as error:  # no such folder or hub model, or one without weights
         raise _unloadable(path, "a model", error) from None
+    _say_what_a_multimodal_folder_became(path, model)
+    return model
+
+
+def _say_what_a_multimodal_folder_became(path: str, model: PreTrainedModel) -> None:
+    """A multimodal checkpoint (Qwen3.5, Gemma 3/4) trains on text as transformers loads it for causal LM: some
+    whole (Gemma's ForConditionalGeneration), some as their text model alone (Qwen3.5): say which."""
+    declared = getattr(model.config, "architectures", None) or []
+    folder_config = Path(path, "config.json")
+    if folder_config.is_file():
+        declared = json.loads(folder_config.read_text()).get("architectures") or declared
+    if not declared or type(model).__name__ in declared or not hasattr(model.config, "get_text_config"):
+        return
+    if model.config.get_text_config() is model.config and any("ConditionalGeneration" in a for a in declared):
+        logger.info(
+            "%s is a %s checkpoint: loaded as %s, its language model alone, for text; what training saves is "
+            "that text model (the vision parts are not loaded)",
+            path, declared[0], type(model).__name__,
+        )  # fmt: skip
 
 
 def add_lora(

@@ -12,8 +12,9 @@
   the run at once. Whether a micro-batch's loss is finite stays on the device, read once per optimizer step with
   the gradient norm: no host synchronisation of ours per micro-batch (nor the Trainer's --logging_nan_inf_filter
   one, applied on the device instead).
-- The training loss is fused with the output layer (sft/loss.py) unless `--fused_loss false`: set up once, used
-  in `compute_loss` wherever nobody needs the logits.
+- The training loss is fused with the output layer (sft/loss.py) unless `--fused_loss false`: set up once, kept
+  only if it gives the model's own loss on the first batch (checked in `compute_loss`, agreed by all processes),
+  used wherever nobody needs the logits.
 - Tokens are counted as they are trained on (`token_counts`, `throughput`), across resumes: each checkpoint's
   finetune_run.json records the counts so far.
 """
@@ -33,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from sft.data import IGNORE_INDEX
 from sft.disk import disk_full_is_a_user_error
-from sft.loss import fused_loss_for
+from sft.loss import compare_losses, fused_loss_for, settle
 from sft.outputs import read_run_info, replace_folder, write_run_info
 from sft.stopping import (
     NonFiniteLoss,
@@ -115,6 +116,7 @@ class FinetuneTrainer(Trainer):
         self._session_counts: torch.Tensor | None = None  # this process's [trained, non-padding] tokens so far
         self._resumed_counts = {"trained_tokens": 0, "tokens": 0}  # all processes', before this session
         self.fused_loss = self._fused_loss_setup()  # None: the model's own (plain) loss
+        self._fused_loss_checked = False  # against the model's own loss, on the first batch with labels
         self._loss_only = False  # inside a prediction_step that keeps only the loss
 
     def create_optimizer(self, model=None):
@@ -235,11 +237,29 @@ class FinetuneTrainer(Trainer):
             enabled=getattr(self.args, "fused_loss", True),  # plain transformers.TrainingArguments: on
         )
 
+    def _check_fused_loss(self, model, inputs) -> None:
+        """Keeps the fused loss only if it gives the model's own loss on this (the first) batch, on every process:
+        a transform found on one process and not on another, or differing, keeps the plain loss everywhere."""
+        self._fused_loss_checked = True
+        found, finding = compare_losses(self.fused_loss, model, inputs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            index = self.fused_loss.candidates.index(found) if found is not None else -1
+            agreed = torch.tensor([index, -index], device=self.args.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            lowest, highest = int(agreed[0]), -int(agreed[1])
+            if found is not None and (lowest != highest or lowest < 0):
+                found, finding = None, f"another process's check found otherwise (here: {finding})"
+        self.fused_loss = settle(self.fused_loss, found, finding)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Fused where nobody needs the logits: training, and evaluation that keeps only the loss.
         needs_logits = return_outputs and not self._loss_only
         if self.fused_loss is None or needs_logits or "labels" not in inputs or "shift_labels" in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self._fused_loss_checked:
+            self._check_fused_loss(model, inputs)
+            if self.fused_loss is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # As Trainer.compute_loss: the model sees num_items_in_batch only if it takes loss kwargs, and the loss
         # summed over this process's share of the batch is scaled back up by the number of processes.
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None

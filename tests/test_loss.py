@@ -15,7 +15,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     CohereConfig,
     Gemma2Config,
     GPT2Config,
@@ -25,7 +28,17 @@ from transformers import (
     TrainingArguments,
 )
 
-from sft.loss import FusedLinearCrossEntropy, causal_lm_loss, chunk_positions, fused_loss_for
+from sft.loss import (
+    CHECK_LOGITS,
+    FusedLinearCrossEntropy,
+    causal_lm_loss,
+    check_batch,
+    chunk_positions,
+    chunk_starts,
+    fused_loss_for,
+    loss_tolerance,
+)
+from sft.modeling import load_model
 from sft.training import FinetuneTrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +77,7 @@ def loss_and_grads(model, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor
 
 
 def assert_fused_matches_plain(model, inputs, chunk: int = 8, rtol: float = 1e-5, num_items_in_batch=None):
-    fused = fused_loss_for(model)
+    fused = fused_loss_for(model, batch=inputs)  # decided by the check against the model's own loss
     assert fused is not None
     fused.chunk = chunk  # several chunks, the last one partial
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -72,9 +85,12 @@ def assert_fused_matches_plain(model, inputs, chunk: int = 8, rtol: float = 1e-5
     fused_loss, fused_grads = loss_and_grads(model, lambda: fused(model, inputs, num_items_in_batch)[0])
     torch.testing.assert_close(fused_loss, plain_loss, rtol=rtol, atol=0)
     assert fused_grads.keys() == plain_grads.keys() and plain_grads
+    largest = max(float(plain.abs().max()) for plain in plain_grads.values())
     for name, plain in plain_grads.items():
-        # relative to the tensor's largest entry: tiny entries carry only rounding
-        scale = plain.abs().max().clamp_min(1e-30)
+        # relative to the tensor's largest entry: tiny entries carry only rounding; and at least 1e-3 of the
+        # model's largest gradient: a gradient 10^5 times smaller than the rest (a linear-attention layer's dt_bias)
+        # is the sum of cancelling terms, whose rounding it keeps
+        scale = plain.abs().max().clamp_min(1e-3 * largest)
         torch.testing.assert_close(fused_grads[name] / scale, plain / scale, rtol=0, atol=rtol, msg=name)
     return fused
 
@@ -207,17 +223,34 @@ def test_trainer_loss_and_loss_only_evaluation(tmp_path):
     assert logits.shape == (*inputs["input_ids"].shape, VOCAB)
 
 
+class AddedLogitsQwen2(Qwen2ForCausalLM):
+    """A model whose logits are not its output layer's alone: a learned bias per vocabulary entry is added."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_bias = torch.nn.Parameter(torch.linspace(-2.0, 2.0, config.vocab_size))
+
+    def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        outputs.logits = outputs.logits + self.logit_bias
+        if labels is not None:
+            outputs.loss = self.loss_function(outputs.logits, labels, self.config.vocab_size)
+        return outputs
+
+
 def test_fallback_logs_its_reason_once(tmp_path, caplog):
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    model = AddedLogitsQwen2(Qwen2Config(**SMALL)).eval()
     with caplog.at_level(logging.INFO, logger="sft.loss"):
-        unknown = trainer(model, tmp_path / "gpt2")
-        unknown.compute_loss(model, batch())
-        unknown.compute_loss(model, batch())
+        unknown = trainer(model, tmp_path / "added")
+        first = unknown.compute_loss(model, batch())
+        second = unknown.compute_loss(model, batch())
     assert unknown.fused_loss is None
+    torch.testing.assert_close(first, model(**batch()).loss, rtol=1e-6, atol=0)  # the plain loss, first batch too
+    torch.testing.assert_close(second, first)
     lines = [record.getMessage() for record in caplog.records if record.name == "sft.loss"]
-    assert lines == ["Loss: plain, not fused: model type 'gpt2' is not one whose logits the fused loss knows how to "
-                     "reproduce"]  # fmt: skip
+    assert len(lines) == 1 and lines[0].startswith("Loss: plain, not fused: its logits are not the output layer's")
+    assert "the model's own loss on the first batch is" in lines[0] and "tolerance" in lines[0]
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -225,11 +258,23 @@ def test_fallback_logs_its_reason_once(tmp_path, caplog):
         assert fused_loss_for(tiny(), zero3=False, fsdp=True) is None
         assert fused_loss_for(tiny(), liger=True) is None
         assert fused_loss_for(tiny(), enabled=False) is None
-        assert fused_loss_for(tiny(output_router_logits=True)) is None
     reasons = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Loss: plain")]
-    assert len(reasons) == 5
+    assert len(reasons) == 4
     assert "label_smoothing" in reasons[0] and "FSDP" in reasons[1] and "liger" in reasons[2]
-    assert "--fused_loss false" in reasons[3] and "router" in reasons[4]
+    assert "--fused_loss false" in reasons[3]
+
+
+def test_trainer_checks_on_the_first_batch_and_logs_the_tolerance(tmp_path, caplog):
+    model = tiny()
+    with caplog.at_level(logging.INFO, logger="sft.loss"):
+        checked = trainer(model, tmp_path)
+        assert checked.fused_loss is not None and not caplog.records  # nothing decided before a batch
+        checked.compute_loss(model, batch())
+        checked.compute_loss(model, batch(seed=2))
+    assert checked.fused_loss is not None
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("Loss: fused output layer and cross-entropy")
+    assert "1.0e-05 x max(1, |loss|) (float32)" in lines[0] and "positions per chunk" in lines[0]
 
 
 def test_zero3_serves_only_a_frozen_plain_output_layer():
@@ -274,5 +319,248 @@ def test_two_processes_give_the_losses_of_one(tiny_model, tmp_path, run_finetune
     assert two == pytest.approx([entry["loss"] for entry in one.state.log_history if "loss" in entry], rel=1e-4)
 
 
-def test_qwen2_model_is_known():
-    assert fused_loss_for(Qwen2ForCausalLM(Qwen2Config(**SMALL))) is not None
+def test_gpt2_is_served_too():
+    # nothing about a model type: GPT-2's logits are its output layer's, so the check finds the fused loss exact
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert_fused_matches_plain(model, batch())
+
+
+# Tiny random models of the families transformers ships, from their own config classes (nothing downloaded), with
+# the logit transform each config declares set to a value that really bends the logits, and router losses on.
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+LINEAR_ATTENTION = dict(
+    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+    layer_types=["linear_attention", "full_attention"],
+)  # fmt: skip
+ROUTED = dict(
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+    topk_group=1,
+)  # fmt: skip
+FAMILIES = {  # model type: (config overrides, the transform the check must find)
+    "qwen2": ({}, ("none", None)),
+    "qwen3": ({}, ("none", None)),
+    "llama": ({}, ("none", None)),
+    "mistral": ({}, ("none", None)),
+    "phi3": ({"pad_token_id": 0}, ("none", None)),
+    "olmo3": ({}, ("none", None)),
+    "smollm3": ({"pad_token_id": 0}, ("none", None)),
+    "glm4": ({"pad_token_id": 0}, ("none", None)),
+    "lfm2": ({"layer_types": ["conv", "full_attention"], "block_ff_dim": 64}, ("none", None)),
+    "qwen3_moe": ({**MOE, "output_router_logits": True, "router_aux_loss_coef": 0.5}, ("none", None)),
+    "qwen3_next": (
+        {**MOE, **LINEAR_ATTENTION, "shared_expert_intermediate_size": 16, "output_router_logits": True},
+        ("none", None),
+    ),
+    "qwen3_5_text": (LINEAR_ATTENTION, ("none", None)),
+    "qwen3_5_moe_text": (
+        {**MOE, **LINEAR_ATTENTION, "shared_expert_intermediate_size": 16, "output_router_logits": True},
+        ("none", None),
+    ),
+    "gpt_oss": (
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            router_aux_loss_coef=0.5,
+        ),
+        ("none", None),
+    ),  # fmt: skip
+    "deepseek_v3": (
+        dict(
+            ROUTED,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            head_dim=4,
+            num_key_value_heads=4,
+        ),
+        ("none", None),
+    ),  # fmt: skip
+    "glm4_moe": (ROUTED, ("none", None)),
+    "mixtral": (dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True), ("none", None)),
+    "gemma2": ({"final_logit_softcapping": 0.5, "sliding_window": 8}, ("softcap", 0.5)),
+    "gemma3_text": ({"final_logit_softcapping": 0.5, "sliding_window": 8}, ("softcap", 0.5)),
+    "gemma4_text": (
+        dict(
+            final_logit_softcapping=0.5,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
+        ),  # fmt: skip
+        ("softcap", 0.5),
+    ),
+    "cohere": ({"logit_scale": 0.25}, ("scale", 0.25)),
+    "cohere2": (
+        dict(logit_scale=0.25, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        ("scale", 0.25),
+    ),
+    "granite": ({"logits_scaling": 4.0}, ("divide", 4.0)),  # Granite divides by logits_scaling
+    "granitemoe": (
+        dict(logits_scaling=4.0, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True),
+        ("divide", 4.0),
+    ),
+    "granitemoehybrid": (
+        dict(
+            logits_scaling=4.0,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=8,
+            mamba_d_head=8,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            mamba_chunk_size=8,
+            num_local_experts=0,
+        ),
+        ("divide", 4.0),
+    ),  # fmt: skip
+    "hyperclovax": ({"logits_scaling": 4.0}, ("scale", 4.0)),  # HyperCLOVA X multiplies by it
+}
+
+
+def family_model(model_type: str):
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {model_type!r} not installed")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**SMALL, **FAMILIES[model_type][0]})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_families_fused_equal_to_their_own_loss(model_type, caplog):
+    model = family_model(model_type)
+    with caplog.at_level(logging.INFO, logger="sft.loss"):
+        fused = assert_fused_matches_plain(model, batch())
+    assert (fused.transform, fused.factor) == FAMILIES[model_type][1]
+    assert [r.getMessage()[:24] for r in caplog.records] == ["Loss: fused output layer"]
+    router_coef = getattr(model.config, "router_aux_loss_coef", None)
+    if getattr(model.config, "output_router_logits", False):
+        assert fused.aux_loss_coef == router_coef  # its own loss adds coef x aux_loss: so does the fused one
+
+
+def test_router_auxiliary_loss_is_added():
+    model = family_model("qwen3_moe")
+    inputs = batch()
+    fused = fused_loss_for(model, batch=inputs)
+    with torch.no_grad():
+        loss, outputs = fused(model, inputs)
+        without = fused(model, {**inputs, "output_router_logits": False})[0]
+    assert outputs.aux_loss is not None and float(outputs.aux_loss) > 0
+    torch.testing.assert_close(loss, without + 0.5 * outputs.aux_loss, rtol=1e-6, atol=0)
+
+
+def tiny_multimodal(model_type: str, path: Path) -> Path:
+    """A tiny random multimodal checkpoint folder (as Qwen3.5 and Gemma 3 are published), saved as they are."""
+    text = {k: v for k, v in SMALL.items()}
+    if model_type == "qwen3_5":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
+        config = AutoConfig.for_model(model_type, text_config={**text, **LINEAR_ATTENTION}, vision_config=vision)
+    else:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)  # fmt: skip
+        text |= {"model_type": "gemma3_text", "final_logit_softcapping": 0.5}
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3"])
+def test_multimodal_folder_trains_on_text_through_its_language_model(model_type, tmp_path, caplog):
+    folder = tiny_multimodal(model_type, tmp_path / model_type)
+    with caplog.at_level(logging.INFO, logger="sft.modeling"):
+        model = load_model(str(folder)).eval()  # finetune.py's load path
+    # transformers loads Qwen3.5's text model alone, Gemma 3's whole: the log says so where it matters
+    text_only = [r.getMessage() for r in caplog.records if "its language model alone" in r.getMessage()]
+    assert len(text_only) == (model_type == "qwen3_5")
+    fused = assert_fused_matches_plain(model, batch())
+    assert fused.decoder is model.get_decoder() and fused.head is model.get_output_embeddings()
+    # Gemma 3's multimodal forward does not soft-cap, though its text config declares a cap: the check finds so
+    assert fused.transform == "none"
+
+
+def test_chunks_have_one_shape_whatever_the_data():
+    hidden_size, chunk = 4, 8
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(VOCAB, hidden_size, generator=generator, requires_grad=True)
+    shapes = set()
+
+    def head(h):
+        shapes.add(tuple(h.shape))
+        return torch.nn.functional.linear(h, weight)
+
+    for positions in (3, 8, 13, 16, 29):
+        states = torch.randn(positions, hidden_size, generator=generator, requires_grad=True)
+        targets = torch.randint(0, VOCAB, (positions,), generator=generator)
+        targets[torch.rand(positions, generator=generator) < 0.5] = -100
+        fused = FusedLinearCrossEntropy.apply(states, targets, head, chunk, weight)
+        fused.backward()
+        fused_grads = states.grad.clone(), weight.grad.clone()
+        states.grad = weight.grad = None
+        plain = torch.nn.functional.cross_entropy(head(states), targets, reduction="sum")
+        plain.backward()
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused_grads[0], states.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fused_grads[1], weight.grad, rtol=1e-6, atol=1e-7)
+        weight.grad = None
+        shapes.discard((positions, hidden_size))  # the plain path's own call
+    assert shapes == {(chunk, hidden_size)}
+
+
+def test_chunk_starts_cover_each_position_once():
+    for positions in (8, 9, 24, 31):
+        counted = []
+        for start, skip in chunk_starts(positions, 8):
+            counted += range(start + skip, start + 8)
+        assert counted == list(range(positions))
+
+
+def test_check_batch_is_cut_to_bounded_logits():
+    vocab = 2**18  # 128 positions' logits fit CHECK_LOGITS
+    inputs = batch(rows=2, length=300)
+    cut = check_batch(inputs, vocab)
+    assert cut["input_ids"].shape == (1, CHECK_LOGITS // vocab) and cut["labels"].shape == cut["input_ids"].shape
+    packed = {"input_ids": inputs["input_ids"][:1], "labels": inputs["labels"][:1],
+              "position_ids": torch.cat([torch.arange(100), torch.arange(200)])[None],
+              "cu_seq_lens_q": torch.tensor([0, 100, 300]), "max_length_q": 200}  # fmt: skip
+    cut = check_batch(packed, vocab)
+    assert cut["cu_seq_lens_q"].tolist() == [0, 100, 128] and cut["max_length_q"] == 100
+    assert check_batch(inputs, VOCAB) is inputs  # small enough: whole
+
+
+def test_tolerance_rule():
+    cpu = torch.device("cpu")
+    assert loss_tolerance(torch.float32, cpu, 2.0)[0] == pytest.approx(2e-5)
+    assert loss_tolerance(torch.float32, cpu, 0.5)[0] == pytest.approx(1e-5)
+    assert loss_tolerance(torch.bfloat16, cpu, 1.0)[0] == pytest.approx(2 * 2.0**-7)
+    assert loss_tolerance(torch.float16, cpu, 1.0)[0] == pytest.approx(2 * 2.0**-10)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_both_position_strategies_give_the_model_loss(compact):
+    # compact: the CPU's (trained positions first, only their chunks); not: an accelerator's (all positions)
+    model = tiny()
+    inputs = batch()
+    fused = fused_loss_for(model, batch=inputs)
+    fused.compact, fused.chunk = compact, 8
+    seen = []
+    head = fused.head_fn
+
+    def recording_head_fn():
+        function, params = head()
+        return (lambda h: seen.append(h.shape[0]) or function(h)), params
+
+    fused.head_fn = recording_head_fn
+    plain_loss, plain_grads = loss_and_grads(model, lambda: model(**inputs).loss)
+    fused_loss, fused_grads = loss_and_grads(model, lambda: fused(model, inputs)[0])
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=0)
+    for name, plain in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], plain, rtol=1e-4, atol=1e-7, msg=name)
+    assert set(seen) == {8}
+    trained = int(inputs["labels"][:, 1:].ne(-100).sum())
+    positions = inputs["input_ids"].numel()
+    assert len(seen) == (-(-trained // 8) if compact else -(-positions // 8))

@@ -3,8 +3,8 @@ it. `python -m sft.data.cache` lists it (size, last use) and removes what is nam
 
 A run marks each cache file it uses (its access time is set to now; its modification time is kept, since `datasets`
 fingerprints a memory-mapped file by it and the tokenised and packed caches are keyed by that fingerprint), so "last
-use" is the last run that read it; it removes the partial files of reads that an interrupted run left (`*.<pid>.partial` whose process is gone, or
-any a day old) and logs the folder's size.
+use" is the last run that read it; it removes the partial files of reads that an interrupted run left
+(`*.<pid>.partial` whose process is gone, or any a day old) and logs the folder's size.
 """
 
 from __future__ import annotations
