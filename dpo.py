@@ -54,6 +54,7 @@ from sft.preference import (
     StartingModelReference,
     check_preference_arguments,
     disable_dropout,
+    model_inputs,
     precompute_reference,
     reference_key,
     sft_adapter_of,
@@ -173,6 +174,11 @@ def train(
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
     if reference_used and preference_args.precompute_reference:
+        # The fused loss is checked against the model's own on a first batch before it scores the reference.
+        first = collator([train_dataset[k] for k in range(min(2, len(train_dataset)))])
+        trainer.settle_fused_loss(
+            trainer.model, {k: v.to(training_args.device) for k, v in model_inputs(first).items()}
+        )
         key_parts = {"identity": identity, "dtype": str(training_dtype(training_args.bf16, training_args.fp16))}
         for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
             if dataset is None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sft.errors import ConfigurationError
-from sft.loss import FusedLoss, fused_loss_for, sequence_logps
+from sft.loss import FusedLoss, check_fused_loss, fused_loss_for, sequence_logps
 from sft.preference_loss import LOSS_TYPES, needs_reference, pearson, preference_loss
 from sft.training import FinetuneTrainer
 
@@ -147,16 +147,20 @@ class AdapterReference:
 
 
 class ModelReference:
-    """A frozen copy of the starting model."""
+    """A frozen copy of the starting model (its own fused loss, checked on the first batch it scores)."""
 
     def __init__(self, model: nn.Module, description: str):
         self.model = model.eval().requires_grad_(False)
         self.fused = fused_loss_for(model)
+        self.checked = False
         self.description = description
 
     def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
         device = next(self.model.parameters()).device
         batch = {key: value.to(device) for key, value in batch.items()}
+        if not self.checked and self.fused is not None:
+            self.fused = check_fused_loss(self.fused, self.model, model_inputs(batch))
+        self.checked = True
         with torch.no_grad():
             return sequence_logps(self.model, batch, self.fused)[0]
 
@@ -172,6 +176,13 @@ class StartingModelReference:
 
 
 PRECOMPUTE_FORMAT = 1
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model's own forward takes of a pair batch (with its labels), for the fused loss's check."""
+    return {
+        key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids", "labels")
+    }
 
 
 def reference_key(parts: dict[str, Any]) -> str:
@@ -229,6 +240,7 @@ class PreferenceTrainer(FinetuneTrainer):
         self._recent: deque = deque(maxlen=CORRELATION_WINDOW)  # (margin, length difference) of recent pairs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.settle_fused_loss(model, model_inputs(inputs))
         logps, lengths = sequence_logps(model, inputs, self.fused_loss)
         pairs = logps.shape[0] // 2
         ref = None

@@ -251,15 +251,20 @@ class FinetuneTrainer(Trainer):
                 found, finding = None, f"another process's check found otherwise (here: {finding})"
         self.fused_loss = settle(self.fused_loss, found, finding)
 
+    def settle_fused_loss(self, model, inputs) -> None:
+        """Checks the fused loss against the model's own on `inputs` (a batch with labels), once: the first call
+        decides, later ones do nothing."""
+        if self.fused_loss is not None and not self._fused_loss_checked:
+            self._check_fused_loss(model, inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Fused where nobody needs the logits: training, and evaluation that keeps only the loss.
         needs_logits = return_outputs and not self._loss_only
         if self.fused_loss is None or needs_logits or "labels" not in inputs or "shift_labels" in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not self._fused_loss_checked:
-            self._check_fused_loss(model, inputs)
-            if self.fused_loss is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.settle_fused_loss(model, inputs)
+        if self.fused_loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # As Trainer.compute_loss: the model sees num_items_in_batch only if it takes loss kwargs, and the loss
         # summed over this process's share of the batch is scaled back up by the number of processes.
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
