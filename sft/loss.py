@@ -247,13 +247,22 @@ def plain_reason(model: nn.Module, *, zero3: bool = False, fsdp: bool = False, l
     if fsdp:
         return "FSDP shards the output layer, and the fused loss does not gather it"
     lm = causal_lm(model)
-    get_decoder = getattr(lm, "get_decoder", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if not callable(get_decoder) or head is None or get_decoder() is lm:
+    if head is None or decoder_of(lm) is None:
         return f"{type(lm).__name__} has no separate decoder and output layer"
     if zero3 and (type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters())):
         return "under ZeRO-3 it serves only a frozen plain output layer (LoRA without modules_to_save)"
     return None
+
+
+def decoder_of(lm: nn.Module) -> nn.Module | None:
+    """The module whose output is `lm`'s last hidden states: `get_decoder()`, or, where that hands back the model
+    itself (Llama 4's CausalLM names its decoder `model` under another base-model prefix), its `model`."""
+    get_decoder = getattr(lm, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is lm:
+        decoder = getattr(lm, "model", None)
+    return decoder if isinstance(decoder, nn.Module) and decoder is not lm else None
 
 
 def _number(value) -> float | None:
@@ -328,7 +337,7 @@ def fused_loss_for(
         aux_coef = _number(getattr(config.get_text_config(), "router_aux_loss_coef", None))
     vocab_size = config.get_text_config().vocab_size
     chunk = chunk_positions(vocab_size)
-    fused = FusedLoss(lm.get_decoder(), head, *candidates[0], chunk, gather, aux_coef, candidates, vocab_size)
+    fused = FusedLoss(decoder_of(lm), head, *candidates[0], chunk, gather, aux_coef, candidates, vocab_size)
     if batch is not None:
         return check_fused_loss(fused, model, batch)
     return fused

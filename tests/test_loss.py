@@ -382,6 +382,11 @@ FAMILIES = {  # model type: (config overrides, the transform the check must find
         ("none", None),
     ),  # fmt: skip
     "glm4_moe": (ROUTED, ("none", None)),
+    # Llama 4's CausalLM hands back itself from get_decoder(): its decoder is found as `model` (sft.loss.decoder_of).
+    "llama4_text": (
+        dict(num_local_experts=2, intermediate_size_mlp=64, head_dim=8, attention_chunk_size=8),
+        ("none", None),
+    ),
     "mixtral": (dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True), ("none", None)),
     "gemma2": ({"final_logit_softcapping": 0.5, "sliding_window": 8}, ("softcap", 0.5)),
     "gemma3_text": ({"final_logit_softcapping": 0.5, "sliding_window": 8}, ("softcap", 0.5)),

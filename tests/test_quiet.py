@@ -15,7 +15,8 @@ import sft.quiet
 
 REPO = Path(__file__).resolve().parents[1]
 OUR_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
-PROGRESS_BAR = r"(\s*[\w .()]+:)?\s*\d+%\|[^|]*\|[^\[]*(\[[^\]]*\])?"  # tqdm: "Loading weights: 100%|███| 27/27 [00:00]"
+# tqdm: "Loading weights: 100%|███| 27/27 [00:00]", "Tokenising train data (batches of 1000):  0%|  | 0/1 [...]"
+PROGRESS_BAR = r"(\s*[\w .()]+:)?\s*\d+%\|[^|]*\|[^\[]*(\[[^\]]*\])?"
 BAR_OR_METRICS = re.compile(rf"({PROGRESS_BAR})?\s*(\{{'[\w/]+': .*\}})?\s*")  # the Trainer logs its metrics dicts
 
 
