@@ -32,17 +32,12 @@ from scripts.family_table import (
 from scripts.tiny_families import FAMILIES, Family, build_family_model
 from sft.errors import UserError
 
-# all-linear wraps Llama 4's router (an nn.Linear whose forward returns a tuple) in a LoRA layer, whose forward
-# then fails: AttributeError 'tuple' object has no attribute 'dtype'.
-LLAMA4_ROUTER = "LoRA on Llama 4's router (a Linear that returns a tuple)"
 # The short convolution (LFM2) and Mamba layers (Falcon-H1) run across packed samples' boundaries: a sample's
 # logits depend on the sample before it, by less than the leak probe's tolerance.
 CONV_ACROSS_SAMPLES = "packed samples leak through the short convolution / Mamba state, within the probe's tolerance"
 # Modes that end in a traceback (a bug of ours or of a library under us, not a clean refusal) or run wrong today:
 # expected to fail until fixed. Any other crash or wrong result fails its test.
 KNOWN_BUGS = {
-    ("llama4_text", "lora"): LLAMA4_ROUTER,
-    ("llama4_text", "qlora"): LLAMA4_ROUTER,
     ("lfm2", "packing"): CONV_ACROSS_SAMPLES,
     ("falcon_h1", "packing"): CONV_ACROSS_SAMPLES,
 }
