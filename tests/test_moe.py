@@ -215,3 +215,30 @@ def test_variants_peft_cannot_apply_to_the_experts_are_refused(moe_models, varia
     model = AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"], dtype=torch.float32)
     with pytest.raises(ConfigurationError, match=f"{flag}: peft's LoRA of the fused expert parameters"):
         add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear", **variant)
+
+
+@pytest.fixture(scope="module")
+def falcon_h1(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from scripts.tiny_families import build_family_model
+
+    return str(build_family_model("Falcon-H1 (hybrid)", tmp_path_factory.mktemp("falcon_h1")))
+
+
+def test_default_targets_leave_out_what_peft_cannot_adapt_on_mamba_layers(falcon_h1, caplog):
+    model = AutoModelForCausalLM.from_pretrained(falcon_h1, dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="sft.moe"):
+        model = add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=["all-linear"])
+    adapted = {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
+    assert {"in_proj", "q_proj", "o_proj", "gate_proj", "down_proj"} <= adapted
+    assert not adapted & {"out_proj", "conv1d", "lm_head"}
+    assert "LoRA targets: every linear layer but out_proj (peft cannot adapt them" in caplog.text
+    batch = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=batch, labels=batch).loss.backward()  # trains
+
+
+def test_naming_modules_peft_cannot_adapt_on_mamba_layers_is_refused(falcon_h1):
+    model = AutoModelForCausalLM.from_pretrained(falcon_h1, dtype=torch.float32)
+    with pytest.raises(
+        ConfigurationError, match=r"^--lora_target_modules in_proj out_proj: peft cannot adapt out_proj"
+    ):
+        add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=["in_proj", "out_proj"])
