@@ -140,14 +140,15 @@ def _renamed_by_peft(model: PreTrainedModel, names: list[str], r: int) -> set[st
 def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] | str, r: int) -> LoraTargets:
     """The targets of `--lora_target scope` (with `--lora_target_modules target_modules`) on this model, logged.
 
-    Dense models with `all` keep `target_modules` as given. On a MoE model `all-linear` means every linear layer
-    but the output layer and the routers, and the fused experts; module names the user lists go to peft as they are
-    (peft itself reads gate_proj/up_proj/down_proj as the experts' on some families: then without dropout)."""
+    Dense models with `all` keep `target_modules` as given (less what peft refuses on Mamba layers). On a MoE model
+    `all-linear` means every linear layer but the output layer and the routers, and the fused experts; module names
+    the user lists go to peft as they are (peft itself reads gate_proj/up_proj/down_proj as the experts' on some
+    families: then without dropout)."""
     layout = find_moe(model)
     output = model.get_output_embeddings()
     refused = _refused_by_peft(model, target_modules)
     if scope == "attention":
-        chosen = attention_modules(model)
+        chosen = [name for name in attention_modules(model) if name.rsplit(".", 1)[-1] not in refused]
         if not chosen:
             raise ConfigurationError(
                 "--lora_target attention: this model has no linear module inside an attention block "
