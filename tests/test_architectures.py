@@ -199,10 +199,12 @@ def assert_packed_loss_equals_unpacked(folder: str, layout: str) -> None:
 def test_fused_loss_decision_and_equality(family, decided):
     from sft.loss import causal_lm_loss, fused_loss_for
     from sft.modeling import load_model, load_tokenizer
+    from sft.moe import keep_router_aux_loss
 
     folder, row = decided(family)
     outcome = outcome_of(row, "loss")
     model = load_model(folder)  # fp32
+    keep_router_aux_loss(model)  # as finetune.py's model set-up does: the router's auxiliary loss in the loss
     fused = fused_loss_for(model)
     if outcome.detail != "fused":
         assert fused is None and "\n" not in outcome.detail
