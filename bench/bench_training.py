@@ -314,14 +314,18 @@ def loss_table(args, workdir: Path, model: Path, setup: dict, flops: float) -> N
         results[method] = json.loads(lines[-1][len("RESULT ") :])
         print(f"  {method} done", flush=True)
     print()
-    print("| loss | peak RSS (MiB) | x plain | train time (s) | real tokens/s | trained tokens/s | MFU |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| loss | peak RSS (MiB) | RSS before training (MiB) | x plain | train time (s) | real tokens/s "
+        "| trained tokens/s | MFU |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     plain = results.get("plain_loss")
     for method, r in results.items():
         ratio = f"{r['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x" if plain else "-"
         mfu = 6 * r["parameters"] * r["trained_tokens_per_s"] / flops
         print(
-            f"| {method} | {r['peak_rss_mib']:.0f} | {ratio} | {r['train_s']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"| {method} | {r['peak_rss_mib']:.0f} | {r['rss_before_mib']:.0f} | {ratio} | {r['train_s']:.1f} | "
+            f"{r['tokens_per_s']:.0f} | "
             f"{r['trained_tokens_per_s']:.0f} | {100 * mfu:.2f}% |"
         )
     fused = results.get("fused_loss")
@@ -336,6 +340,9 @@ def loss_table(args, workdir: Path, model: Path, setup: dict, flops: float) -> N
                     ratio = fused[key] / results[other][key]
                     verdict = "meets" if ratio <= target else "MISSES"
                     print(f"fused_loss {what} vs {other}: {ratio:.2f}x (target <= {target}x: {verdict})")
+                # What training adds to the process (libraries, model and data loaded before it are alike in both).
+                added = [r["peak_rss_mib"] - r["rss_before_mib"] for r in (fused, results[other])]
+                print(f"fused_loss RSS added by training vs {other}: {added[0]:.0f} / {added[1]:.0f} MiB")
     print(
         "MFU = 6 x parameters (all, frozen base included) x trained tokens/s / measured fp32 matmul FLOP/s",
         flush=True,

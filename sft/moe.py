@@ -12,6 +12,8 @@ bitsandbytes cannot quantise them. The choices, made once per run and logged:
   their names for the experts' (its conversion of transformers-4 targets: gate_proj, up_proj, down_proj), their
   weights are adapted in place too, without dropout, so that each is adapted as itself and reloads the same.
 - `--lora_target attention`: the attention (and linear-attention) projections only, on any model.
+- modules peft refuses to adapt on the model (a Mamba layer's out_proj and conv1d, on Falcon-H1 and other Mamba
+  hybrids): left out of `all-linear`, said in one line; named in --lora_target_modules, refused.
 """
 
 from __future__ import annotations
@@ -138,12 +140,15 @@ def _renamed_by_peft(model: PreTrainedModel, names: list[str], r: int) -> set[st
 def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] | str, r: int) -> LoraTargets:
     """The targets of `--lora_target scope` (with `--lora_target_modules target_modules`) on this model, logged.
 
-    Dense models with `all` keep `target_modules` as given. On a MoE model `all-linear` means every linear layer
-    but the output layer and the routers, and the fused experts; module names the user lists go to peft as they are
-    (peft itself reads gate_proj/up_proj/down_proj as the experts' on some families: then without dropout)."""
+    Dense models with `all` keep `target_modules` as given (less what peft refuses on Mamba layers). On a MoE model
+    `all-linear` means every linear layer but the output layer and the routers, and the fused experts; module names
+    the user lists go to peft as they are (peft itself reads gate_proj/up_proj/down_proj as the experts' on some
+    families: then without dropout)."""
     layout = find_moe(model)
+    output = model.get_output_embeddings()
+    refused = _refused_by_peft(model, target_modules)
     if scope == "attention":
-        chosen = attention_modules(model)
+        chosen = [name for name in attention_modules(model) if name.rsplit(".", 1)[-1] not in refused]
         if not chosen:
             raise ConfigurationError(
                 "--lora_target attention: this model has no linear module inside an attention block "
@@ -155,21 +160,39 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
                 "LoRA on a mixture of experts: experts, router and shared experts not adapted (--lora_target attention)"
             )
         return LoraTargets(_names_for_peft(chosen, model))
+    if refused and target_modules != "all-linear":
+        raise ConfigurationError(
+            f"--lora_target_modules {' '.join(target_modules)}: peft cannot adapt {', '.join(refused)} on a "
+            f"{model.config.model_type} model (its Mamba layers); drop {' and '.join(refused)} "
+            "(the default all-linear leaves them out)"
+        )
+    if refused:
+        logger.info(
+            "LoRA targets: every linear layer but %s (peft cannot adapt them on a %s model's Mamba layers)",
+            ", ".join(refused), model.config.model_type,
+        )  # fmt: skip
     if not layout:
-        return LoraTargets(target_modules)
+        if not refused:
+            return LoraTargets(target_modules)
+        linear = [
+            name
+            for name, module in model.named_modules()
+            if _is_linear(module) and module is not output and name.rsplit(".", 1)[-1] not in refused
+        ]
+        return LoraTargets(_names_for_peft(linear, model))
     if target_modules != "all-linear":
         moved = _renamed_by_peft(model, target_modules, r) if isinstance(target_modules, list) else set()
         if moved:
             logger.info("LoRA on a mixture of experts: peft adapts %s as the fused experts", ", ".join(sorted(moved)))
         return LoraTargets(target_modules, peft_moves_modules=bool(moved))
 
-    output = model.get_output_embeddings()
     routers = set(layout.routers)
     linear = [
         name
         for name, module in model.named_modules()
         if _is_linear(module)
         and module is not output
+        and name.rsplit(".", 1)[-1] not in refused
         and not any(name == router or name.startswith(f"{router}.") for router in routers)
     ]
     modules = _names_for_peft(linear, model)
@@ -189,6 +212,32 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
         ", ".join(experts), r, f"{expert_lora:,}", ", ".join(_leaves(layout.routers)) or "none found", shared,
     )  # fmt: skip
     return targets
+
+
+def _refused_by_peft(model: torch.nn.Module, target_modules: list[str] | str) -> list[str]:
+    """The module names (last parts) among the targets that peft refuses to adapt on this model: on Mamba-based
+    models (Falcon-H1, ...) their out_proj and conv1d. peft's own rule is asked, for each name; `all-linear`
+    means every linear module but the output layer."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # a peft without that rule refuses nothing
+        return []
+    if target_modules == "all-linear":
+        output = model.get_output_embeddings()
+        names = {name for name, module in model.named_modules() if _is_linear(module) and module is not output}
+    elif isinstance(target_modules, list):
+        names = set(target_modules)
+    else:  # a regular expression: peft matches it, and says what it refuses
+        return []
+    probe = LoraConfig(r=1, target_modules=["probe"])
+    refused = set()
+    for leaf in {name.rsplit(".", 1)[-1] for name in names}:
+        try:
+            check(probe, model, leaf)
+        except ValueError:
+            refused.add(leaf)
+    return sorted(refused)
 
 
 def _shapes(model: torch.nn.Module, parameter_names: list[str]) -> list[tuple[int, ...]]:

@@ -323,12 +323,25 @@ def check_no_leak(model: PreTrainedModel, layout: PackingLayout, tolerance: floa
         raise PackingError(
             f"--packing: with attention implementation {implementation!r} this model lets packed samples attend "
             f"to each other (a sample's logits change by {error:.3g} when packed after another; {leak:.3g} with "
-            "full cross-sample attention). Use --attn_implementation sdpa or flash_attention_2 with a "
-            "transformers model class, or train without --packing"
+            f"full cross-sample attention). {_ways_out(model, implementation)}"
         )
     logger.info(
         "Packing check passed (%s, %s layout): packed samples do not attend to each other", implementation, layout
     )
+
+
+def _ways_out(model: PreTrainedModel, implementation: str | None) -> str:
+    """What could keep this model's packed samples apart once the probe found them attending to each other. Its
+    masked attention (sdpa, eager, flex) got the model's own mask, so another masked implementation gets the same
+    one; flash attention reads the boundaries from the position ids instead, where the model class supports it.
+    A model's own code (--trust_remote_code) may build its mask its own way: transformers' class may not."""
+    ways = []
+    if not type(model).__module__.startswith("transformers."):
+        ways.append("load the model with its transformers class (without --trust_remote_code)")
+    elif "flash" not in (implementation or "") and getattr(model, "_supports_flash_attn", False):
+        ways.append("use --attn_implementation flash_attention_2 (a GPU with flash-attn)")
+    way_out = "; or ".join([*ways, "train without --packing"])
+    return way_out[0].upper() + way_out[1:]
 
 
 class LeakProbe(TrainerCallback):

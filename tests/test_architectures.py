@@ -32,20 +32,9 @@ from scripts.family_table import (
 from scripts.tiny_families import FAMILIES, Family, build_family_model
 from sft.errors import UserError
 
-# all-linear wraps Llama 4's router (an nn.Linear whose forward returns a tuple) in a LoRA layer, whose forward
-# then fails: AttributeError 'tuple' object has no attribute 'dtype'.
-LLAMA4_ROUTER = "LoRA on Llama 4's router (a Linear that returns a tuple)"
-# The short convolution (LFM2) and Mamba layers (Falcon-H1) run across packed samples' boundaries: a sample's
-# logits depend on the sample before it, by less than the leak probe's tolerance.
-CONV_ACROSS_SAMPLES = "packed samples leak through the short convolution / Mamba state, within the probe's tolerance"
 # Modes that end in a traceback (a bug of ours or of a library under us, not a clean refusal) or run wrong today:
 # expected to fail until fixed. Any other crash or wrong result fails its test.
-KNOWN_BUGS = {
-    ("llama4_text", "lora"): LLAMA4_ROUTER,
-    ("llama4_text", "qlora"): LLAMA4_ROUTER,
-    ("lfm2", "packing"): CONV_ACROSS_SAMPLES,
-    ("falcon_h1", "packing"): CONV_ACROSS_SAMPLES,
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 # One or two steps of batches of 2 on the example data: every other flag is finetune.py's default.
 SHORT_RUN = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--model_max_length", "128"]
@@ -186,11 +175,12 @@ def assert_packed_loss_equals_unpacked(folder: str, layout: str) -> None:
     """The same samples' loss, packed into one row (and batched as `layout`) and padded one per row, in fp32."""
     from sft.data import make_collator
     from sft.modeling import load_model, load_tokenizer
-    from sft.packing import PackedCollator, check_no_leak, packing_layout
+    from sft.packing import check_no_leak, packing_collator
 
     tokenizer = load_tokenizer(folder)
     model = load_model(folder).eval()
-    assert packing_layout(model) == layout
+    collator = packing_collator(model, tokenizer.pad_token_id)  # sets the model up as finetune.py --packing does
+    assert collator.layout == layout
     check_no_leak(model, layout, tolerance=STRICT_LEAK_TOLERANCE)  # fp32: each sample's logits as alone
     samples = example_batch(tokenizer)
     padded = make_collator(tokenizer)([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
@@ -199,7 +189,7 @@ def assert_packed_loss_equals_unpacked(folder: str, layout: str) -> None:
         row["input_ids"] += sample.input_ids
         row["labels"] += [-100] + sample.labels[1:]  # as packing does: a sample's first label predicts nothing
         row["position_ids"] += list(range(len(sample.input_ids)))
-    packed = PackedCollator(tokenizer.pad_token_id, layout)([row])
+    packed = collator([row])
     with torch.no_grad():  # no cache, as in training: with one, transformers does not look for packed samples
         packed_loss = model(**packed, use_cache=False).loss
         torch.testing.assert_close(packed_loss, model(**padded, use_cache=False).loss, rtol=1e-5, atol=1e-5)
@@ -209,10 +199,12 @@ def assert_packed_loss_equals_unpacked(folder: str, layout: str) -> None:
 def test_fused_loss_decision_and_equality(family, decided):
     from sft.loss import causal_lm_loss, fused_loss_for
     from sft.modeling import load_model, load_tokenizer
+    from sft.moe import keep_router_aux_loss
 
     folder, row = decided(family)
     outcome = outcome_of(row, "loss")
     model = load_model(folder)  # fp32
+    keep_router_aux_loss(model)  # as finetune.py's model set-up does: the router's auxiliary loss in the loss
     fused = fused_loss_for(model)
     if outcome.detail != "fused":
         assert fused is None and "\n" not in outcome.detail

@@ -42,6 +42,8 @@ FAMILIES = {
         n_group=1,
         topk_group=1,
     ),  # fmt: skip
+    # Llama 4's router is an nn.Linear whose forward returns a tuple: adapted as a linear module, it crashes.
+    "llama4_text": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64),
 }
 
 
@@ -77,18 +79,21 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_default_flags_train_the_experts_with_dropout_only_on_linear_modules(moe_adapters, family):
+def test_default_flags_train_the_experts_with_dropout_only_on_linear_modules(moe_adapters, moe_models, family):
     _, trainer = moe_adapters[family]
     layers = lora_layers(trainer.model)
     experts = {name: layer for name, layer in layers.items() if isinstance(layer, ParamWrapper)}
-    wrapped = {layer.parameter_name for name, layer in experts.items() if "mlp.experts" in name}
+    wrapped = {layer.parameter_name for name, layer in experts.items() if ".experts" in name}
     assert {"gate_up_proj", "down_proj"} <= wrapped
     for layer in experts.values():  # B starts at zero: trained means it received gradients
         assert layer.lora_B["default"].weight.abs().max() > 0
         assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)
     linear = [layer for layer in layers.values() if not isinstance(layer, ParamWrapper)]
     assert linear and all(layer.lora_dropout["default"].p == 0.05 for layer in linear)
-    assert not any(name.endswith("mlp.gate") or ".gate." in name for name in layers)  # the router is not adapted
+    base = AutoModelForCausalLM.from_pretrained(moe_models[family])
+    routers = {name.rsplit(".", 1)[-1] for name in find_moe(base).routers}
+    assert routers  # (mlp.gate, feed_forward.router)
+    assert not any(part in routers for name in layers for part in name.split("."))  # the router is not adapted
 
 
 def test_shared_experts_and_dense_layers_are_adapted(moe_adapters):
@@ -210,3 +215,30 @@ def test_variants_peft_cannot_apply_to_the_experts_are_refused(moe_models, varia
     model = AutoModelForCausalLM.from_pretrained(moe_models["qwen3_moe"], dtype=torch.float32)
     with pytest.raises(ConfigurationError, match=f"{flag}: peft's LoRA of the fused expert parameters"):
         add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear", **variant)
+
+
+@pytest.fixture(scope="module")
+def falcon_h1(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from scripts.tiny_families import build_family_model
+
+    return str(build_family_model("Falcon-H1 (hybrid)", tmp_path_factory.mktemp("falcon_h1")))
+
+
+def test_default_targets_leave_out_what_peft_cannot_adapt_on_mamba_layers(falcon_h1, caplog):
+    model = AutoModelForCausalLM.from_pretrained(falcon_h1, dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="sft.moe"):
+        model = add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=["all-linear"])
+    adapted = {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
+    assert {"in_proj", "q_proj", "o_proj", "gate_proj", "down_proj"} <= adapted
+    assert not adapted & {"out_proj", "conv1d", "lm_head"}
+    assert "LoRA targets: every linear layer but out_proj (peft cannot adapt them" in caplog.text
+    batch = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=batch, labels=batch).loss.backward()  # trains
+
+
+def test_naming_modules_peft_cannot_adapt_on_mamba_layers_is_refused(falcon_h1):
+    model = AutoModelForCausalLM.from_pretrained(falcon_h1, dtype=torch.float32)
+    with pytest.raises(
+        ConfigurationError, match=r"^--lora_target_modules in_proj out_proj: peft cannot adapt out_proj"
+    ):
+        add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=["in_proj", "out_proj"])

@@ -212,8 +212,16 @@ def test_packing_refused_where_attention_would_leak(tiny_model):
     leaky = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="leaky_causal")
     with pytest.raises(PackingError, match="not known to keep packed samples apart"):
         packing_layout(leaky)  # an implementation we know nothing about is refused outright...
-    with pytest.raises(PackingError, match="lets packed samples attend to each other"):
+    with pytest.raises(PackingError, match="lets packed samples attend to each other") as refusal:
         check_no_leak(leaky, "rows")  # ...and the probe catches one that ignores the boundaries
+    # The way out named is one that reads the boundaries otherwise, never the implementation in use.
+    assert str(refusal.value).endswith(
+        "Use --attn_implementation flash_attention_2 (a GPU with flash-attn); or train without --packing"
+    )
+    leaky._supports_flash_attn = False  # a model class without flash attention: no attention would help
+    with pytest.raises(PackingError) as refusal:
+        check_no_leak(leaky, "rows")
+    assert str(refusal.value).endswith("cross-sample attention). Train without --packing")
     with pytest.raises(PackingError, match="use_cache"):
         prepare_packing(model, 0, 256, None, use_cache=True)
 
