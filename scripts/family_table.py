@@ -307,8 +307,9 @@ def render(rows: list[Row]) -> str:
         cells = [row.family.name, f"`{row.family.model_type}`", f"`{row.loads_as}`" if row.loads_as else "-"]
         cells += [cell(row.outcomes[mode]) for mode in MODES]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines += [f"{number}. {text}" for number, text in enumerate(notes, start=1)]
+    if notes:  # a blank line, then the notes the cells point to
+        lines.append("")
+        lines += [f"{number}. {text}" for number, text in enumerate(notes, start=1)]
     return "\n".join(lines)
 
 

@@ -63,3 +63,13 @@ def test_the_section_between_the_markers_is_replaced_and_nothing_else():
 def test_family_names_and_model_types_are_unique():
     assert len(BY_NAME) == len(FAMILIES)
     assert len({family.model_type for family in FAMILIES}) == len(FAMILIES)
+
+
+def test_a_table_without_notes_reads_back_from_the_readme_as_written():
+    outcomes = dict.fromkeys(("full", "lora", "qlora", "merge", "chat"), Outcome("yes"))
+    row = Row(
+        FAMILIES[0], "AClass", {**outcomes, "packing": Outcome("yes", "sdpa, rows"), "loss": Outcome("yes", "fused")}
+    )
+    table = render([row])
+    assert not table.endswith("\n")
+    assert readme_section(with_section(f"{START}\nold\n{END}\n", table)) == table
