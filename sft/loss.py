@@ -39,8 +39,8 @@ from sft.data import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-# Positions per chunk: about 2^25 logits (128 MiB in fp32) per chunk, within these bounds.
-CHUNK_LOGITS = 2**25
+# Positions per chunk: about 2^24 logits (64 MiB in fp32) per chunk, within these bounds.
+CHUNK_LOGITS = 2**24
 MIN_CHUNK, MAX_CHUNK = 64, 4096
 # The check's batch is cut to about as many logits as a chunk's: the model's own loss builds them whole, and the
 # check should cost no more memory than the fused loss's chunks.
@@ -51,7 +51,7 @@ Transform = tuple[str, float | None]  # ("none", None), ("softcap", c), ("scale"
 
 def chunk_positions(vocab_size: int) -> int:
     """Positions per chunk for a vocabulary: large enough for efficient matrix multiplies, small enough that one
-    chunk's logits and their gradient stay around 128 MiB each."""
+    chunk's logits and their gradient stay around 64 MiB each."""
     return max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_LOGITS // max(vocab_size, 1)))
 
 
