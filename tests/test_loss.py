@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_reads import HostReads
 from peft import LoraConfig, get_peft_model
 from transformers import (
     CONFIG_MAPPING,
@@ -544,6 +545,21 @@ def test_tolerance_rule():
     assert loss_tolerance(torch.float32, cpu, 0.5)[0] == pytest.approx(1e-5)
     assert loss_tolerance(torch.bfloat16, cpu, 1.0)[0] == pytest.approx(2 * 2.0**-7)
     assert loss_tolerance(torch.float16, cpu, 1.0)[0] == pytest.approx(2 * 2.0**-10)
+
+
+def test_the_accelerator_strategy_reads_nothing_on_the_host():
+    # An accelerator's strategy (all positions, FusedLoss.compact False) never waits for the device: no item(),
+    # bool(), tolist()... in sft/loss.py, forward or backward. The CPU's reads its trained-token count (free there).
+    model = tiny()
+    inputs = batch()
+    fused = fused_loss_for(model, batch=inputs)
+    reads = {}
+    for compact in (False, True):
+        fused.compact = compact
+        with HostReads((str(REPO / "sft" / "loss.py"),)) as host_reads:
+            fused(model, inputs)[0].backward()
+        reads[compact] = sum(host_reads.by_caller.values())
+    assert reads[False] == 0 and reads[True] > 0
 
 
 @pytest.mark.parametrize("compact", [True, False])
