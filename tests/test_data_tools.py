@@ -406,6 +406,7 @@ def test_lora_on_tool_call_data_teaches_the_model_to_call_the_tool(tiny_model, t
 
 def test_finetune_reports_a_template_refusal_before_loading_the_model(tiny_model, tmp_path, monkeypatch):
     import finetune
+    from sft import model_setup
     from sft.args import parse_arguments
 
     model_dir = tmp_path / "gemma-like"
@@ -416,7 +417,7 @@ def test_finetune_reports_a_template_refusal_before_loading_the_model(tiny_model
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data error")
 
-    monkeypatch.setattr(finetune, "load_model", no_model)
+    monkeypatch.setattr(model_setup, "load_model", no_model)  # where finetune.py's model is built
     args = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
     args += ["--fold_system_prompt", "false", "--report_to", "none", "--preprocessing_cache_dir", str(tmp_path / "c")]
     with pytest.raises(DataError) as caught:
