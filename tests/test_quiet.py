@@ -24,6 +24,8 @@ def foreign_lines(output: str, own_prints: tuple[str, ...] = ()) -> list[str]:
     """The lines (and carriage-return segments, where progress bars redraw) that are none of ours."""
     foreign = []
     output = output.replace("\x1b[A", "\n")  # a nested progress bar moves the cursor up to redraw its parent
+    # Our log line written while a progress bar is drawn (the fused loss's check on the first batch) starts mid-line.
+    output = OUR_LOG_LINE.sub(lambda match: "\n" + match.group(0), output)
     for segment in re.split(r"[\r\n]", output):
         if OUR_LOG_LINE.match(segment) or segment.startswith(own_prints) or BAR_OR_METRICS.fullmatch(segment):
             continue
