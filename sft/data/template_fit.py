@@ -100,7 +100,8 @@ def fit_chat_template(tokenizer: PreTrainedTokenizerBase, where: str, add_marker
 def grow_embeddings(model, tokenizer: PreTrainedTokenizerBase) -> None:
     """The model's embeddings (and output layer) grown to the tokens added to its tokenizer (the markers of
     `fit_chat_template`), before an adapter trained with them is loaded onto it, or before training."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    # The module's own row count: under ZeRO-3 its weight is partitioned at load, and its local shape is empty.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         logger.info("Embeddings resized to %d tokens for the added markers", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
 
