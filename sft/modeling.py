@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from sft.data import CHATML_TEMPLATE
+from sft.data.template_fit import TEMPLATE_PROBES
 from sft.errors import ConfigurationError, UserError
 from sft.moe import find_moe, lora_targets, prepare_quantized, set_linear_dropout
 
@@ -109,20 +110,6 @@ def merge_dtype(requested: str | None, saved: torch.dtype | str | None) -> torch
     return DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
 
 
-# Conversations rendered to find the special tokens a chat template writes: with a system message (where the
-# template takes one), two turns, and the generation prompt.
-_TEMPLATE_PROBES = (
-    [
-        {"role": "system", "content": "You are helpful."},
-        {"role": "user", "content": "Hi."},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Bye."},
-        {"role": "assistant", "content": "Goodbye."},
-    ],
-    [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}],
-)
-
-
 BUILT_IN_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 
@@ -210,8 +197,8 @@ def chat_special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     from sft.data.templates import try_render_many
 
     special = set(tokenizer.added_tokens_decoder)
-    texts, _ = try_render_many(tokenizer, [list(probe) for probe in _TEMPLATE_PROBES])
-    generation, _ = try_render_many(tokenizer, [list(_TEMPLATE_PROBES[1])], add_generation_prompt=True)
+    texts, _ = try_render_many(tokenizer, [list(probe) for probe in TEMPLATE_PROBES])
+    generation, _ = try_render_many(tokenizer, [list(TEMPLATE_PROBES[1])], add_generation_prompt=True)
     ids: set[int] = set()
     for text in [*texts, *generation]:
         if text is not None:

@@ -24,7 +24,9 @@ from sft.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 MARKER = re.compile(r"<\|[^<>|\s]{1,48}\|>|</?[A-Za-z_][\w.:-]{0,48}>|\[/?[A-Z][A-Z_]{1,24}\]")
-PROBES = (
+# Conversations rendered to find what a chat template writes (its markers, its special tokens): with a system
+# message (where the template takes one), two turns, and the generation prompt.
+TEMPLATE_PROBES = (
     [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": "Hi."},
@@ -65,7 +67,7 @@ def template_markers(tokenizer: PreTrainedTokenizerBase, where: str) -> list[str
             raise _undefined(where, name)
     markers: dict[str, None] = {}
     rendered = 0
-    for probe in PROBES:
+    for probe in TEMPLATE_PROBES:
         for generation in (False, True):
             try:
                 text = render(tokenizer, list(probe[:-1] if generation else probe), add_generation_prompt=generation)
