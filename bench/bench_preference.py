@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_training import peak_rss_mib, write_qwen_vocabulary_model  # noqa: E402
-from bench.common import WORDS, iter_conversations  # noqa: E402
+from bench.common import WORDS, child_result, iter_conversations, print_result  # noqa: E402
 
 METHODS = ("trl_dpo", "ours")
 REPO = Path(__file__).resolve().parent.parent
@@ -134,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.method:
         run = run_ours if args.method == "ours" else run_trl
-        print("RESULT " + json.dumps(run(args)), flush=True)
+        print_result(run(args))
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-preference-"))
@@ -150,13 +149,9 @@ def main() -> None:
     for method in args.methods:
         command = [*CHILD, "--method", method, "--model", str(model), "--data", str(data), "--steps", str(args.steps)]
         command += ["--output", str(workdir / method), "--cache_dir", str(workdir / "cache")]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode or not lines:
-            print(f"{method}: failed\n{completed.stderr[-3000:]}")
-            continue
-        results[method] = json.loads(lines[-1][len("RESULT ") :])
-        print(f"  {method} done", flush=True)
+        result = child_result(method, command, REPO)
+        if result is not None:
+            results[method] = result
     print()
     print("| trainer | peak RSS (MiB) | train time (s) | whole run (s) | step-0 loss | last loss | lengths logged |")
     print("|---|---:|---:|---:|---:|---:|---|")

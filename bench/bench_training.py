@@ -30,9 +30,7 @@ if __name__ == "__main__":
 
 # isort: split
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from bench.common import generate_conversations  # noqa: E402
+from bench.common import child_result, generate_conversations, print_result  # noqa: E402
 from sft.data import make_collator, tokenize_conversations  # noqa: E402
 from sft.modeling import load_tokenizer  # noqa: E402
 from sft.packing import prepare_packing  # noqa: E402
@@ -306,13 +304,9 @@ def loss_table(args, workdir: Path, model: Path, setup: dict, flops: float) -> N
         command += ["--cache_dir", str(workdir / "loss-cache"), "--seed", str(args.seed)]
         for key, value in setup.items():
             command += [f"--{key}", str(value)]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode or not lines:
-            print(f"{method}: failed\n{completed.stderr[-3000:]}")
-            continue
-        results[method] = json.loads(lines[-1][len("RESULT ") :])
-        print(f"  {method} done", flush=True)
+        result = child_result(method, command, REPO)
+        if result is not None:
+            results[method] = result
     print()
     print(
         "| loss | peak RSS (MiB) | RSS before training (MiB) | x plain | train time (s) | real tokens/s "
@@ -376,7 +370,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.method:
         run = run_loss_method if args.method in LOSS_METHODS else run_method
-        print("RESULT " + json.dumps(run(args)), flush=True)
+        print_result(run(args))
         return
 
     from scripts.make_tiny_model import build_tiny_model
@@ -404,13 +398,9 @@ def main() -> None:
         command = [*CHILD, "--method", method, "--model", str(model), "--cache_dir", str(cache_dir)]
         for key in ("conversations", "steps", "batch_size", "max_length", "attn_implementation", "seed"):
             command += [f"--{key}", str(getattr(args, key))]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode or not lines:
-            print(f"{method}: failed\n{completed.stderr[-3000:]}")
-            continue
-        results[method] = json.loads(lines[-1][len("RESULT ") :])
-        print(f"  {method} done", flush=True)
+        result = child_result(method, command, REPO)
+        if result is not None:
+            results[method] = result
 
     print()
     print("| method | real tokens/s | x pad_to_max | real tokens/step | s/step | peak RSS (MiB) |")

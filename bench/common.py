@@ -1,10 +1,14 @@
-"""Shared pieces of the benchmarks: generated conversations with a realistic long-tailed length mix."""
+"""Shared pieces of the benchmarks: generated conversations with a realistic long-tailed length mix, and each
+measured method run in a child process of its own, which reports its figures in one RESULT line."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 WORDS = (
     "the cat river model garden question answer story bridge language weather city teacher student "
@@ -42,3 +46,23 @@ def iter_conversations(count: int, seed: int = 0, high: int = 2000) -> Iterator[
 def generate_conversations(count: int, seed: int = 0, high: int = 2000) -> list[list[dict[str, str]]]:
     """`iter_conversations` as a list."""
     return list(iter_conversations(count, seed, high))
+
+
+RESULT = "RESULT "
+
+
+def print_result(result: dict) -> None:
+    """A child's figures, as the line `child_result` reads."""
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def child_result(method: str, command: list[str], cwd: Path) -> dict | None:
+    """Runs one method's child process and returns its figures (its last RESULT line); None after printing the end of
+    its error output when it failed."""
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT)]
+    if completed.returncode or not lines:
+        print(f"{method}: failed\n{completed.stderr[-3000:]}")
+        return None
+    print(f"  {method} done", flush=True)
+    return json.loads(lines[-1][len(RESULT) :])
