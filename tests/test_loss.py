@@ -443,7 +443,8 @@ def test_families_fused_equal_to_their_own_loss(model_type, caplog):
     with caplog.at_level(logging.INFO, logger="sft.loss"):
         fused = assert_fused_matches_plain(model, batch())
     assert (fused.transform, fused.factor) == FAMILIES[model_type][1]
-    assert [r.getMessage()[:24] for r in caplog.records] == ["Loss: fused output layer"]
+    # transformers propagates its own warnings (tiny configs' token ids) to caplog where CI=true: only ours counted
+    assert [r.getMessage()[:24] for r in caplog.records if r.name == "sft.loss"] == ["Loss: fused output layer"]
     router_coef = getattr(model.config, "router_aux_loss_coef", None)
     if getattr(model.config, "output_router_logits", False):
         assert fused.aux_loss_coef == router_coef  # its own loss adds coef x aux_loss: so does the fused one
