@@ -49,14 +49,15 @@ from sft.preference import (
     REFERENCE_ADAPTER,
     AdapterReference,
     ModelReference,
+    PrecomputedReference,
     PreferenceArguments,
     PreferenceTrainer,
     StartingModelReference,
     check_preference_arguments,
     disable_dropout,
-    model_inputs,
-    precompute_reference,
+    numbered_pairs,
     reference_key,
+    reference_precomputed,
     sft_adapter_of,
 )
 from sft.preference_loss import needs_reference
@@ -98,10 +99,8 @@ def train(
     check_parallelism(training_args, lora_args)
     mode = training_mode(training_args, lora_args)
     reference_used = needs_reference(preference_args.loss_type)
-    if reference_used and mode == "full" and is_deepspeed_zero3_enabled() and not preference_args.precompute_reference:
-        raise ConfigurationError(
-            "full fine-tuning under ZeRO-3 keeps no second (reference) model here: add --precompute_reference"
-        )
+    sharding = "FSDP" if training_args.fsdp else "ZeRO-3" if is_deepspeed_zero3_enabled() else None
+    preference_args.precompute_reference = reference_precomputed(preference_args, mode, sharding)
     training_args.remove_unused_columns = False  # the pair columns are ours, not the model's inputs
     prepared = cache_folder(data_args.preprocessing_cache_dir)
     with local_main_first(training_args.local_process_index, shared_dir=prepared):
@@ -146,7 +145,7 @@ def train(
     reference = None
     if reference_used:
         reference = make_reference(model, model_args, training_args, sft_adapter, preference_args.precompute_reference)
-        when = "; its log-probs precomputed before training" if preference_args.precompute_reference else ""
+        when = "; its log-probs computed once as training starts" if preference_args.precompute_reference else ""
         logger.info("Reference model: %s%s", reference.description, when)
     else:
         logger.info("Reference model: none (--loss_type %s is reference-free)", preference_args.loss_type)
@@ -157,6 +156,18 @@ def train(
 
     # 5. Training, stoppable by a signal and guarded against NaN.
     collator = PairCollator(tokenizer.pad_token_id)
+    if reference_used and preference_args.precompute_reference:
+        # One pass as training starts (then DeepSpeed and FSDP have the model set up), cached by model and data.
+        splits = [dataset for dataset in (train_dataset, eval_dataset) if dataset is not None]
+        key = reference_key({
+            "identity": identity,
+            "dtype": str(training_dtype(training_args.bf16, training_args.fp16)),
+            "data": [dataset._fingerprint for dataset in splits],
+        })  # fmt: skip
+        splits = numbered_pairs(splits)
+        train_dataset, eval_dataset = splits[0], splits[1] if eval_dataset is not None else None
+        batch_size = training_args.per_device_eval_batch_size
+        reference = PrecomputedReference(reference, splits, collator, batch_size, prepared / f"reference-{key}.pt", key)
     trainer = PreferenceTrainer(
         model=model,
         args=training_args,
@@ -173,34 +184,6 @@ def train(
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
-    if reference_used and preference_args.precompute_reference:
-        # The fused loss is checked against the model's own on a first batch before it scores the reference.
-        first = collator([train_dataset[k] for k in range(min(2, len(train_dataset)))])
-        trainer.settle_fused_loss(
-            trainer.model, {k: v.to(training_args.device) for k, v in model_inputs(first).items()}
-        )
-        key_parts = {"identity": identity, "dtype": str(training_dtype(training_args.bf16, training_args.fp16))}
-        for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-            if dataset is None:
-                continue
-            key = reference_key({**key_parts, "data": dataset._fingerprint, "split": name})
-            with local_main_first(training_args.local_process_index, shared_dir=prepared):
-                dataset = precompute_reference(
-                    dataset,
-                    reference,
-                    trainer.model,
-                    collator,
-                    training_args.per_device_eval_batch_size,
-                    prepared / f"reference-{key}.pt",
-                    key,
-                    trainer.fused_loss,
-                    training_args.device,
-                )
-            if name == "train":
-                trainer.train_dataset = dataset
-            else:
-                trainer.eval_dataset = dataset
-        trainer.reference = reference = None  # nothing but the cached log-probs is needed now
     if plan.checkpoint:
         logger.info("Resuming from %s (pass --start_over to ignore it)", plan.checkpoint)
     result = train_until_done(trainer, plan.checkpoint, training_args.output_dir)

@@ -7,8 +7,9 @@ ways, chosen once by dpo.py and logged once:
   model), or switched to a frozen copy of the SFT adapter the run continues (so the reference is the SFT model);
 - `ModelReference`: full fine-tuning; a frozen second copy of the starting model in the compute dtype;
 - `StartingModelReference`: full fine-tuning with precomputed log-probs; the policy before its first step;
-- precomputed (`--precompute_reference`): one pass of one of the above before training, cached on disk under a key
-  of the model, the tokenised data and the options, checked when read; the batches then carry `ref_logps`.
+- `PrecomputedReference` (`--precompute_reference`): one pass of one of the above as training starts, split across
+  the processes, cached on disk under a key of the model, the tokenised data and the options, checked when read;
+  batches then find their pairs' log-probs by `pair_ids`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +78,18 @@ def check_preference_arguments(args: PreferenceArguments) -> None:
         raise ConfigurationError(f"--sft_weight must not be negative, got {args.sft_weight}")
     if args.precompute_reference and not needs_reference(args.loss_type):
         raise ConfigurationError(f"--precompute_reference: --loss_type {args.loss_type} uses no reference model")
+
+
+def reference_precomputed(args: PreferenceArguments, mode: str, sharding: str | None) -> bool:
+    """Whether the reference's log-probs are precomputed: where asked, and implied where full fine-tuning shards the
+    policy (`sharding`: "ZeRO-3", "FSDP" or None), as a whole second copy on every GPU would undo the sharding."""
+    if not needs_reference(args.loss_type):
+        return False
+    if mode == "full" and sharding and not args.precompute_reference:
+        logger.info("Full fine-tuning under %s keeps no second (reference) model: --precompute_reference implied",
+                    sharding)  # fmt: skip
+        return True
+    return args.precompute_reference
 
 
 def sft_adapter_of(model_path: str, lora_weight_path: str | None) -> tuple[str, str | None]:
@@ -169,13 +184,14 @@ class StartingModelReference:
     """Full fine-tuning with precomputed log-probs: the policy itself, before its first step, is the reference."""
 
     description = "the starting model itself, before training"
+    follows_policy = True  # its log-probs are only right before the first optimizer step
 
     def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
         with torch.no_grad():
             return sequence_logps(model, batch, fused)[0]
 
 
-PRECOMPUTE_FORMAT = 1
+PRECOMPUTE_FORMAT = 2
 
 
 def model_inputs(batch: dict) -> dict:
@@ -191,40 +207,102 @@ def reference_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def precompute_reference(
-    dataset, reference, model: nn.Module, collator, batch_size: int, cache_file: Path, key: str, fused, device
-):
-    """`dataset` with columns ref_chosen_logps and ref_rejected_logps: read from `cache_file` when it holds this
-    key and as many pairs, otherwise computed in one pass (model in eval mode, no gradients) and written there."""
-    if cache_file.is_file():
-        saved = torch.load(cache_file, weights_only=True)
-        if saved.get("key") == key and len(saved["chosen"]) == len(dataset):
-            logger.info("Reference log-probs: precomputed before, read from %s", cache_file)
-            return _with_reference(dataset, saved["chosen"], saved["rejected"])
-        logger.info("Reference log-probs: %s holds other ones (key or size differ); computing again", cache_file)
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[k] for k in range(start, min(start + batch_size, len(dataset)))])
-        batch = {name: value.to(device) for name, value in batch.items()}
-        logps = reference.logps(model, batch, fused).float().cpu()
-        half = logps.shape[0] // 2
-        chosen.append(logps[:half])
-        rejected.append(logps[half:])
-    model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(".partial")
-    torch.save({"key": key, "chosen": chosen, "rejected": rejected}, partial)
-    partial.replace(cache_file)
-    logger.info("Reference log-probs: computed for %d pairs before training, cached in %s", len(dataset), cache_file)
-    return _with_reference(dataset, chosen, rejected)
+class PrecomputedReference:
+    """Another reference's log-probs of every pair (train and eval data, numbered by their `pair_id` column), read
+    from `cache_file` when it holds `key`, else computed in one pass when training starts: by then DeepSpeed or
+    FSDP has set the model up, so its sharded parameters are gathered as for a training step (before, a ZeRO-3
+    model's weights are empty shards). The pass is split across processes and gathered; batches then find their
+    pairs' log-probs by `pair_ids`."""
+
+    def __init__(self, source, datasets: list, collator, batch_size: int, cache_file: Path, key: str):
+        self.source, self.datasets, self.collator = source, datasets, collator
+        self.batch_size, self.cache_file, self.key = batch_size, cache_file, key
+        self.pairs = sum(len(dataset) for dataset in datasets)
+        self.description = source.description
+        self.chosen = self.rejected = None
+        if cache_file.is_file():
+            saved = torch.load(cache_file, weights_only=True)
+            if saved.get("key") == key and len(saved["chosen"]) == self.pairs:
+                self.chosen, self.rejected = saved["chosen"], saved["rejected"]
+                logger.info("Reference log-probs: precomputed before, read from %s", cache_file)
+            else:
+                logger.info("Reference log-probs: %s holds other ones (key or size differ): computed anew", cache_file)
+
+    @property
+    def ready(self) -> bool:
+        return self.chosen is not None
+
+    def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
+        ids = batch["pair_ids"].cpu()
+        return torch.cat([self.chosen[ids], self.rejected[ids]]).to(batch["input_ids"].device)
+
+    def fill(self, model: nn.Module, fused: FusedLoss | None, policy_trained: bool, write: bool) -> None:
+        """Computes every pair's log-probs with the source reference, this process taking every world-th batch
+        (all take the same number of passes: ZeRO-3 gathers weights collectively), and gathers them. `write`:
+        this process writes the cache file."""
+        if policy_trained and getattr(self.source, "follows_policy", False):
+            raise ConfigurationError(
+                f"the precomputed reference log-probs ({self.cache_file}) are gone and the policy has trained since: "
+                "they would be computed from a trained model. Restore the file, or pass --start_over"
+            )
+        world, rank = _world()
+        batches = math.ceil(self.pairs / self.batch_size)
+        passes = math.ceil(batches / world)
+        device = next(model.parameters()).device
+        found = torch.full((passes * self.batch_size, 3), -1.0, dtype=torch.float64, device=device)
+        was_training = model.training
+        model.eval()
+        for step in range(passes):
+            number = rank + step * world
+            ids = list(range(number * self.batch_size, min((number + 1) * self.batch_size, self.pairs)))
+            batch = self.collator([self._pair(k) for k in (ids or range(min(self.batch_size, self.pairs)))])
+            logps = self.source.logps(model, {name: value.to(device) for name, value in batch.items()}, fused)
+            if ids:  # a process out of batches repeats the first one, for the same number of passes
+                half = logps.shape[0] // 2
+                rows = slice(step * self.batch_size, step * self.batch_size + len(ids))
+                found[rows] = torch.stack([torch.tensor(ids, device=device), logps[:half], logps[half:]], 1).double()
+        model.train(was_training)
+        if world > 1:
+            gathered = [torch.empty_like(found) for _ in range(world)]
+            torch.distributed.all_gather(gathered, found)
+            found = torch.cat(gathered)
+        found = found[found[:, 0] >= 0].cpu()
+        self.chosen = torch.zeros(self.pairs, dtype=torch.float32)
+        self.rejected = torch.zeros(self.pairs, dtype=torch.float32)
+        self.chosen[found[:, 0].long()] = found[:, 1].float()
+        self.rejected[found[:, 0].long()] = found[:, 2].float()
+        if write:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.partial")
+            torch.save({"key": self.key, "chosen": self.chosen, "rejected": self.rejected}, partial)
+            os.replace(partial, self.cache_file)  # whole or not at all
+        where = f", cached in {self.cache_file}" if write else ""
+        logger.info("Reference log-probs: computed for %d pairs as training starts, over %d processes%s",
+                    self.pairs, world, where)  # fmt: skip
+        self.source = None  # nothing but the log-probs is needed from now on
+
+    def _pair(self, pair_id: int) -> dict:
+        for dataset in self.datasets:
+            if pair_id < len(dataset):
+                return dataset[pair_id]
+            pair_id -= len(dataset)
+        raise IndexError(pair_id)
 
 
-def _with_reference(dataset, chosen: torch.Tensor, rejected: torch.Tensor):
-    dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
-    return dataset.add_column("ref_rejected_logps", rejected.tolist())
+def numbered_pairs(datasets: list) -> list:
+    """The datasets with a `pair_id` column numbering their pairs one after another (the precomputed reference's
+    index)."""
+    numbered, start = [], 0
+    for dataset in datasets:
+        numbered.append(dataset.add_column("pair_id", list(range(start, start + len(dataset)))))
+        start += len(dataset)
+    return numbered
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 class PreferenceTrainer(FinetuneTrainer):
@@ -241,12 +319,15 @@ class PreferenceTrainer(FinetuneTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.settle_fused_loss(model, model_inputs(inputs))
-        logps, lengths = sequence_logps(model, inputs, self.fused_loss)
-        pairs = logps.shape[0] // 2
+        if isinstance(self.reference, PrecomputedReference) and not self.reference.ready:
+            trained = self.state.global_step > 0
+            self.reference.fill(model, self.fused_loss, trained, write=self.args.local_process_index == 0)
         ref = None
         if needs_reference(self.preference.loss_type):
-            ref = inputs["ref_logps"] if "ref_logps" in inputs else self.reference.logps(model, inputs, self.fused_loss)
-            ref = ref.to(logps.device)
+            ref = self.reference.logps(model, inputs, self.fused_loss)
+        logps, lengths = sequence_logps(model, inputs, self.fused_loss)
+        pairs = logps.shape[0] // 2
+        ref = None if ref is None else ref.to(logps.device)
         p = self.preference
         result = preference_loss(
             p.loss_type,

@@ -10,15 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 import dpo
 import merge_lora
 from sft.data.pairs import PairCollator, tokenize_pair
-from sft.errors import run_main
+from sft.errors import ConfigurationError, run_main
 from sft.loss import fused_loss_for, sequence_logps
 from sft.modeling import load_tokenizer
-from sft.preference import AdapterReference
+from sft.preference import (
+    AdapterReference,
+    ModelReference,
+    PrecomputedReference,
+    PreferenceArguments,
+    StartingModelReference,
+    numbered_pairs,
+    reference_precomputed,
+)
 from sft.preference_loss import preference_loss
 
 LN2 = math.log(2)
@@ -62,8 +71,9 @@ def first_step(trainer) -> dict:
     return next(entry for entry in trainer.state.log_history if "loss" in entry)
 
 
-def batch_of(tokenizer, count: int = 3) -> dict:
-    pairs = []
+def pair_rows(tokenizer, count: int = 3) -> list[dict]:
+    """`count` tokenised pairs, as tokenize_pairs writes their rows."""
+    rows = []
     for i in range(count):
         pair = {
             "prompt": [{"role": "user", "content": f"Tell me about number {i}" + " please" * i}],
@@ -71,7 +81,7 @@ def batch_of(tokenizer, count: int = 3) -> dict:
             "rejected": {"role": "assistant", "content": "No."},
         }
         t = tokenize_pair(tokenizer, pair, 256)
-        pairs.append(
+        rows.append(
             {
                 "chosen_input_ids": t.chosen_ids,
                 "chosen_labels": t.chosen_labels,
@@ -79,19 +89,26 @@ def batch_of(tokenizer, count: int = 3) -> dict:
                 "rejected_labels": t.rejected_labels,
             }
         )
-    return PairCollator(tokenizer.pad_token_id)(pairs)
+    return rows
 
 
-def test_log_probs_and_their_gradients_equal_the_models_own_forward(tiny_model, tokenizer):
+def batch_of(tokenizer, count: int = 3) -> dict:
+    return PairCollator(tokenizer.pad_token_id)(pair_rows(tokenizer, count))
+
+
+@pytest.mark.parametrize("head_trains", [True, False], ids=["full", "frozen_head"])
+def test_log_probs_and_their_gradients_equal_the_models_own_forward(tiny_model, tokenizer, head_trains):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.lm_head.requires_grad_(head_trains)  # frozen (LoRA): backward recomputes the chunks by hand
+    checked = model.lm_head.weight if head_trains else model.model.norm.weight
     batch = batch_of(tokenizer)
     fused = fused_loss_for(model)
     assert fused is not None
     fused.chunk = 5  # several chunks, so the chunking is exercised
     ours, counts = sequence_logps(model, batch, fused)
-    ours.sum().backward()
-    ours_grad = model.lm_head.weight.grad.clone()
+    (ours * torch.arange(1.0, len(ours) + 1)).sum().backward()  # a different gradient for each row
+    ours_grad = checked.grad.clone()
     model.zero_grad()
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
@@ -99,10 +116,10 @@ def test_log_probs_and_their_gradients_equal_the_models_own_forward(tiny_model, 
     mask = targets.ne(-100)
     token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     expected = (token_logps * mask).sum(1)
-    expected.sum().backward()
+    (expected * torch.arange(1.0, len(expected) + 1)).sum().backward()
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
     assert counts.tolist() == mask.sum(1).tolist()
-    torch.testing.assert_close(ours_grad, model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_grad, checked.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_fresh_lora_starts_at_ln2_with_zero_rewards_and_learns(tiny_model, pairs_file, tmp_path):
@@ -146,20 +163,59 @@ def test_precomputed_reference_equals_the_live_one_and_is_reused(tiny_model, pai
     extra = ("--max_steps", "1", "--preprocessing_cache_dir", str(cache), "--precompute_reference")
     trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "full", *extra))
     assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
-    dataset = trainer.train_dataset
+    assert isinstance(trainer.reference, PrecomputedReference) and trainer.reference.source is None
     # The live reference of full fine-tuning: the starting model, loaded afresh.
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    collator = PairCollator(0)
-    rows = [dataset[k] for k in range(4)]
-    batch = collator(rows)
-    with torch.no_grad():
-        live = sequence_logps(reference, batch, fused_loss_for(reference))[0]
-    torch.testing.assert_close(batch["ref_logps"], live, rtol=1e-5, atol=1e-4)
+    live_chosen, live_rejected = live_reference_logps(tiny_model, trainer.train_dataset)
+    torch.testing.assert_close(trainer.reference.chosen, live_chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(trainer.reference.rejected, live_rejected, rtol=1e-5, atol=1e-4)
     assert len(list(Path(cache, "llm_finetuning").glob("reference-*.pt"))) == 1
     caplog.clear()
     with caplog.at_level("INFO"):
         run_dpo(*flags(tiny_model, pairs_file, tmp_path / "again", *extra))
-    assert "precomputed before, read from" in caplog.text
+    assert "precomputed before, read from" in caplog.text and "computed for" not in caplog.text
+
+
+def live_reference_logps(model_path: str, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's chosen and rejected log-probs under the model in `model_path`, in pair_id order."""
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    rows = sorted((dataset[k] for k in range(len(dataset))), key=lambda row: row["pair_id"])
+    with torch.no_grad():
+        live = sequence_logps(reference, PairCollator(0)(rows), fused_loss_for(reference))[0]
+    return live[: len(rows)], live[len(rows) :]
+
+
+def test_a_precomputed_reference_is_never_computed_from_a_trained_policy(tiny_model, tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    dataset = Dataset.from_list(pair_rows(tokenizer))
+    [numbered] = numbered_pairs([dataset])
+    cache = tmp_path / "reference.pt"
+    precomputed = PrecomputedReference(StartingModelReference(), [numbered], PairCollator(0), 2, cache, "key")
+    with pytest.raises(ConfigurationError, match="gone and the policy has trained since"):
+        precomputed.fill(model, None, policy_trained=True, write=True)
+    # A reference that does not follow the policy (a frozen copy) may be computed at any step.
+    frozen = ModelReference(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), "a copy")
+    precomputed = PrecomputedReference(frozen, [numbered], PairCollator(0), 2, cache, "key")
+    precomputed.fill(model, None, policy_trained=True, write=True)
+    live_chosen, _ = live_reference_logps(tiny_model, numbered)
+    torch.testing.assert_close(precomputed.chosen, live_chosen, rtol=1e-5, atol=1e-4)
+    assert PrecomputedReference(frozen, [numbered], PairCollator(0), 2, cache, "key").ready  # read back
+    assert not PrecomputedReference(frozen, [numbered], PairCollator(0), 2, cache, "other key").ready
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "mode", "sharding", "asked", "expected"),
+    [
+        ("sigmoid", "full", "FSDP", False, True),  # a whole second copy on every GPU would undo the sharding
+        ("sigmoid", "full", "ZeRO-3", False, True),
+        ("sigmoid", "full", None, False, False),  # a frozen copy
+        ("sigmoid", "lora", "ZeRO-3", False, False),  # the adapter switched off: no copy
+        ("sigmoid", "lora", None, True, True),
+        ("simpo", "full", "FSDP", False, False),  # no reference at all
+    ],
+)
+def test_sharded_full_fine_tuning_precomputes_the_reference(loss_type, mode, sharding, asked, expected):
+    arguments = PreferenceArguments(loss_type=loss_type, precompute_reference=asked)
+    assert reference_precomputed(arguments, mode, sharding) is expected
 
 
 def test_full_fine_tuning_with_a_frozen_copy_starts_at_ln2(tiny_model, pairs_file, tmp_path, caplog):
@@ -193,7 +249,8 @@ def test_user_mistakes_are_one_error_line_before_the_model_loads(user_error, tin
     assert "--loss_type 'kto'" in line
 
 
-def test_dpo_launcher_trains_through_torchrun(tiny_model, pairs_file, tmp_path):
+def launch_dpo(script: str, model: str, data: str, output: Path, processes: int, *extra: str):
+    """finetune/<script> with -m/-d/-o, on `processes` CPU processes through torchrun."""
     import os
     import socket
     import subprocess
@@ -201,13 +258,50 @@ def test_dpo_launcher_trains_through_torchrun(tiny_model, pairs_file, tmp_path):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "GPUS_PER_NODE": str(processes), "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+    command = ["bash", f"finetune/{script}", "-m", model, "-d", data, "-o", str(output), *extra]
+    return subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["dpo_ds.sh", "dpo_lora_ds.sh"])
+def test_zero3_two_processes_start_at_ln2_and_learn(script, tiny_model, pairs_file, tmp_path):
+    # ZeRO-3 shards every weight: the reference pass and the output layer's backward must gather them.
+    cache = tmp_path / "cache"
+    steps = ("--max_steps", "3", "--save_strategy", "no", "--gradient_accumulation_steps", "1", "--warmup_steps", "0")
+    extra = ("--per_device_train_batch_size", "2", "--model_max_length", "128", "--gradient_checkpointing", "false")
+    extra += ("--learning_rate", "5e-3", "--logging_steps", "1", "--preprocessing_cache_dir", str(cache))
     output = tmp_path / "out"
-    command = ["bash", "finetune/dpo_lora_single_gpu.sh", "-m", tiny_model, "-d", pairs_file, "-o", str(output)]
-    command += ["--max_steps", "2", "--save_strategy", "no", "--gradient_accumulation_steps", "1"]
-    command += ["--model_max_length", "128", "--gradient_checkpointing", "false"]
-    run = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    run = launch_dpo(script, tiny_model, pairs_file, output, 2, "--deepspeed", "ds_configs/zero3.json", *steps, *extra)
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert logged[0]["loss"] == pytest.approx(LN2, abs=1e-4) and logged[0]["rewards/margins"] == 0
+    assert logged[-1]["rewards/margins"] != 0
+    if script == "dpo_ds.sh":  # full fine-tuning: the reference's log-probs computed over both processes, cached
+        assert "Full fine-tuning under ZeRO-3 keeps no second (reference) model" in run.stderr
+        [cached] = Path(cache, "llm_finetuning").glob("reference-*.pt")
+        sharded = torch.load(cached, weights_only=True)
+        one = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "one", "--max_steps", "1", "--precompute_reference",
+                             "--preprocessing_cache_dir", str(tmp_path / "one-cache")))  # fmt: skip
+        for side in ("chosen", "rejected"):  # pairs in another order over two processes: compared as sets
+            got, expected = sharded[side].sort()[0], getattr(one.reference, side).sort()[0]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fsdp_launcher_refuses_the_cpu_before_the_model_load(tiny_model, pairs_file, tmp_path):
+    run = launch_dpo("dpo_fsdp.sh", tiny_model, pairs_file, tmp_path / "out", 1)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --fsdp needs GPUs"), run.stderr[-3000:]
+    assert "Loading " not in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_dpo_launcher_trains_through_torchrun(tiny_model, pairs_file, tmp_path):
+    output = tmp_path / "out"
+    extra = ["--max_steps", "2", "--save_strategy", "no", "--gradient_accumulation_steps", "1"]
+    extra += ["--model_max_length", "128", "--gradient_checkpointing", "false"]
+    run = launch_dpo("dpo_lora_single_gpu.sh", tiny_model, pairs_file, output, 1, *extra)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dpo.py" in run.stderr and "--beta 0.1" in run.stderr
     assert json.loads((output / "finetune_run.json").read_text())["stage"] == "preference"

@@ -332,7 +332,7 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 @dataclass
 class PairCollator:
     """A batch of pairs as one padded batch of rows: the chosen sides, then the rejected sides, in pair order
-    (with the reference's log-probs of each row, `ref_logps`, where they were precomputed)."""
+    (with the pairs' numbers, `pair_ids`, where the reference's log-probs were precomputed)."""
 
     pad_token_id: int
 
@@ -344,7 +344,6 @@ class PairCollator:
             "attention_mask": _pad([[1] * len(row) for row in ids], 0),
             "labels": _pad(labels, IGNORE_INDEX),
         }
-        if "ref_chosen_logps" in features[0]:  # precomputed by the reference (sft.preference)
-            logps = [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features]
-            batch["ref_logps"] = torch.tensor(logps, dtype=torch.float32)
+        if "pair_id" in features[0]:  # the pairs' numbers, where the reference's log-probs were precomputed
+            batch["pair_ids"] = torch.tensor([f["pair_id"] for f in features])
         return batch
