@@ -1,8 +1,8 @@
-"""The GPU suite's checks of what users run: every finetune/*.sh launcher with one process, finetune.py with
---packing (sdpa, flash-attention), an fp16 run that overflows early, --use_liger_kernel, and merge, GPTQ and chat
-on the launchers' outputs. Each runs as its own process (bash / python), as a user starts it; bench/gpu_suite.py
-runs them (several at a time: they share the GPU, so their seconds are wall time under that sharing) and records
-each as pass, fail (with the tail of its log) or skip (with the reason).
+"""The GPU suite's checks of what users run: every finetune/*.sh launcher with one process (dpo_*.sh on generated
+pairs), finetune.py with --packing (sdpa, flash-attention), an fp16 run that overflows early, --use_liger_kernel,
+and merge, GPTQ and chat on the launchers' outputs. Each runs as its own process (bash / python), as a user starts
+it; bench/gpu_suite.py runs them (several at a time: they share the GPU, so their seconds are wall time under that
+sharing) and records each as pass, fail (with the tail of its log) or skip (with the reason).
 
 Launcher runs train a small model (Qwen2 shape, hidden 256, 4 layers, the check model's vocabulary) for
 LAUNCH_STEPS steps of short sequences, without saving checkpoints; the final save is part of each check.
@@ -43,9 +43,20 @@ LAUNCHERS = {
     "launch-fsdp-full": ("finetune_fsdp.sh", [], "full fine-tune, FSDP2, full state dict saved"),
     "launch-fsdp-lora": ("finetune_fsdp.sh", ["--use_lora"], "LoRA, FSDP2"),
     "launch-lora-single": ("finetune_lora_single_gpu.sh", [], "LoRA, one process"),
+    # Preference tuning (dpo.py) on generated pairs: the first step's loss must be ln 2 (policy == reference).
+    "launch-dpo-lora-single": ("dpo_lora_single_gpu.sh", [], "DPO, LoRA, one process"),
+    "launch-dpo-qlora-single": ("dpo_qlora_single_gpu.sh", [], "DPO, Q-LoRA 4-bit, one process"),
+    "launch-dpo-lora-zero3": ("dpo_lora_ds.sh", ["--deepspeed", "ds_configs/zero3.json"], "DPO, LoRA, ZeRO-3"),
+    "launch-dpo-full-zero2": ("dpo_ds.sh", [], "DPO, full fine-tune, ZeRO-2, a frozen reference copy"),
+    "launch-dpo-full-zero3": (
+        "dpo_ds.sh",
+        ["--deepspeed", "ds_configs/zero3.json"],
+        "DPO, full fine-tune, ZeRO-3, reference log-probs computed as training starts",
+    ),
+    "launch-dpo-fsdp-full": ("dpo_fsdp.sh", [], "DPO, full fine-tune, FSDP2, reference log-probs computed"),
 }
 # Launcher checks the CPU smoke run can also do (no bitsandbytes CUDA kernels, FSDP or DeepSpeed start-up there).
-CPU_LAUNCHERS = ("launch-lora-single",)
+CPU_LAUNCHERS = ("launch-lora-single", "launch-dpo-lora-single")
 OTHER_CHECKS = {
     "finetune-packing-sdpa": "finetune.py --packing, sdpa: leak probe at train begin on the GPU, loss finite",
     "finetune-packing-flash": "finetune.py --packing, flash_attention_2 (one flattened row): probe and loss finite",
@@ -149,31 +160,56 @@ def training_figures(output: Path) -> dict:
     return figures
 
 
-def judge_training(report, name: str, code: int, log: str, seconds: float, output: Path, steps: int) -> bool:
-    """Records a training check: it must exit 0 after `steps` steps with finite losses and a final save."""
+def judge_training(
+    report, name: str, code: int, log: str, seconds: float, output: Path, steps: int, first_loss: float | None = None
+) -> bool:
+    """Records a training check: it must exit 0 after `steps` steps with finite losses and a final save (and the
+    first step's loss `first_loss`, to 1e-3, where given)."""
     figures = {"seconds": round(seconds, 1)}
     if code != 0 or not (output / "trainer_state.json").is_file():
         report.check(name, "fail", f"exited {code}; log tail: {log[-LOG_TAIL:]!r}", **figures)
         return False
     figures.update(training_figures(output))
     saved = (output / "adapter_config.json").is_file() or (output / "config.json").is_file()
-    if figures["steps"] != steps or not figures.pop("finite") or not saved:
-        reason = f"expected {steps} steps with finite losses and a saved model; log tail: {log[-LOG_TAIL:]!r}"
+    off = first_loss is not None and abs((figures["first_loss"] or 0) - first_loss) > 1e-3
+    if figures["steps"] != steps or not figures.pop("finite") or not saved or off:
+        expected = f", a first loss of {first_loss:.4f}" if first_loss is not None else ""
+        reason = f"expected {steps} steps with finite losses{expected} and a saved model; log tail: {log[-LOG_TAIL:]!r}"
         report.check(name, "fail", reason, **figures)
         return False
     report.check(name, "pass", **figures)
     return True
 
 
+def make_pairs(ctx) -> Path:
+    """Preference pairs for the dpo_*.sh launchers (trl's prompt/chosen/rejected form), written once."""
+    path = ctx.work / "pairs.jsonl"
+    if not path.is_file():
+        pairs = [
+            {
+                "prompt": f"Question {i}: what is {i} plus {i}?",
+                "chosen": f"{i} plus {i} is {2 * i}. Adding a number to itself doubles it.",
+                "rejected": f"It is {2 * i + 1}.",
+            }
+            for i in range(48)
+        ]
+        path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return path
+
+
 def check_launcher(ctx, report, name: str) -> None:
     script, extra, _ = LAUNCHERS[name]
     output = ctx.work / name
     model = make_launch_model(ctx)
-    command = ["bash", f"finetune/{script}", "-m", model, "-d", str(ctx.data), "-o", str(output)]
+    preference = script.startswith("dpo_")
+    data = make_pairs(ctx) if preference else ctx.data
+    command = ["bash", f"finetune/{script}", "-m", model, "-d", str(data), "-o", str(output)]
     # One process on one GPU (the one-GPU launchers refuse anything else, the others default to every GPU).
     env = {"GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
     code, log, seconds = run_logged([*command, *launch_args(ctx, name), *extra], env)
-    judge_training(report, name, code, log, seconds, output, LAUNCH_STEPS)
+    judge_training(
+        report, name, code, log, seconds, output, LAUNCH_STEPS, first_loss=math.log(2) if preference else None
+    )
 
 
 def finetune_py(ctx, name: str, steps: int, *extra: str) -> tuple[int, str, float, Path]:

@@ -28,12 +28,19 @@ LAUNCHER_CHECKS = {
     "launch-fsdp-full": ("finetune_fsdp.sh", ""),
     "launch-fsdp-lora": ("finetune_fsdp.sh", "--use_lora"),
     "launch-lora-single": ("finetune_lora_single_gpu.sh", ""),
+    "launch-dpo-lora-single": ("dpo_lora_single_gpu.sh", ""),
+    "launch-dpo-qlora-single": ("dpo_qlora_single_gpu.sh", ""),
+    "launch-dpo-lora-zero3": ("dpo_lora_ds.sh", "zero3.json"),
+    "launch-dpo-full-zero2": ("dpo_ds.sh", ""),
+    "launch-dpo-full-zero3": ("dpo_ds.sh", "zero3.json"),
+    "launch-dpo-fsdp-full": ("dpo_fsdp.sh", ""),
 }
 USER_CHECKS = ("finetune-packing-sdpa", "finetune-packing-flash", "fp16-overflow", "liger-kernel", "outputs-merge",
                "outputs-gptq", "outputs-chat")  # fmt: skip
 ALL_CHECKS = (*CHECKS, *LAUNCHER_CHECKS, *USER_CHECKS)
 GPU_ONLY_CHECKS = ("train-qlora-4bit", "train-qlora-8bit", "packing-flash-varlen", "launch-qlora-single",
-                   "launch-fsdp-full", "launch-full-zero3", "fp16-overflow", "finetune-packing-flash")  # fmt: skip
+                   "launch-fsdp-full", "launch-full-zero3", "fp16-overflow", "finetune-packing-flash",
+                   "launch-dpo-full-zero3", "launch-dpo-fsdp-full")  # fmt: skip
 
 
 def test_the_check_list_names_every_launcher_and_mode():
@@ -44,7 +51,7 @@ def test_the_check_list_names_every_launcher_and_mode():
     for name, (script, marker) in LAUNCHER_CHECKS.items():
         assert launchers[name][0] == script and marker in " ".join(launchers[name][1]), name
     assert {script for script, _ in LAUNCHER_CHECKS.values()} == {
-        path.name for path in (REPO / "finetune").glob("finetune_*.sh")
+        path.name for path in (REPO / "finetune").glob("*.sh") if path.name != "common.sh"
     }
 
 
@@ -61,7 +68,7 @@ def test_smoke_run_reports_every_check_and_cell_and_merges_split_runs(tmp_path):
     # resume-sigterm starts two finetune.py processes: tests/test_training.py covers it; here it must still be
     # listed, as not selected.
     cpu_checks = ["train-lora", "train-full", "packing-sdpa", "merge-reload", "chat-stream", "launch-lora-single",
-                  "finetune-packing-sdpa", "outputs-merge", "outputs-chat"]  # fmt: skip
+                  "launch-dpo-lora-single", "finetune-packing-sdpa", "outputs-merge", "outputs-chat"]  # fmt: skip
     main(["--phase", "check", "--smoke", "--out", str(out), "--work_dir", str(work),
           "--checks", *cpu_checks, *GPU_ONLY_CHECKS])  # fmt: skip
     main(["--phase", "profile", "--smoke", "--out", str(out), "--work_dir", str(work), "--seq_lengths", "32"])
