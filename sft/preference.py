@@ -277,8 +277,8 @@ class PrecomputedReference:
             torch.save({"key": self.key, "chosen": self.chosen, "rejected": self.rejected}, partial)
             os.replace(partial, self.cache_file)  # whole or not at all
         where = f", cached in {self.cache_file}" if write else ""
-        logger.info("Reference log-probs: computed for %d pairs as training starts, over %d processes%s",
-                    self.pairs, world, where)  # fmt: skip
+        over = f", over {world} processes" if world > 1 else ""
+        logger.info("Reference log-probs: computed for %d pairs as training starts%s%s", self.pairs, over, where)
         self.source = None  # nothing but the log-probs is needed from now on
 
     def _pair(self, pair_id: int) -> dict:
