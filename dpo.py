@@ -36,7 +36,7 @@ from sft.args import (
     parse_dataclasses,
     training_mode,
 )
-from sft.data import cache_folder, load_train_eval
+from sft.data import cache_folder, load_train_eval, pad_multiple
 from sft.data.files import file_fingerprint
 from sft.data.pairs import PairCollator, pair_sample, tokenize_pairs
 from sft.disk import check_room, checkpoint_bytes
@@ -45,6 +45,8 @@ from sft.errors import ConfigurationError, run_main
 from sft.model_setup import build_model, data_path_record, tokenizer_or_error
 from sft.modeling import load_model, training_dtype
 from sft.outputs import save_final
+from sft.packing import LeakProbe
+from sft.packing_pairs import keep_samples_apart, pack_pairs, pair_packing_collator
 from sft.preference import (
     REFERENCE_ADAPTER,
     AdapterReference,
@@ -87,8 +89,6 @@ def train(
     # 1. Every mistake in the arguments, the data and the output folder, before the model loads.
     check_required(model_args, data_args)
     check_preference_arguments(preference_args)
-    if data_args.packing:
-        raise ConfigurationError("--packing is not supported by dpo.py yet: pairs are batched as padded rows")
     base, sft_adapter = sft_adapter_of(model_args.model_name_or_path, lora_args.lora_weight_path)
     if os.path.isdir(base):
         base = os.path.abspath(base)
@@ -134,6 +134,12 @@ def train(
         train_dataset, _ = tokenize_pairs(train_pairs, description="train", **options)
         eval_dataset = tokenize_pairs(eval_pairs, description="eval", **options)[0] if eval_pairs else None
         del train_pairs, eval_pairs
+        # Packed rows of whole pairs, written next to the tokenised pairs; precomputed reference log-probs are
+        # scored on the pairs alone first and packed with them (below).
+        pack_now = data_args.packing and not (reference_used and preference_args.precompute_reference)
+        if pack_now:
+            train_dataset = pack_pairs(train_dataset, training_args.model_max_length)
+            eval_dataset = pack_pairs(eval_dataset, training_args.model_max_length) if eval_dataset else None
 
     # 4. The policy, and the reference it is compared with (chosen once, logged once).
     model = build_model(model_args, training_args, lora_args, tokenizer)
@@ -155,14 +161,26 @@ def train(
     if dropouts:
         logger.info("Dropout off in %d modules: policy and reference score the same tokens alike", dropouts)
 
-    # 5. Training, stoppable by a signal and guarded against NaN.
-    collator = PairCollator(tokenizer.pad_token_id)
+    # 5. Batches: padded pairs, or packed rows of whole pairs that keep their sequences apart.
+    pair_collator = PairCollator(tokenizer.pad_token_id)
+    collator, callbacks = pair_collator, []
+    if data_args.packing:
+        multiple = pad_multiple(training_args.pad_to_multiple_of, training_args.device.type)
+        collator = pair_packing_collator(model, tokenizer.pad_token_id, training_args.use_cache, multiple,
+                                         training_args.model_max_length, training_args.device.type)  # fmt: skip
+        if isinstance(reference, ModelReference):  # the frozen copy scores the same packed rows
+            keep_samples_apart(reference.model, training_args.device.type)
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
+            callbacks.append(LeakProbe(collator.layout))
+
+    # 6. Training, stoppable by a signal and guarded against NaN.
     trainer = PreferenceTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
+        callbacks=callbacks,
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
         run_mode=mode,
@@ -175,7 +193,7 @@ def train(
         raise ConfigurationError("--fsdp was given but accelerate did not enable FSDP (it needs GPUs and torchrun)")
     if reference_used and preference_args.precompute_reference:
         # The fused loss is checked against the model's own on a first batch before it scores the reference.
-        first = collator([train_dataset[k] for k in range(min(2, len(train_dataset)))])
+        first = pair_collator([train_dataset[k] for k in range(min(2, len(train_dataset)))])
         trainer.settle_fused_loss(
             trainer.model, {k: v.to(training_args.device) for k, v in model_inputs(first).items()}
         )
@@ -189,13 +207,15 @@ def train(
                     dataset,
                     reference,
                     trainer.model,
-                    collator,
+                    pair_collator,
                     training_args.per_device_eval_batch_size,
                     prepared / f"reference-{key}.pt",
                     key,
                     trainer.fused_loss,
                     training_args.device,
                 )
+                if data_args.packing:
+                    dataset = pack_pairs(dataset, training_args.model_max_length)
             if name == "train":
                 trainer.train_dataset = dataset
             else:
@@ -205,7 +225,7 @@ def train(
         logger.info("Resuming from %s (pass --start_over to ignore it)", plan.checkpoint)
     result = train_until_done(trainer, plan.checkpoint, training_args.output_dir)
 
-    # 6. The final model or adapter (applying to the base model), with what made it.
+    # 7. The final model or adapter (applying to the base model), with what made it.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
         unwrapped.delete_adapter(REFERENCE_ADAPTER)
