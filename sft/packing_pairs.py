@@ -46,7 +46,8 @@ def packed_pair_features(with_reference: bool) -> datasets.Features:
     sequences (chosen, rejected of its first pair, then of its second...); `length`, its tokens; with the
     reference's log-probs of its pairs where they were precomputed."""
     ints = datasets.List(datasets.Value("int32"))
-    features = {"input_ids": ints, "labels": ints, "position_ids": ints, "sides": ints, "length": datasets.Value("int32")}
+    features = {name: ints for name in ("input_ids", "labels", "position_ids", "sides")}
+    features["length"] = datasets.Value("int32")
     if with_reference:
         features.update({name: datasets.List(datasets.Value("float64")) for name in REFERENCE_COLUMNS})
     return datasets.Features(features)

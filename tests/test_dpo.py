@@ -249,7 +249,8 @@ def test_packed_pairs_start_at_ln2_and_learn(tiny_model, pairs_file, tmp_path, c
 
 def test_precomputed_reference_equals_the_live_one_under_packing(tiny_model, pairs_file, tmp_path):
     extra = ("--max_steps", "1", "--preprocessing_cache_dir", str(tmp_path / "cache"), "--precompute_reference")
-    trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "full", *extra, "--packing", "--model_max_length", "512"))
+    extra += ("--packing", "--model_max_length", "512")
+    trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "full", *extra))
     assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
     dataset = trainer.train_dataset
     assert "sides" in dataset.column_names and len(dataset) < 12
