@@ -102,7 +102,7 @@ def pack_pairs(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
         len(packed),
         max_length,
         int((lengths > max_length).sum()),
-        100 * total / max(1, sum(max(max_length, n) for n in packed.with_format("arrow")["length"].to_pylist())),
+        100 * total / max(1, np.maximum(packed.with_format("arrow")["length"].to_numpy(), max_length).sum()),
     )
     return packed
 

@@ -261,3 +261,16 @@ def test_precomputed_reference_equals_the_live_one_under_packing(tiny_model, pai
         live = sequence_logps(reference, batch, fused_loss_for(reference))[0]
     assert live.shape[0] == 2 * sum(len(dataset[k]["sides"]) // 2 for k in range(3))
     torch.testing.assert_close(batch["ref_logps"], live, rtol=1e-5, atol=1e-4)
+
+
+def test_a_hybrid_trains_packed_with_its_frozen_reference_copy_kept_apart_too(pairs_file, tmp_path, caplog):
+    from scripts.tiny_families import build_family_model
+
+    model = str(build_family_model("LFM2", tmp_path / "lfm2"))
+    extra = ("--packing", "--model_max_length", "512", "--max_steps", "2")
+    with caplog.at_level("INFO"):
+        trainer = run_dpo(*flags(model, pairs_file, tmp_path / "out", *extra))
+    # Full fine-tuning: the reference is a second model, scoring the same flat rows as the policy.
+    assert trainer.data_collator.layout == "flat"
+    assert "Reference model: a frozen copy" in caplog.text and "Packing check passed" in caplog.text
+    assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
