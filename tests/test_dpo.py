@@ -249,11 +249,13 @@ def test_packed_pairs_start_at_ln2_and_learn(tiny_model, pairs_file, tmp_path, c
 
 def test_precomputed_reference_equals_the_live_one_under_packing(tiny_model, pairs_file, tmp_path):
     extra = ("--max_steps", "1", "--preprocessing_cache_dir", str(tmp_path / "cache"), "--precompute_reference")
-    extra += ("--packing", "--model_max_length", "512")
-    trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "full", *extra))
+    extra += ("--packing", "--model_max_length", "512", "--eval_data_path", pairs_file, "--eval_strategy", "steps")
+    trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "full", *extra, "--eval_steps", "1"))
     assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert any("eval_rewards/margins" in entry for entry in trainer.state.log_history)
     dataset = trainer.train_dataset
     assert "sides" in dataset.column_names and len(dataset) < 12
+    assert {"sides", "ref_chosen_logps"} <= set(trainer.eval_dataset.column_names)
     # The live reference of full fine-tuning, the starting model loaded afresh, on the same packed rows.
     reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     batch = trainer.data_collator([dataset[k] for k in range(3)])
