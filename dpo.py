@@ -139,7 +139,8 @@ def train(
         pack_now = data_args.packing and not (reference_used and preference_args.precompute_reference)
         if pack_now:
             train_dataset = pack_pairs(train_dataset, training_args.model_max_length)
-            eval_dataset = pack_pairs(eval_dataset, training_args.model_max_length) if eval_dataset else None
+            if eval_dataset is not None:
+                eval_dataset = pack_pairs(eval_dataset, training_args.model_max_length)
 
     # 4. The policy, and the reference it is compared with (chosen once, logged once).
     model = build_model(model_args, training_args, lora_args, tokenizer)
