@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import sft.packing
 from sft.data import IGNORE_INDEX
 from sft.data.pairs import PairCollator, tokenize_pair
 from sft.loss import fused_loss_for, sequence_logps
@@ -120,7 +121,11 @@ def test_packed_pairs_score_as_unpacked_on_a_hybrid_in_one_flat_row():
     assert check_same_as_unpacked(model, random_pairs(6, 96), MAX_LENGTH) == "flat"
 
 
-def test_a_pair_is_never_split_and_each_sequence_starts_afresh():
+@pytest.mark.parametrize("window_tokens", [None, 100])
+def test_a_pair_is_never_split_and_each_sequence_starts_afresh(monkeypatch, window_tokens):
+    if window_tokens:  # several windows of consecutive pairs, each packed on its own
+        monkeypatch.setattr(sft.packing, "PACK_WINDOW_TOKENS", window_tokens)
+        monkeypatch.setattr(sft.packing, "PACK_WINDOW_ROWS", 1)
     pairs = random_pairs(12, 1000)
     packed = pack_pairs(datasets.Dataset.from_list(pairs), MAX_LENGTH)
     seen = []
