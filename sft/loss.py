@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sft.data import IGNORE_INDEX
+from sft.packing_models import BOUNDARY_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -457,6 +458,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, fused: FusedLoss | None, num_i
 # Logits per chunk here: about 2^23 (32 MiB in fp32). Backward recomputes a chunk's logits and holds a few tensors
 # of its size at once; preference batches are small, so smaller chunks cost little speed and much peak memory.
 SEQUENCE_CHUNK_LOGITS = 2**23
+# What the model's forward takes of a pair batch: packed ones add the varlen boundaries of a flat row.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS)
 
 
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
@@ -490,7 +493,9 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
 
 def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each row's labelled tokens [rows], their count [rows]) of a padded batch with labels.
+    """(summed log-prob of each row's labelled tokens [rows], their count [rows]) of a padded batch with labels;
+    of each sequence instead where the batch has `sequence_index` (packed rows: each token's sequence, -1 for
+    padding; sft.packing_pairs), ordered by that index.
 
     With `fused`, the model runs with `logits_to_keep=1` and the output layer sees only labelled positions, a
     chunk at a time: no `[rows, length, vocabulary]` logits are built, and backward recomputes one chunk's logits at a
@@ -498,11 +503,15 @@ def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None
     import torch.utils.checkpoint
 
     labels = batch["labels"]
-    inputs = {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {key: value for key, value in batch.items() if key in MODEL_INPUTS}
     targets = labels[:, 1:]
     keep = targets.ne(IGNORE_INDEX)
-    rows = keep.nonzero()[:, 0]
-    counts = keep.sum(1)
+    owners = batch.get("sequence_index")
+    if owners is None:
+        rows, size, counts = keep.nonzero()[:, 0], labels.shape[0], keep.sum(1)
+    else:  # a label belongs to the sequence of the token it is (each sequence's first label is ignored)
+        rows, size = owners[:, 1:][keep], int(owners.max()) + 1
+        counts = torch.bincount(rows, minlength=size)
     if fused is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         token_logps = logits[keep].log_softmax(-1).gather(-1, targets[keep][:, None]).squeeze(-1)
@@ -528,5 +537,5 @@ def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None
                     else:
                         pieces.append(_token_logps(piece, piece_targets, head))
         token_logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=token_logps.device)
+    logps = torch.zeros(size, dtype=torch.float32, device=token_logps.device)
     return logps.index_add(0, rows.to(token_logps.device), token_logps), counts.to(token_logps.device)

@@ -146,30 +146,7 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset
     if len(lengths) and lengths.max() > max_length:
         too_long = int(np.argmax(lengths > max_length))
         raise ValueError(f"sample {too_long} has {lengths[too_long]} tokens, more than the bin size {max_length}")
-    cache_file = None
-    key = f"{dataset._fingerprint}-{max_length}-{window_tokens(max_length)}-{PACK_FORMAT}"
-    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
-    if dataset.cache_files:
-        cache_file = Path(dataset.cache_files[0]["filename"]).parent / f"packed-{fingerprint}.arrow"
-    if cache_file is not None and cache_file.is_file():
-        packed = datasets.Dataset.from_file(str(cache_file))
-    else:
-        # A window ends where the running token count passes the next multiple of the window's tokens.
-        window = window_tokens(max_length)
-        ends = np.searchsorted(np.cumsum(lengths), np.arange(window, lengths.sum(), window))
-        bounds = np.unique(np.concatenate([[0], ends + 1, [len(lengths)]]).clip(0, len(lengths)))
-        plan = datasets.Dataset.from_dict({"start": bounds[:-1].tolist(), "end": bounds[1:].tolist()})
-        packed = plan.map(
-            _pack_window,
-            batched=True,
-            batch_size=1,
-            remove_columns=["start", "end"],
-            features=PACKED_FEATURES,
-            fn_kwargs={"samples": dataset, "max_length": max_length},
-            cache_file_name=str(cache_file) if cache_file else None,
-            new_fingerprint=fingerprint,
-            desc="Packing (windows of consecutive samples)",
-        )
+    packed = pack_windows(dataset, lengths, max_length, _pack_window, PACKED_FEATURES, f"{PACK_FORMAT}")
     total = int(lengths.sum())
     logger.info(
         "Packed %d samples (%d tokens) into %d sequences of at most %d tokens: %.1f%% full",
@@ -180,6 +157,36 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset
         100 * total / max(1, len(packed) * max_length),
     )
     return packed
+
+
+def pack_windows(dataset, lengths: np.ndarray, max_length: int, pack_window, features, version: str):
+    """`pack_window(window, samples, max_length)` mapped over windows of consecutive samples of `dataset` (whose
+    token counts are `lengths`), about `window_tokens(max_length)` tokens each; the rows written next to `dataset`'s
+    cache file when it has one, under a key of its fingerprint, `max_length` and `version` (what the packer writes),
+    and read from there again."""
+    cache_file = None
+    key = f"{dataset._fingerprint}-{max_length}-{window_tokens(max_length)}-{version}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:24]
+    if dataset.cache_files:
+        cache_file = Path(dataset.cache_files[0]["filename"]).parent / f"packed-{fingerprint}.arrow"
+    if cache_file is not None and cache_file.is_file():
+        return datasets.Dataset.from_file(str(cache_file))
+    # A window ends where the running token count passes the next multiple of the window's tokens.
+    window = window_tokens(max_length)
+    ends = np.searchsorted(np.cumsum(lengths), np.arange(window, lengths.sum(), window))
+    bounds = np.unique(np.concatenate([[0], ends + 1, [len(lengths)]]).clip(0, len(lengths)))
+    plan = datasets.Dataset.from_dict({"start": bounds[:-1].tolist(), "end": bounds[1:].tolist()})
+    return plan.map(
+        pack_window,
+        batched=True,
+        batch_size=1,
+        remove_columns=["start", "end"],
+        features=features,
+        fn_kwargs={"samples": dataset, "max_length": max_length},
+        cache_file_name=str(cache_file) if cache_file else None,
+        new_fingerprint=fingerprint,
+        desc="Packing (windows of consecutive samples)",
+    )
 
 
 def pad_block(length: int, target: int, pad_token_id: int) -> dict[str, list[int]]:

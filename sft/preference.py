@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sft.errors import ConfigurationError
-from sft.loss import FusedLoss, check_fused_loss, fused_loss_for, sequence_logps
+from sft.loss import MODEL_INPUTS, FusedLoss, check_fused_loss, fused_loss_for, sequence_logps
 from sft.preference_loss import LOSS_TYPES, needs_reference, pearson, preference_loss
 from sft.training import FinetuneTrainer
 
@@ -172,7 +172,7 @@ class ModelReference:
 
     def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
         if not self.checked and self.fused is not None:
             self.fused = check_fused_loss(self.fused, self.model, model_inputs(batch))
         self.checked = True
@@ -196,9 +196,7 @@ PRECOMPUTE_FORMAT = 2
 
 def model_inputs(batch: dict) -> dict:
     """What the model's own forward takes of a pair batch (with its labels), for the fused loss's check."""
-    return {
-        key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids", "labels")
-    }
+    return {key: value for key, value in batch.items() if key in (*MODEL_INPUTS, "labels")}
 
 
 def reference_key(parts: dict[str, Any]) -> str:

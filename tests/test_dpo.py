@@ -325,3 +325,48 @@ def test_qlora_from_an_sft_adapter_starts_at_ln2(chat_adapter, pairs_file, tmp_p
     step = first_step(trainer)
     assert step["loss"] == pytest.approx(LN2, abs=1e-4)
     assert step["rewards/chosen"] == 0 and step["rewards/rejected"] == 0
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_packed_pairs_start_at_ln2_and_learn(tiny_model, pairs_file, tmp_path, caplog, mode):
+    # Rows of 512 tokens: three pairs or so each (a pair here is about 155 tokens).
+    extra = ("--packing", "--model_max_length", "512", "--max_steps", "4", *(("--use_lora",) if mode == "lora" else ()))
+    with caplog.at_level("INFO"):
+        trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "out", *extra))
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert steps[0]["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert steps[0]["rewards/chosen"] == 0 and steps[0]["rewards/rejected"] == 0
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert "Packed 12 pairs" in caplog.text and "Packing check passed" in caplog.text
+    assert len(trainer.train_dataset) < 12 and "sides" in trainer.train_dataset.column_names
+
+
+def test_precomputed_reference_equals_the_live_one_under_packing(tiny_model, pairs_file, tmp_path):
+    extra = ("--max_steps", "1", "--preprocessing_cache_dir", str(tmp_path / "cache"), "--precompute_reference")
+    extra += ("--packing", "--model_max_length", "512", "--eval_data_path", pairs_file, "--eval_strategy", "steps")
+    trainer = run_dpo(*flags(tiny_model, pairs_file, tmp_path / "full", *extra, "--eval_steps", "1"))
+    assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
+    assert any("eval_rewards/margins" in entry for entry in trainer.state.log_history)
+    dataset = trainer.train_dataset
+    assert "sides" in dataset.column_names and len(dataset) < 12
+    assert {"sides", "pair_ids"} <= set(trainer.eval_dataset.column_names)
+    # The live reference of full fine-tuning, the starting model loaded afresh, on the same packed rows.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    batch = trainer.data_collator([dataset[k] for k in range(3)])
+    with torch.no_grad():
+        live = sequence_logps(reference, batch, fused_loss_for(reference))[0]
+    assert live.shape[0] == 2 * sum(len(dataset[k]["sides"]) // 2 for k in range(3))
+    torch.testing.assert_close(trainer.reference.logps(None, batch, None), live, rtol=1e-5, atol=1e-4)
+
+
+def test_a_hybrid_trains_packed_with_its_frozen_reference_copy_kept_apart_too(pairs_file, tmp_path, caplog):
+    from scripts.tiny_families import build_family_model
+
+    model = str(build_family_model("LFM2", tmp_path / "lfm2"))
+    extra = ("--packing", "--model_max_length", "512", "--max_steps", "2")
+    with caplog.at_level("INFO"):
+        trainer = run_dpo(*flags(model, pairs_file, tmp_path / "out", *extra))
+    # Full fine-tuning: the reference is a second model, scoring the same flat rows as the policy.
+    assert trainer.data_collator.layout == "flat"
+    assert "Reference model: a frozen copy" in caplog.text and "Packing check passed" in caplog.text
+    assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
