@@ -12,7 +12,7 @@ the batches are laid out as SFT packing decides for the model (`sft.packing.pack
 eager and flex attention, one flat row for flash attention and hybrid models), with the same leak probe
 (`sft.packing.LeakProbe`). The batch carries `sequence_index`, the sequence each token belongs to, numbered as
 `sft.data.pairs.PairCollator` orders its rows (the chosen sides of the batch's pairs, then their rejected sides;
--1 for padding), so `sft.loss.sequence_logps` sums log-probs per sequence and the preference loss reads them as it
+-1 for padding), so `sft.sequence_logps` sums log-probs per sequence and the preference loss reads them as it
 reads unpacked ones. Where the reference's log-probs are precomputed (`sft.preference.PrecomputedReference`, on the
 unpacked pairs), each pair's `pair_id` travels into its row and comes back as the batch's `pair_ids`, in the order
 of its chosen sequences.

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from sft.errors import ConfigurationError
-from sft.loss import MODEL_INPUTS, FusedLoss, check_fused_loss, fused_loss_for, sequence_logps
+from sft.loss import FusedLoss, check_fused_loss, fused_loss_for
 from sft.preference_loss import LOSS_TYPES, needs_reference, pearson, preference_loss
+from sft.sequence_logps import MODEL_INPUTS, sequence_logps
 from sft.training import FinetuneTrainer
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Preference losses as pure functions: per-answer log-probs in, the loss and each answer's reward out.
 
-Every answer's log-prob is the sum over its trained tokens (`sft.loss.sequence_logps`), its length the number of
+Every answer's log-prob is the sum over its trained tokens (`sft.sequence_logps`), its length the number of
 those tokens. The losses (`--loss_type`):
 
 - sigmoid: DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), a

@@ -17,7 +17,7 @@ import dpo
 import merge_lora
 from sft.data.pairs import PairCollator, tokenize_pair
 from sft.errors import ConfigurationError, run_main
-from sft.loss import fused_loss_for, sequence_logps
+from sft.loss import fused_loss_for
 from sft.modeling import load_tokenizer
 from sft.preference import (
     AdapterReference,
@@ -29,6 +29,7 @@ from sft.preference import (
     reference_precomputed,
 )
 from sft.preference_loss import preference_loss
+from sft.sequence_logps import sequence_logps
 
 LN2 = math.log(2)
 

@@ -11,9 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import sft.packing
 from sft.data import IGNORE_INDEX
 from sft.data.pairs import PairCollator, tokenize_pair
-from sft.loss import fused_loss_for, sequence_logps
+from sft.loss import fused_loss_for
 from sft.packing_pairs import pack_pairs, pair_packing_collator
 from sft.preference_loss import preference_loss
+from sft.sequence_logps import sequence_logps
 
 MAX_LENGTH = 64
 
