@@ -115,7 +115,8 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Pack samples into sequences of up to model_max_length (best-fit decreasing), each keeping its "
-            "own position ids and attending only to itself; no padding. Batch size then counts packed sequences."
+            "own position ids and attending only to itself; no padding. Batch size then counts packed sequences. "
+            "dpo.py packs whole pairs (a pair's chosen and rejected answers in the same row)."
         },
     )
 
