@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_reads import HostReads
 from transformers import AutoModelForCausalLM
 
 import dpo
@@ -22,6 +23,7 @@ from sft.preference import AdapterReference
 from sft.preference_loss import preference_loss
 
 LN2 = math.log(2)
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +233,19 @@ def test_qlora_from_an_sft_adapter_starts_at_ln2(chat_adapter, pairs_file, tmp_p
     step = first_step(trainer)
     assert step["loss"] == pytest.approx(LN2, abs=1e-4)
     assert step["rewards/chosen"] == 0 and step["rewards/rejected"] == 0
+
+
+def test_metrics_are_read_once_per_log_not_per_micro_batch(tiny_model, pairs_file, tmp_path):
+    # The preference code's host reads (each one waits for a GPU's queue): none per micro-batch, only at log time.
+    preference_code = tuple(str(REPO / "sft" / name) for name in ("preference.py", "preference_metrics.py"))
+    reads = {}
+    for accumulation in (1, 4):  # 2 optimizer steps (2 logs) of 1 or 4 micro-batches of one pair
+        with HostReads(preference_code) as host_reads:
+            output = tmp_path / f"accumulation-{accumulation}"
+            batches = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", str(accumulation))
+            run_dpo(*flags(tiny_model, pairs_file, output, "--use_lora", *batches))
+        reads[accumulation] = host_reads.by_caller
+    micro_batch_code = ("compute_loss", "_record", "add", "_remember")
+    assert not [caller for caller in reads[1] + reads[4] if caller.split(":")[1] in micro_batch_code]
+    assert reads[4] == reads[1]  # four times the micro-batches, not one read more
+    assert reads[1]["preference_metrics.py:summary"] > 0  # the counter sees this code (one read set per log)
