@@ -228,10 +228,12 @@ def format_pair_report(report: dict) -> str:
         lines.append(f"  {name + ':':<16}{table} tokens")
     lines.append(
         f"  answer length:  chosen {r['chosen_trained_mean']:.1f}, rejected {r['rejected_trained_mean']:.1f} trained "
-        f"tokens on average; chosen longer in {r['chosen_longer_share']:.0%} of pairs, rejected longer in "
-        f"{r['rejected_longer_share']:.0%}"
+        "tokens on average"
     )
-    lines.append("                  (DPO learns what tells chosen from rejected, length included)")
+    lines.append(
+        f"                  chosen longer in {r['chosen_longer_share']:.0%} of pairs, rejected in "
+        f"{r['rejected_longer_share']:.0%} (DPO learns what tells them apart, length included)"
+    )
     lines.append(
         f"Batches: {r['per_device_train_batch_size']} pairs x {r['gradient_accumulation_steps']} accumulation "
         f"x {r['world_size']} process(es) = {r['pairs_per_step']} pairs per optimizer step"
