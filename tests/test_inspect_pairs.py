@@ -152,16 +152,17 @@ def test_dpo_command_line_and_config_file_work_unchanged(tiny_model, tmp_path):
         run_inspection([*argv, "--loss_type", "kto", "--report_dir", str(tmp_path / "kto")])
 
 
-@pytest.mark.parametrize("stage", [[], ["--stage", "dpo"]], ids=["auto", "dpo"])
-def test_bad_pair_data_is_one_error_line_naming_the_sample(tiny_model, tmp_path, user_error, stage):
+def test_bad_pair_data_is_one_error_line_naming_the_sample(tiny_model, tmp_path, user_error):
     bad = tmp_path / "bad.jsonl"
     good = {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}
     bad.write_text("".join(json.dumps(r) + "\n" for r in (good, good, {"prompt": "Hi", "chosen": "Hello.",
                                                                        "rejected": ["not", "a message"]})))  # fmt: skip
-    line = user_error("-m", "sft.inspect", *dpo_flags(tiny_model, bad, tmp_path / "out"), *stage)
+    line = user_error("-m", "sft.inspect", *dpo_flags(tiny_model, bad, tmp_path / "out"))
     assert line.startswith(f"error: {bad}, line 3, field 'rejected[0]': expected an object")
-    # A prompt ending with the assistant's turn answers nothing: named too.
+    # A prompt ending with the assistant's turn answers nothing: named too, whether --stage says dpo or not.
     bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
                                "chosen": "Hello.", "rejected": "Go."}) + "\n")  # fmt: skip
-    line = user_error("-m", "sft.inspect", *dpo_flags(tiny_model, bad, tmp_path / "out"), *stage)
-    assert line.startswith(f"error: {bad}, line 1, field 'prompt'")
+    for stage in ([], ["--stage", "dpo"]):
+        with pytest.raises(UserError) as stopped:
+            run_inspection([*dpo_flags(tiny_model, bad, tmp_path / "out"), *stage])
+        assert str(stopped.value).startswith(f"{bad}, line 1, field 'prompt'")
