@@ -101,6 +101,7 @@ class InspectArguments:
     )
     add_markers: bool = field(default=False, init=False)  # finetune.py's --train_special_tokens, given with its flags
     preference: PreferenceArguments | None = field(default=None, init=False)  # dpo.py's, given with its flags
+    lora_weight_path: str | None = field(default=None, init=False)  # an SFT adapter dpo.py starts from
 
 
 @dataclass
@@ -124,6 +125,7 @@ def parse_arguments(
     )
     inspect_args.add_markers = lora_args.train_special_tokens
     inspect_args.preference = preference_args
+    inspect_args.lora_weight_path = lora_args.lora_weight_path
     return model_args, data_args, training_args, inspect_args
 
 
@@ -281,7 +283,8 @@ def run_inspection(argv: list[str]) -> Inspection | PairInspection:
     show = max(0, inspect_args.show)
 
     def pairs() -> PairInspection:
-        return inspect_pairs(model_args, data_args, training_args, inspect_args.preference, world_size, show)
+        return inspect_pairs(model_args, data_args, training_args, inspect_args.preference, world_size, show,
+                             lora_weight_path=inspect_args.lora_weight_path)  # fmt: skip
 
     def samples() -> Inspection:
         return inspect_data(model_args, data_args, training_args, world_size, add_markers=inspect_args.add_markers)

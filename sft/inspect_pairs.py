@@ -35,6 +35,8 @@ PAIR_FATES = {
     "dropped_equal": "dropped: chosen and rejected answers are the same",
     "dropped_no_label": "dropped: no answer token left in a side",
 }
+PLOTTED_FATES = {"ok": "fit", "truncated": "truncated", "dropped_equal": "dropped: equal answers",
+                 "dropped_no_label": "dropped: no answer token left"}  # fmt: skip
 FORMAT_NAMES = {
     "sharegpt_ranking": "sharegpt ranking 'conversations'",
     "messages_ranking": "'messages' + chosen/rejected",
@@ -97,16 +99,18 @@ def inspect_pairs(
     world_size: int = 1,
     show: int = 3,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    lora_weight_path: str | None = None,
 ) -> PairInspection:
-    """dpo.py's preprocessing of --data_path and what it did to each pair. Raises a UserError for what dpo.py
-    would refuse (bad pair data, a prompt that is not a prefix of prompt + answer, a template's refusal)."""
+    """dpo.py's preprocessing of --data_path and what it did to each pair; the first `show` kept pairs' origins.
+    Raises a UserError for what dpo.py would refuse (bad pair data, a prompt that is not a prefix of prompt +
+    answer, a template's refusal). `lora_weight_path`: dpo.py's --lora_weight_path (an SFT adapter)."""
     check_required(model_args, data_args)
     check_preference_arguments(preference_args)
     max_length = training_args.model_max_length
     train, evaluation = load_train_eval(data_args, training_args.seed, parse=pair_sample)
     validation = len(evaluation) if data_args.val_size is not None and evaluation is not None else None
     if tokenizer is None:  # dpo.py's: an SFT adapter output's own tokenizer (its chat template), else the base's
-        base, adapter = sft_adapter_of(model_args.model_name_or_path, None)
+        base, adapter = sft_adapter_of(model_args.model_name_or_path, lora_weight_path)
         source = adapter if adapter and Path(adapter, "tokenizer_config.json").is_file() else base
         tokenizer = tokenizer_or_error(replace(model_args, model_name_or_path=source), max_length)
     try:
@@ -118,7 +122,7 @@ def inspect_pairs(
 
     profile = template_profile(tokenizer)
     fates, formats, turns_dropped = Counter(), Counter(), 0
-    lengths_by_fate: dict[str, list[int]] = {PAIR_FATES[fate]: [] for fate in PAIR_FATES}
+    lengths_by_fate: dict[str, list[int]] = {PLOTTED_FATES[fate]: [] for fate in PAIR_FATES}
     where, first_rows = [], []
     prompt, chosen, rejected, chosen_trained, rejected_trained = [], [], [], [], []
     for batch in train.iter(batch_size=BATCH_SIZE):
@@ -131,7 +135,7 @@ def inspect_pairs(
             whole = tokenized if tokenized.status == "ok" else tokenize_pair(
                 tokenizer, pair, UNTRUNCATED, data_args.fold_system_prompt, profile)  # fmt: skip
             if whole.chosen_ids:
-                lengths_by_fate[PAIR_FATES[tokenized.status]].append(max(len(whole.chosen_ids),
+                lengths_by_fate[PLOTTED_FATES[tokenized.status]].append(max(len(whole.chosen_ids),
                                                                          len(whole.rejected_ids)))  # fmt: skip
             if tokenized.status not in KEPT:
                 continue

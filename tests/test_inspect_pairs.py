@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def dpo_flags(model: str, data: Path, output: Path, *extra: str) -> list[str]:
 
 def inspected(model: str, data: Path, output: Path, *extra: str) -> PairInspection:
     model_args, data_args, training_args, inspect_args = parse_arguments(dpo_flags(model, data, output, *extra))
-    return inspect_pairs(model_args, data_args, training_args, inspect_args.preference, show=10)
+    return inspect_pairs(model_args, data_args, training_args, inspect_args.preference, show=10,
+                         lora_weight_path=inspect_args.lora_weight_path)  # fmt: skip
 
 
 def dpo_preprocessing(model: str, data: Path):
@@ -166,3 +168,20 @@ def test_bad_pair_data_is_one_error_line_naming_the_sample(tiny_model, tmp_path,
         with pytest.raises(UserError) as stopped:
             run_inspection([*dpo_flags(tiny_model, bad, tmp_path / "out"), *stage])
         assert str(stopped.value).startswith(f"{bad}, line 1, field 'prompt'")
+
+
+def test_from_an_sft_adapter_the_adapters_tokenizer_is_used(tiny_model, tmp_path):
+    # dpo.py reads an SFT adapter output's own tokenizer (its chat template): so does the inspection. No weights.
+    adapter = tmp_path / "sft-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny_model, name), adapter / name)
+    template = Path(tiny_model, "chat_template.jinja").read_text()
+    default_system = template.replace("You are a helpful assistant.", "You are the SFT model.")
+    assert default_system != template
+    (adapter / "chat_template.jinja").write_text(default_system)
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    for model, extra in ((str(adapter), ()), (tiny_model, ("--lora_weight_path", str(adapter)))):
+        inspection = inspected(model, data, tmp_path / "out", *extra)
+        assert "You are the SFT model." in inspection.tokenizer.decode(inspection.dataset[0]["chosen_input_ids"])
