@@ -323,7 +323,9 @@ def run_inspection(argv: list[str]) -> Inspection | PairInspection:
     print(inspection.format(inspection.report))
     for path in write_report(inspection, report_dir):
         print(f"Wrote {path}")
-    if inspection.report.get("kept_samples", inspection.report.get("kept_pairs")) == 0:
+    if isinstance(inspection, PairInspection) and inspection.report["kept_pairs"] == 0:
+        raise ConfigurationError("no pair is left to train on (raise --model_max_length?)")
+    if isinstance(inspection, Inspection) and inspection.report["kept_samples"] == 0:
         raise ConfigurationError("no sample is left to train on (raise --model_max_length?)")
     return inspection
 

@@ -185,3 +185,13 @@ def test_from_an_sft_adapter_the_adapters_tokenizer_is_used(tiny_model, tmp_path
     for model, extra in ((str(adapter), ()), (tiny_model, ("--lora_weight_path", str(adapter)))):
         inspection = inspected(model, data, tmp_path / "out", *extra)
         assert "You are the SFT model." in inspection.tokenizer.decode(inspection.dataset[0]["chosen_input_ids"])
+
+
+def test_no_pair_left_is_reported_then_an_error(tiny_model, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} " + "word " * 200, "chosen": "Yes.", "rejected": "No."}) + "\n"
+                            for i in range(3)))  # fmt: skip
+    with pytest.raises(UserError, match="no pair is left to train on"):
+        run_inspection(dpo_flags(tiny_model, data, tmp_path / "out", "--show", "1"))
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["fates"]["dropped_no_label"] == 3 and report["kept_pairs"] == 0
