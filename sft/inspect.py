@@ -18,6 +18,10 @@ loaded, never the model's weights. The data is read in batches from its memory-m
 and writes the report (data_report.txt, data_report.json) and a histogram of sample lengths with
 --model_max_length marked (data_lengths.png) into --report_dir (default: --output_dir). Files already there
 are kept unless --overwrite_report is given.
+
+Preference pairs (dpo.py's data; sft/inspect_pairs.py): dpo.py's command line or config file works the same way,
+its preference flags accepted. `--stage auto` (the default) inspects records with 'chosen' and 'rejected' as dpo.py's
+pairs, others as finetune.py's data; `--stage sft` or `--stage dpo` chooses.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -50,7 +54,9 @@ from sft.data import (
     template_overhead,
     tokenize_conversations,
 )
+from sft.data.reading import DataError
 from sft.errors import ConfigurationError, run_main
+from sft.inspect_pairs import PairInspection, inspect_pairs, pair_data_error, render_pair
 from sft.inspect_survey import (
     BATCH_SIZE,
     RowOrigins,
@@ -64,6 +70,7 @@ from sft.inspect_view import FATES, format_report, render_row, trained_count, us
 from sft.model_setup import tokenizer_or_error
 from sft.packing import pack_dataset
 from sft.plots import length_histogram_figure, save_figure
+from sft.preference import PreferenceArguments
 from sft.qwen1 import resolve_model_path
 
 REPORT_FILES = ("data_report.txt", "data_report.json", "data_lengths.png")
@@ -85,7 +92,16 @@ class InspectArguments:
     color: Literal["auto", "always", "never"] = field(
         default="auto", metadata={"help": "Colour the printed tokens: auto (when stdout is a terminal), always, never."}
     )
+    stage: Literal["auto", "sft", "dpo"] = field(
+        default="auto",
+        metadata={
+            "help": "The data as finetune.py (sft) or as dpo.py (dpo: preference pairs) prepares it. auto: dpo for "
+            "records with 'chosen' and 'rejected', sft otherwise."
+        },
+    )
     add_markers: bool = field(default=False, init=False)  # finetune.py's --train_special_tokens, given with its flags
+    preference: PreferenceArguments | None = field(default=None, init=False)  # dpo.py's, given with its flags
+    lora_weight_path: str | None = field(default=None, init=False)  # an SFT adapter dpo.py starts from
 
 
 @dataclass
@@ -101,10 +117,15 @@ class InspectTrainingArguments(FinetuneTrainingArguments):
 def parse_arguments(
     argv: list[str],
 ) -> tuple[ModelArguments, DataArguments, FinetuneTrainingArguments, InspectArguments]:
-    """finetune.py's arguments (flags, or its config file then flags) and inspect's own flags."""
-    dataclass_types = (ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments, InspectArguments)
-    model_args, data_args, training_args, lora_args, inspect_args = parse_dataclasses(dataclass_types, argv)
+    """finetune.py's (or dpo.py's) arguments (flags, or its config file then flags) and inspect's own flags."""
+    dataclass_types = (ModelArguments, DataArguments, InspectTrainingArguments, LoraArguments, PreferenceArguments,
+                       InspectArguments)  # fmt: skip
+    model_args, data_args, training_args, lora_args, preference_args, inspect_args = parse_dataclasses(
+        dataclass_types, argv
+    )
     inspect_args.add_markers = lora_args.train_special_tokens
+    inspect_args.preference = preference_args
+    inspect_args.lora_weight_path = lora_args.lora_weight_path
     return model_args, data_args, training_args, inspect_args
 
 
@@ -115,6 +136,7 @@ class Inspection:
     where: Sequence[str]  # each training row's origin (sample's line or index and chunk; "packed row" when packed)
     lengths_by_fate: dict[str, list[int]]
     tokenizer: PreTrainedTokenizerBase
+    format: Callable[[dict], str] = format_report  # the report as text
 
 
 def inspect_data(
@@ -230,22 +252,23 @@ def inspect_data(
     return Inspection(report, dataset, where, lengths_by_fate, tokenizer)
 
 
-def write_report(inspection: Inspection, report_dir: Path) -> list[Path]:
+def write_report(inspection: Inspection | PairInspection, report_dir: Path) -> list[Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     text, data, picture = (report_dir / name for name in REPORT_FILES)
-    text.write_text(format_report(inspection.report) + "\n")
+    text.write_text(inspection.format(inspection.report) + "\n")
+    unit = "pairs" if isinstance(inspection, PairInspection) else "samples"
     data.write_text(json.dumps(inspection.report, indent=2) + "\n")
     figure = length_histogram_figure(
         inspection.lengths_by_fate,
         inspection.report["model_max_length"],
         title=f"{' '.join(Path(name).name for name in inspection.report['data_path'])}: "
-        f"{inspection.report['samples']} samples",
+        f"{inspection.report['samples']} {unit}",
     )
     save_figure(figure, picture)
     return [text, data, picture]
 
 
-def run_inspection(argv: list[str]) -> Inspection:
+def run_inspection(argv: list[str]) -> Inspection | PairInspection:
     """`python -m sft.inspect` with these arguments: prints the rows and the report, writes the report files.
     Raises a UserError for what the user can fix."""
     sft.quiet.setup_logging(logging.WARNING)
@@ -257,24 +280,52 @@ def run_inspection(argv: list[str]) -> Inspection:
             f"{existing[0]} exists: pass --overwrite_report to replace it, or choose another --report_dir"
         )
     world_size = inspect_args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    inspection = inspect_data(model_args, data_args, training_args, world_size, add_markers=inspect_args.add_markers)
+    show = max(0, inspect_args.show)
+
+    def pairs() -> PairInspection:
+        return inspect_pairs(model_args, data_args, training_args, inspect_args.preference, world_size, show,
+                             lora_weight_path=inspect_args.lora_weight_path)  # fmt: skip
+
+    def samples() -> Inspection:
+        return inspect_data(model_args, data_args, training_args, world_size, add_markers=inspect_args.add_markers)
+
+    if inspect_args.stage != "auto":
+        inspection = pairs() if inspect_args.stage == "dpo" else samples()
+    else:  # pairs where the records are pairs ('chosen' and 'rejected'); finetune.py's data otherwise
+        try:
+            inspection = pairs()
+        except DataError as pair_error:
+            if pair_data_error(pair_error, None) is not None:
+                raise
+            try:
+                inspection = samples()
+            except DataError as sft_error:
+                raise pair_data_error(pair_error, sft_error) from None
 
     color = use_color(inspect_args.color)
     tokenizer = inspection.tokenizer
     dataset = inspection.dataset
-    shown = dataset.select(range(min(len(dataset), max(0, inspect_args.show)))) if dataset is not None else []
-    if len(shown):
-        legend = "highlighted" if color else "between [[ and ]]"
+    shown = dataset.select(range(min(len(dataset), show))) if dataset is not None else []
+    legend = "highlighted" if color else "between [[ and ]]"
+    if isinstance(inspection, PairInspection):
+        if len(shown):
+            print(f"Preference pairs as dpo.py trains them: the shared prompt, then the chosen and the rejected "
+                  f"answer; the tokens that carry the loss are {legend}.\n")  # fmt: skip
+        for where, row in zip(inspection.where, shown):
+            print(render_pair(tokenizer, row, where, color) + "\n")
+    elif len(shown):
         print(f"Training rows as the model sees them; the tokens that carry the loss are {legend}.\n")
-    for where, row in zip(inspection.where, shown):
-        trained = trained_count(row["labels"])
-        print(f"===== {where}: {len(row['input_ids'])} tokens, {trained} trained =====")
-        print(render_row(tokenizer, row["input_ids"], row["labels"], row.get("position_ids"), color).rstrip("\n"))
-        print()
-    print(format_report(inspection.report))
+        for where, row in zip(inspection.where, shown):
+            trained = trained_count(row["labels"])
+            print(f"===== {where}: {len(row['input_ids'])} tokens, {trained} trained =====")
+            print(render_row(tokenizer, row["input_ids"], row["labels"], row.get("position_ids"), color).rstrip("\n"))
+            print()
+    print(inspection.format(inspection.report))
     for path in write_report(inspection, report_dir):
         print(f"Wrote {path}")
-    if inspection.report["kept_samples"] == 0:
+    if isinstance(inspection, PairInspection) and inspection.report["kept_pairs"] == 0:
+        raise ConfigurationError("no pair is left to train on (raise --model_max_length?)")
+    if isinstance(inspection, Inspection) and inspection.report["kept_samples"] == 0:
         raise ConfigurationError("no sample is left to train on (raise --model_max_length?)")
     return inspection
 

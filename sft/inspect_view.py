@@ -64,13 +64,18 @@ def render_row(
     labels: list[int],
     position_ids: list[int] | None = None,
     color: bool = False,
+    from_token: int = 0,
 ) -> str:
     """The row's text, token by token, with its trained tokens highlighted: colours when `color`, else
-    [[...]] around each run of trained tokens. Newlines show as ↵; packed samples are separated by a line."""
+    [[...]] around each run of trained tokens. Newlines show as ↵; packed samples are separated by a line.
+    `from_token`: the row from that token on (a preference pair's answer after its prompt), the tokens before
+    it only read as the first tokens' context."""
     special_ids = set(tokenizer.all_special_ids)
     out = []
     in_trained = False
     for n, (start, end, text) in enumerate(token_pieces(tokenizer, input_ids)):
+        if end <= from_token:
+            continue
         if position_ids is not None and start > 0 and 0 in position_ids[start:end]:
             if in_trained and not color:
                 out.append("]]")

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,15 @@ from torch import nn
 
 from sft.errors import ConfigurationError
 from sft.loss import FusedLoss, check_fused_loss, fused_loss_for
-from sft.preference_loss import LOSS_TYPES, needs_reference, pearson, preference_loss
+from sft.preference_loss import LOSS_TYPES, needs_reference, preference_loss
+from sft.preference_metrics import PreferenceMetrics
 from sft.sequence_logps import MODEL_INPUTS, sequence_logps
 from sft.training import FinetuneTrainer
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "reference"
-CORRELATION_WINDOW = 256  # pairs: the margin-length correlation is over the last this many trained pairs
+CORRELATION_WINDOW = 256  # pairs: the margin-length correlation is over each process's last this many trained pairs
 
 
 @dataclass
@@ -232,8 +232,10 @@ class PrecomputedReference:
         return self.chosen is not None
 
     def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
-        ids = batch["pair_ids"].cpu()
-        return torch.cat([self.chosen[ids], self.rejected[ids]]).to(batch["input_ids"].device)
+        ids = batch["pair_ids"]
+        if self.chosen.device != ids.device:  # once: looked up where the batch is, no host read per batch
+            self.chosen, self.rejected = self.chosen.to(ids.device), self.rejected.to(ids.device)
+        return torch.cat([self.chosen[ids], self.rejected[ids]])
 
     def fill(self, model: nn.Module, fused: FusedLoss | None, policy_trained: bool, write: bool) -> None:
         """Computes every pair's log-probs with the source reference, this process taking every world-th batch
@@ -313,8 +315,8 @@ class PreferenceTrainer(FinetuneTrainer):
         self.preference = preference
         self.reference = reference
         self.model_accepts_loss_kwargs = False  # our loss is a mean per pair: the Trainer scales accumulation
-        self._stats: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
-        self._recent: deque = deque(maxlen=CORRELATION_WINDOW)  # (margin, length difference) of recent pairs
+        # On the device until a log reads them, summed over the processes: sft.preference_metrics.
+        self._metrics = {mode: PreferenceMetrics(CORRELATION_WINDOW) for mode in ("train", "eval")}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.settle_fused_loss(model, model_inputs(inputs))
@@ -345,23 +347,16 @@ class PreferenceTrainer(FinetuneTrainer):
         return (result.loss, {}) if return_outputs else result.loss
 
     def _record(self, result, logps: torch.Tensor, lengths: torch.Tensor, pairs: int) -> None:
-        stats = self._stats["train" if self.model.training else "eval"]
-        margins = result.chosen_rewards - result.rejected_rewards
-        values = {
-            "rewards/chosen": result.chosen_rewards,
-            "rewards/rejected": result.rejected_rewards,
-            "rewards/margins": margins,
-            "rewards/accuracies": (margins > 0).float(),
-            "logps/chosen": logps[:pairs],
-            "logps/rejected": logps[pairs:],
-            "length/chosen": lengths[:pairs].float(),
-            "length/rejected": lengths[pairs:].float(),
-        }
-        for name, value in values.items():
-            stats[name].append(value.detach().float().cpu())
-        if self.model.training:
-            difference = (lengths[:pairs] - lengths[pairs:]).float().cpu()
-            self._recent.extend(zip(margins.float().cpu().tolist(), difference.tolist()))
+        training = self.model.training
+        self._metrics["train" if training else "eval"].add(
+            result.chosen_rewards,
+            result.rejected_rewards,
+            logps[:pairs],
+            logps[pairs:],
+            lengths[:pairs],
+            lengths[pairs:],
+            keep_recent=training,
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -371,14 +366,9 @@ class PreferenceTrainer(FinetuneTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if mode is not None and self._stats[mode]:
+        if mode is not None:  # every process logs here: the summary's collectives meet
             prefix = "eval_" if mode == "eval" else ""
-            for name, values in self._stats[mode].items():
-                logs[prefix + name] = round(torch.cat(values).mean().item(), 4)
-            if mode == "train" and len(self._recent) > 2:
-                margins, differences = zip(*self._recent)
-                correlation = pearson(torch.tensor(margins), torch.tensor(differences))
-                if correlation is not None:
-                    logs["length/margin_correlation"] = round(correlation, 4)
-            self._stats[mode].clear()
+            summary = self._metrics[mode].summary(self.accelerator, self.args.device, correlation=mode == "train")
+            for name, value in summary.items():
+                logs[name if name == "length/margin_correlation" else prefix + name] = round(value, 4)
         super().log(logs, start_time)

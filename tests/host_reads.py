@@ -1,4 +1,4 @@
-"""Counting a piece of code's reads of tensor values on the host (item(), bool(), float(), tolist()...): on a GPU
+"""Counting a piece of code's reads of tensor values on the host (item(), bool(), float(), tolist(), cpu()...): on a GPU
 each one waits for the device to finish its queue. Shared by the training loop's and the fused loss's tests."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch.overrides import TorchFunctionMode
 
-HOST_READS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}
 
 
 class HostReads(TorchFunctionMode):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from host_reads import HostReads
 from transformers import AutoModelForCausalLM
 
 import dpo
@@ -32,6 +33,7 @@ from sft.preference_loss import preference_loss
 from sft.sequence_logps import sequence_logps
 
 LN2 = math.log(2)
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +373,21 @@ def test_a_hybrid_trains_packed_with_its_frozen_reference_copy_kept_apart_too(pa
     assert trainer.data_collator.layout == "flat"
     assert "Reference model: a frozen copy" in caplog.text and "Packing check passed" in caplog.text
     assert first_step(trainer)["loss"] == pytest.approx(LN2, abs=1e-4)
+
+
+def test_metrics_are_read_once_per_log_not_per_micro_batch(tiny_model, pairs_file, tmp_path):
+    # The preference code's host reads (each one waits for a GPU's queue): none per micro-batch, only at log time.
+    preference_code = tuple(str(REPO / "sft" / name) for name in ("preference.py", "preference_metrics.py"))
+    reads = {}
+    for accumulation in (1, 4):  # 2 optimizer steps (2 logs) of 1 or 4 micro-batches of one pair
+        with HostReads(preference_code) as host_reads:
+            output = tmp_path / f"accumulation-{accumulation}"
+            batches = ("--per_device_train_batch_size", "1", "--gradient_accumulation_steps", str(accumulation))
+            # The reference's log-probs precomputed (one pass at the start), then looked up per batch.
+            cache = ("--precompute_reference", "--preprocessing_cache_dir", str(tmp_path / f"cache-{accumulation}"))
+            run_dpo(*flags(tiny_model, pairs_file, output, "--use_lora", *batches, *cache))
+        reads[accumulation] = host_reads.by_caller
+    micro_batch_code = ("compute_loss", "_record", "add", "_remember", "logps")
+    assert not [caller for caller in reads[1] + reads[4] if caller.split(":")[1] in micro_batch_code]
+    assert reads[4] == reads[1]  # four times the micro-batches, not one read more
+    assert reads[1]["preference_metrics.py:summary"] > 0  # the counter sees this code (one read set per log)
