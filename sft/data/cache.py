@@ -101,7 +101,7 @@ TOKENIZED_FEATURES = datasets.Features(
 )
 
 
-def _fingerprint(data_key: str, tokenizer, max_length: int, train_on: str, drop_long: bool, *more: Any) -> str:
+def tokenized_key(data_key: str, tokenizer, max_length: int, train_on: str, drop_long: bool, *more: Any) -> str:
     digest = hashlib.sha256(data_key.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
@@ -215,7 +215,7 @@ def tokenize_conversations(
     check_reasoning_rendered(conversations, tokenizer, description)
     cache_dir = cache_folder(cache_dir)
     dataset, data_key = as_dataset(conversations, description)
-    fingerprint = _fingerprint(data_key, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
+    fingerprint = tokenized_key(data_key, tokenizer, max_length, train_on, drop_long, fold_system, tokenizer.eos_token)
     profile = template_profile(tokenizer)  # once, here: the batches and processes of the map all get this one
     options = dict(
         tokenizer=tokenizer,

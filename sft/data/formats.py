@@ -42,7 +42,7 @@ ROLE_NAMES = {
 ALPACA_KEYS = ("instruction", "input", "output", "system")
 
 
-def _text(value: Any, path: Path, where: str, field: str, allow_empty: bool = False) -> str:
+def text_field(value: Any, path: Path, where: str, field: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DataError(path, where, field, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -54,11 +54,11 @@ def _text(value: Any, path: Path, where: str, field: str, allow_empty: bool = Fa
     return value
 
 
-def _content(value: Any, path: Path, where: str, field: str, allow_empty: bool = False) -> str:
+def content_field(value: Any, path: Path, where: str, field: str, allow_empty: bool = False) -> str:
     """Message content: a string, or a list of text parts (OpenAI {"type": "text", "text": ...}, LLaMA-Factory
     {"type": "text", "value": ...}) joined into one; parts we cannot train on (images, audio) are an error."""
     if not isinstance(value, list):
-        return _text(value, path, where, field, allow_empty)
+        return text_field(value, path, where, field, allow_empty)
     texts = []
     for index, part in enumerate(value):
         part_field = f"{field}[{index}]"
@@ -71,8 +71,8 @@ def _content(value: Any, path: Path, where: str, field: str, allow_empty: bool =
         if kind != "text":
             raise DataError(path, where, f"{part_field}.type", f"a {kind!r} part: only text can be trained on")
         key = "text" if part.get("text") is not None else "value"
-        texts.append(_text(part.get(key), path, where, f"{part_field}.{key}", allow_empty=True))
-    return _text("".join(texts), path, where, field, allow_empty)
+        texts.append(text_field(part.get(key), path, where, f"{part_field}.{key}", allow_empty=True))
+    return text_field("".join(texts), path, where, field, allow_empty)
 
 
 def _role(value: Any, path: Path, where: str, field: str) -> str:
@@ -103,17 +103,17 @@ def _tool_call(call: Any, path: Path, where: str, field: str) -> dict:
         raise DataError(path, where, function_field, f"expected an object, got {type(function).__name__}")
     if "name" not in function:
         raise DataError(path, where, f"{function_field}.name", "missing")
-    name = _text(function["name"], path, where, f"{function_field}.name")
+    name = text_field(function["name"], path, where, f"{function_field}.name")
     arguments = _json_value(
         function.get("arguments", {}), path, where, f"{function_field}.arguments", dict, "a JSON object"
     )
     normal: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if call.get("id") is not None:
-        normal["id"] = _text(call["id"], path, where, f"{field}.id")
+        normal["id"] = text_field(call["id"], path, where, f"{field}.id")
     return normal
 
 
-def _tools(value: Any, path: Path, where: str) -> list[dict]:
+def tools_field(value: Any, path: Path, where: str) -> list[dict]:
     """A sample's tool schemas (a list, or the JSON text of one, as LLaMA-Factory stores them), each in the OpenAI
     form {"type": "function", "function": {...}} that templates render."""
     tools = _json_value(value, path, where, "tools", list, "a JSON list of tool schemas")
@@ -129,7 +129,7 @@ def _tools(value: Any, path: Path, where: str) -> list[dict]:
     return normal
 
 
-def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, where: str) -> Conversation:
+def record_turns(record: dict, key: str, role_key: str, content_key: str, path: Path, where: str) -> Conversation:
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise DataError(path, where, key, "expected a non-empty list of messages")
@@ -160,7 +160,7 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
                 raise DataError(path, where, f"{field}.tool_calls", "expected a non-empty list of calls")
             content = turn.get(content_key)
             message["content"] = (
-                "" if content is None else _content(content, path, where, f"{field}.{content_key}", True)
+                "" if content is None else content_field(content, path, where, f"{field}.{content_key}", True)
             )
             message["tool_calls"] = [
                 _tool_call(call, path, where, f"{field}.tool_calls[{n}]") for n, call in enumerate(calls)
@@ -169,9 +169,11 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
             if content_key not in turn:
                 found = ", ".join(map(repr, turn)) or "none"
                 raise DataError(path, where, f"{field}.{content_key}", f"missing (keys found: {found})")
-            message["content"] = _content(turn[content_key], path, where, f"{field}.{content_key}", role == "tool")
+            message["content"] = content_field(turn[content_key], path, where, f"{field}.{content_key}", role == "tool")
         if role == "assistant" and turn.get("reasoning_content") not in (None, ""):
-            message["reasoning_content"] = _text(turn["reasoning_content"], path, where, f"{field}.reasoning_content")
+            message["reasoning_content"] = text_field(
+                turn["reasoning_content"], path, where, f"{field}.reasoning_content"
+            )
         if role == "assistant" and (turn.get("train") is False or turn.get("loss_weight") in (0, 0.0)):
             message["train"] = False  # this answer is context only: no loss on it (sft.data.labels)
         if role == "tool":
@@ -179,7 +181,7 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, path: Path, 
                 raise DataError(path, where, field, "a tool result with no tool call before it")
             for optional in ("name", "tool_call_id"):
                 if turn.get(optional) is not None:
-                    message[optional] = _text(turn[optional], path, where, f"{field}.{optional}")
+                    message[optional] = text_field(turn[optional], path, where, f"{field}.{optional}")
             if call_ids and message.get("tool_call_id", next(iter(call_ids))) not in call_ids:
                 raise DataError(
                     path,
@@ -201,13 +203,13 @@ def _alpaca(record: dict, path: Path, where: str) -> Conversation:
             hint = difflib.get_close_matches(key, [k for k in record if isinstance(k, str)], n=1, cutoff=0.75)
             found = f" (found {hint[0]!r}: misspelled?)" if hint else ""
             raise DataError(path, where, key, f"missing in an alpaca sample{found}")
-    instruction = _text(record["instruction"], path, where, "instruction")
-    extra_input = _text(record.get("input") or "", path, where, "input", allow_empty=True)
+    instruction = text_field(record["instruction"], path, where, "instruction")
+    extra_input = text_field(record.get("input") or "", path, where, "input", allow_empty=True)
     prompt = f"{instruction}\n{extra_input}" if extra_input.strip() else instruction
-    output = _text(record["output"], path, where, "output")
+    output = text_field(record["output"], path, where, "output")
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     if record.get("system"):
-        messages.insert(0, {"role": "system", "content": _text(record["system"], path, where, "system")})
+        messages.insert(0, {"role": "system", "content": text_field(record["system"], path, where, "system")})
     return messages
 
 
@@ -218,12 +220,12 @@ def _prompt_completion(record: dict, path: Path, where: str) -> Conversation:
     if isinstance(prompt, list) or isinstance(completion, list):
         if not isinstance(prompt, list) or not isinstance(completion, list):
             raise DataError(path, where, "prompt", "prompt and completion must both be strings or both message lists")
-        messages = _turns(record, "prompt", "role", "content", path, where)
+        messages = record_turns(record, "prompt", "role", "content", path, where)
         messages = [{**m, "train": False} if m["role"] == "assistant" else m for m in messages]
-        return messages + _turns(record, "completion", "role", "content", path, where)
+        return messages + record_turns(record, "completion", "role", "content", path, where)
     return [
-        {"role": "user", "content": _content(prompt, path, where, "prompt")},
-        {"role": "assistant", "content": _content(completion, path, where, "completion")},
+        {"role": "user", "content": content_field(prompt, path, where, "prompt")},
+        {"role": "assistant", "content": content_field(completion, path, where, "completion")},
     ]
 
 
@@ -240,10 +242,10 @@ def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversati
     if not isinstance(record, dict):
         raise DataError(path, where, None, f"expected a JSON object, got {type(record).__name__}")
     if "conversations" in record:
-        messages = _turns(record, "conversations", "from", "value", path, where)
+        messages = record_turns(record, "conversations", "from", "value", path, where)
         key = "conversations"
     elif "messages" in record:
-        messages = _turns(record, "messages", "role", "content", path, where)
+        messages = record_turns(record, "messages", "role", "content", path, where)
         key = "messages"
     elif "prompt" in record and "completion" in record:
         messages = _prompt_completion(record, path, where)
@@ -251,7 +253,7 @@ def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversati
     elif any(key in record for key in ALPACA_KEYS):
         return _alpaca(record, path, where)
     elif "text" in record:
-        return [{"role": TEXT_ROLE, "content": _content(record["text"], path, where, "text")}]
+        return [{"role": TEXT_ROLE, "content": content_field(record["text"], path, where, "text")}]
     else:
         found = ", ".join(repr(k) for k in record) or "none"
         candidates = ["conversations", "messages", "prompt", "completion", "text", *ALPACA_KEYS]
@@ -270,7 +272,7 @@ def parse_record(record: Any, path: str | os.PathLike, where: str) -> Conversati
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(path, where, key, "no assistant turn: nothing to learn from this sample")
     if record.get("tools") not in (None, "", []):
-        messages.insert(0, {"role": TOOLS_ROLE, "tools": _tools(record["tools"], path, where)})
+        messages.insert(0, {"role": TOOLS_ROLE, "tools": tools_field(record["tools"], path, where)})
     return messages
 
 
@@ -295,8 +297,8 @@ def load_tools(path: str | os.PathLike) -> list[dict]:
     """Tool schemas from a JSON file holding a list of them (OpenAI form or bare functions), checked."""
     records = read_records(path)
     if len(records) == 1 and isinstance(records[0][1], list):
-        return _tools(records[0][1], Path(path), "")
-    return _tools([record for _, record in records], Path(path), "")
+        return tools_field(records[0][1], Path(path), "")
+    return tools_field([record for _, record in records], Path(path), "")
 
 
 def load_conversations(path: str | os.PathLike, default_system: str | None = None) -> Conversations:

@@ -35,8 +35,17 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.cache import NothingToTrainError, _fingerprint, as_dataset
-from sft.data.formats import TOOLS_ROLE, Conversation, Message, _content, _text, _tools, _turns, with_default_system
+from sft.data.cache import NothingToTrainError, as_dataset, tokenized_key
+from sft.data.formats import (
+    TOOLS_ROLE,
+    Conversation,
+    Message,
+    content_field,
+    record_turns,
+    text_field,
+    tools_field,
+    with_default_system,
+)
 from sft.data.housekeeping import cache_folder
 from sft.data.labels import IGNORE_INDEX
 from sft.data.profile import TemplateProfile, template_profile
@@ -54,8 +63,10 @@ def _answer(record: dict, key: str, role_key: str, content_key: str, path: Path,
     """One side's answer: a string, an answer message, or a list of one answer message."""
     value = record[key]
     if isinstance(value, str):
-        return {"role": "assistant", "content": _content(value, path, where, key)}
-    messages = _turns({key: [value] if isinstance(value, dict) else value}, key, role_key, content_key, path, where)
+        return {"role": "assistant", "content": content_field(value, path, where, key)}
+    messages = record_turns(
+        {key: [value] if isinstance(value, dict) else value}, key, role_key, content_key, path, where
+    )
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise DataError(path, where, key, "expected one assistant answer (the prompt goes in its own field)")
     return messages[0]
@@ -69,13 +80,13 @@ def _implicit(record: dict, path: Path, where: str) -> tuple[Conversation, Messa
         if not shared.strip():
             raise DataError(path, where, "prompt", "missing, and the two answers share no prompt text")
         answers = [
-            {"role": "assistant", "content": _content(text[len(shared) :], path, where, key)}
+            {"role": "assistant", "content": content_field(text[len(shared) :], path, where, key)}
             for key, text in (("chosen", chosen), ("rejected", rejected))
         ]
         return [{"role": "user", "content": shared}], answers[0], answers[1]
     if not isinstance(chosen, list) or not isinstance(rejected, list):
         raise DataError(path, where, "chosen", "chosen and rejected must both be strings or both message lists")
-    sides = [_turns(record, key, "role", "content", path, where) for key in PAIR_KEYS]
+    sides = [record_turns(record, key, "role", "content", path, where) for key in PAIR_KEYS]
     common = 0
     while common < min(map(len, sides)) and sides[0][common] == sides[1][common]:
         common += 1
@@ -103,34 +114,34 @@ def parse_pair(record: Any, path: str | os.PathLike, where: str) -> tuple[dict, 
         key, role_key, content_key = (
             ("conversations", "from", "value") if "conversations" in record else ("messages", "role", "content")
         )
-        prompt = _turns(record, key, role_key, content_key, path, where)
+        prompt = record_turns(record, key, role_key, content_key, path, where)
         chosen, rejected = (_answer(record, k, role_key, content_key, path, where) for k in PAIR_KEYS)
         form = "sharegpt_ranking" if key == "conversations" else "messages_ranking"
     elif "instruction" in record:
-        instruction = _text(record["instruction"], path, where, "instruction")
-        extra = _text(record.get("input") or "", path, where, "input", allow_empty=True)
+        instruction = text_field(record["instruction"], path, where, "instruction")
+        extra = text_field(record.get("input") or "", path, where, "input", allow_empty=True)
         prompt = [{"role": "user", "content": f"{instruction}\n{extra}" if extra.strip() else instruction}]
         chosen, rejected = (_answer(record, k, "role", "content", path, where) for k in PAIR_KEYS)
         form = "alpaca_ranking"
     elif "prompt" in record:
         if isinstance(record["prompt"], str):
-            prompt = [{"role": "user", "content": _content(record["prompt"], path, where, "prompt")}]
+            prompt = [{"role": "user", "content": content_field(record["prompt"], path, where, "prompt")}]
         else:
-            prompt = _turns(record, "prompt", "role", "content", path, where)
+            prompt = record_turns(record, "prompt", "role", "content", path, where)
         chosen, rejected = (_answer(record, k, "role", "content", path, where) for k in PAIR_KEYS)
         form = "explicit_prompt"
     else:
         prompt, chosen, rejected = _implicit(record, path, where)
         form = "implicit_prompt"
     if record.get("system") and not any(m["role"] == "system" for m in prompt):
-        prompt.insert(0, {"role": "system", "content": _text(record["system"], path, where, "system")})
+        prompt.insert(0, {"role": "system", "content": text_field(record["system"], path, where, "system")})
     for index, message in enumerate(prompt):
         if message["role"] == "system" and index != 0:
             raise DataError(path, where, "prompt", f"message {index}: a system message may only come first")
     if not prompt or prompt[-1]["role"] not in ("user", "tool"):
         raise DataError(path, where, "prompt", "must end with a user turn (or a tool result) that the answers answer")
     if record.get("tools") not in (None, "", []):
-        prompt.insert(0, {"role": TOOLS_ROLE, "tools": _tools(record["tools"], path, where)})
+        prompt.insert(0, {"role": TOOLS_ROLE, "tools": tools_field(record["tools"], path, where)})
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, form
 
 
@@ -286,7 +297,7 @@ def tokenize_pairs(
     data set or a list of pairs."""
     cache_dir = cache_folder(cache_dir)
     dataset, data_key = as_dataset(pairs, description)
-    fingerprint = _fingerprint(data_key, tokenizer, max_length, "pairs", False, fold_system, PAIRS_FORMAT)
+    fingerprint = tokenized_key(data_key, tokenizer, max_length, "pairs", False, fold_system, PAIRS_FORMAT)
     profile = template_profile(tokenizer)
     tokenized = dataset.map(
         _tokenize_pair_batch,
