@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.cache import NothingToTrainError, as_dataset, tokenized_key
+from sft.data.cache import NothingToTrainError, as_dataset, own_mapping, tokenized_key
 from sft.data.formats import (
     TOOLS_ROLE,
     Conversation,
@@ -46,7 +46,7 @@ from sft.data.formats import (
     tools_field,
     with_default_system,
 )
-from sft.data.housekeeping import cache_folder
+from sft.data.housekeeping import cache_folder, mark_used
 from sft.data.labels import IGNORE_INDEX
 from sft.data.profile import TemplateProfile, template_profile
 from sft.data.reading import DataError
@@ -280,7 +280,15 @@ def _tokenize_pair_batch(batch: dict, tokenizer, max_length: int, fold_system: b
     return out
 
 
+def _tokenize_pairs_from(plan: dict, samples: datasets.Dataset, **options: Any) -> dict:
+    """`_tokenize_pair_batch` of the PAIR_BATCH pairs from `plan`'s start, read through a mapping of their own (as
+    sft.data.cache tokenises conversations: memory stays bounded however many pairs there are)."""
+    start = plan["start"][0]
+    return _tokenize_pair_batch(own_mapping(samples)[start : start + PAIR_BATCH], **options)
+
+
 PAIRS_FORMAT = 1  # part of the cache key: raised when what tokenising pairs writes changes
+PAIR_BATCH = 256  # pairs tokenised per map batch
 
 
 def tokenize_pairs(
@@ -298,19 +306,28 @@ def tokenize_pairs(
     cache_dir = cache_folder(cache_dir)
     dataset, data_key = as_dataset(pairs, description)
     fingerprint = tokenized_key(data_key, tokenizer, max_length, "pairs", False, fold_system, PAIRS_FORMAT)
-    profile = template_profile(tokenizer)
-    tokenized = dataset.map(
-        _tokenize_pair_batch,
+    options = dict(tokenizer=tokenizer, max_length=max_length, fold_system=fold_system,
+                   profile=template_profile(tokenizer))  # fmt: skip
+    # A memory-mapped data set is read batch by batch through mappings of the batch's own; a list's is mapped as is.
+    if dataset.cache_files:
+        work = datasets.Dataset.from_dict({"start": list(range(0, len(dataset), PAIR_BATCH))})
+        function, batch_size, options["samples"] = _tokenize_pairs_from, 1, dataset
+    else:
+        work, function, batch_size = dataset, _tokenize_pair_batch, PAIR_BATCH
+    tokenized = work.map(
+        function,
         batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > 256 else None,
-        remove_columns=dataset.column_names,
+        batch_size=batch_size,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > PAIR_BATCH else None,
+        remove_columns=work.column_names,
         features=PAIR_FEATURES,
-        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, fold_system=fold_system, profile=profile),
+        fn_kwargs=options,
         cache_file_name=str(cache_dir / f"pairs-{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
         desc=f"Tokenising {description} pairs",
     )
+    for file in tokenized.cache_files:
+        mark_used(file["filename"])
     table = tokenized.with_format("arrow")
     status = table["status"]
     counts = Counter({entry["values"]: entry["counts"] for entry in pc.value_counts(status).to_pylist()})
