@@ -219,6 +219,7 @@ class PrecomputedReference:
         self.pairs = sum(len(dataset) for dataset in datasets)
         self.description = source.description
         self.chosen = self.rejected = None
+        self.settled = False
         if cache_file.is_file():
             saved = torch.load(cache_file, weights_only=True)
             if saved.get("key") == key and len(saved["chosen"]) == self.pairs:
@@ -230,6 +231,20 @@ class PrecomputedReference:
     @property
     def ready(self) -> bool:
         return self.chosen is not None
+
+    def settle(self, model: nn.Module, fused: FusedLoss | None, policy_trained: bool, write: bool) -> None:
+        """Once, as training starts: the log-probs ready on every process, read or computed. The processes agree
+        first: one whose machine has the cache file while another's has not would skip the pass the others wait
+        in."""
+        world, _ = _world()
+        missing = not self.ready
+        if world > 1:
+            flag = torch.tensor([float(missing)], device=next(model.parameters()).device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            missing = bool(flag.item())
+        if missing:
+            self.fill(model, fused, policy_trained, write)
+        self.settled = True
 
     def logps(self, model: nn.Module, batch: dict, fused: FusedLoss | None) -> torch.Tensor:
         ids = batch["pair_ids"]
@@ -320,9 +335,9 @@ class PreferenceTrainer(FinetuneTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.settle_fused_loss(model, model_inputs(inputs))
-        if isinstance(self.reference, PrecomputedReference) and not self.reference.ready:
+        if isinstance(self.reference, PrecomputedReference) and not self.reference.settled:
             trained = self.state.global_step > 0
-            self.reference.fill(model, self.fused_loss, trained, write=self.args.local_process_index == 0)
+            self.reference.settle(model, self.fused_loss, trained, write=self.args.local_process_index == 0)
         ref = None
         if needs_reference(self.preference.loss_type):
             ref = self.reference.logps(model, inputs, self.fused_loss)
