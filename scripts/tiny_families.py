@@ -211,6 +211,22 @@ FAMILIES: list[Family] = [
         },
         "Falcon-H1-7B-Instruct",
     ),
+    Family(
+        "Jamba (hybrid MoE)",
+        "jamba",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "mamba_d_state": 8,
+            "mamba_dt_rank": 8,
+            "use_mamba_kernels": False,
+        },
+        "AI21-Jamba-Mini-1.7",
+    ),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
 

@@ -13,11 +13,15 @@ bitsandbytes cannot quantise them. The choices, made once per run and logged:
   weights are adapted in place too, without dropout, so that each is adapted as itself and reloads the same.
 - `--lora_target attention`: the attention (and linear-attention) projections only, on any model.
 - modules peft refuses to adapt on the model (a Mamba layer's out_proj and conv1d, on Falcon-H1 and other Mamba
-  hybrids): left out of `all-linear`, said in one line; named in --lora_target_modules, refused.
+  hybrids), and linear modules whose weight the model's forward reads itself instead of calling them (Jamba's
+  dt_proj: an adapter there would never run): left out of `all-linear`, said in one line; named in
+  --lora_target_modules, refused.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -146,7 +150,9 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
     families: then without dropout)."""
     layout = find_moe(model)
     output = model.get_output_embeddings()
-    refused = _refused_by_peft(model, target_modules)
+    peft_refuses = _refused_by_peft(model, target_modules)
+    read_directly = _read_directly(model, target_modules)
+    refused = sorted(set(peft_refuses) | set(read_directly))
     if scope == "attention":
         chosen = [name for name in attention_modules(model) if name.rsplit(".", 1)[-1] not in refused]
         if not chosen:
@@ -160,17 +166,18 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
                 "LoRA on a mixture of experts: experts, router and shared experts not adapted (--lora_target attention)"
             )
         return LoraTargets(_names_for_peft(chosen, model))
+    why = []
+    if peft_refuses:
+        why.append(f"peft cannot adapt {', '.join(peft_refuses)} on a {model.config.model_type} model's Mamba layers")
+    if read_directly:
+        why.append(f"the model's forward reads the weights of {', '.join(read_directly)} itself, bypassing an adapter")
     if refused and target_modules != "all-linear":
         raise ConfigurationError(
-            f"--lora_target_modules {' '.join(target_modules)}: peft cannot adapt {', '.join(refused)} on a "
-            f"{model.config.model_type} model (its Mamba layers); drop {' and '.join(refused)} "
+            f"--lora_target_modules {' '.join(target_modules)}: {'; '.join(why)}; drop {' and '.join(refused)} "
             "(the default all-linear leaves them out)"
         )
     if refused:
-        logger.info(
-            "LoRA targets: every linear layer but %s (peft cannot adapt them on a %s model's Mamba layers)",
-            ", ".join(refused), model.config.model_type,
-        )  # fmt: skip
+        logger.info("LoRA targets: every linear layer but %s (%s)", ", ".join(refused), "; ".join(why))
     if not layout:
         if not refused:
             return LoraTargets(target_modules)
@@ -212,6 +219,36 @@ def lora_targets(model: PreTrainedModel, scope: str, target_modules: list[str] |
         ", ".join(experts), r, f"{expert_lora:,}", ", ".join(_leaves(layout.routers)) or "none found", shared,
     )  # fmt: skip
     return targets
+
+
+# `self.dt_proj.weight @ time_step` in a forward (Jamba's Mamba mixer): the module's weight used without its call.
+_WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b")
+
+
+@functools.cache
+def _weights_read_in_forward(module_class: type) -> frozenset[str]:
+    """The attributes whose `.weight` the class's forward reads itself (`self.dt_proj.weight`)."""
+    try:
+        return frozenset(_WEIGHT_READ.findall(inspect.getsource(module_class.forward)))
+    except (OSError, TypeError):
+        return frozenset()
+
+
+def _read_directly(model: torch.nn.Module, target_modules: list[str] | str) -> list[str]:
+    """The linear modules (last name parts) among the targets whose weight their parent's forward reads itself
+    instead of calling them: a LoRA adapter on one would never run (untrained, and changing the model at merge)."""
+    if not isinstance(target_modules, list) and target_modules != "all-linear":
+        return []  # a regular expression: left to peft
+    output = model.get_output_embeddings()
+    read = set()
+    for module in model.modules():
+        for name in _weights_read_in_forward(type(module)):
+            child = getattr(module, name, None)
+            if isinstance(child, torch.nn.Module) and _is_linear(child) and child is not output:
+                read.add(name)
+    if isinstance(target_modules, list):
+        read &= {name.rsplit(".", 1)[-1] for name in target_modules}
+    return sorted(read)
 
 
 def _refused_by_peft(model: torch.nn.Module, target_modules: list[str] | str) -> list[str]:

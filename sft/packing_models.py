@@ -20,6 +20,9 @@ kernels take boundaries for a single row only. One of two ways then restarts eac
   the short convolution would still mix the last tokens of one sample into the first of the next. It costs one
   call per sample and layer, cheap next to the chunked torch recurrence itself; memory stays that of the row.
 
+Some decoder layers do not pass the boundaries on to their linear-attention layer (Jamba's Mamba mixer gets the
+hidden states, cache and mask only): `BoundaryHandoff` hands the model's own to it, for both ways.
+
 Some models build their attention masks without `position_ids` (GPT-OSS, Granite 4 hybrids in transformers 5.25),
 so transformers cannot see the packed samples and lets them attend to each other. For those, `PackedMasks` builds
 the model's own mask mapping (the same transformers functions, read from its forward's `causal_mask_mapping`) with
@@ -129,6 +132,42 @@ def per_sample_class(layer_class: type[nn.Module]) -> type[nn.Module]:
     return subclass
 
 
+class BoundaryHandoff:
+    """Hands a flat packed batch's boundaries to linear-attention layers whose decoder layer does not pass them on
+    (Jamba's calls its Mamba mixer with the hidden states, cache and mask only: the mixer would run across samples).
+    A pre-hook on the model keeps the boundaries of each forward (none for an unpacked batch); one on each layer
+    adds those it was not given, for a row of their length. Kept until the next forward, so that gradient
+    checkpointing's recomputation in backward sees the same ones."""
+
+    def __init__(self) -> None:
+        self.boundaries: dict = {}
+
+    def remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.boundaries = {key: kwargs[key] for key in BOUNDARY_KEYS if kwargs.get(key) is not None}
+
+    def hand_over(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        starts = self.boundaries.get("cu_seq_lens_q")
+        if starts is None or hidden is None or hidden.shape[0] != 1 or hidden.shape[1] != int(starts[-1]):
+            return None
+        missing = {key: value for key, value in self.boundaries.items() if key not in kwargs}
+        return (args, {**kwargs, **missing}) if missing else None
+
+
+def hand_boundaries_over(model: nn.Module, mixers: Iterable[nn.Module]) -> BoundaryHandoff:
+    """Installs a `BoundaryHandoff` between `model`'s forward and its linear-attention layers (once)."""
+    handoff = getattr(model, "_sft_boundary_handoff", None)
+    if handoff is None:
+        handoff = BoundaryHandoff()
+        model.register_forward_pre_hook(handoff.remember, with_kwargs=True)
+        model._sft_boundary_handoff = handoff
+    for mixer in mixers:
+        if getattr(mixer, "_sft_boundary_handoff", None) is None:
+            mixer.register_forward_pre_hook(handoff.hand_over, with_kwargs=True)
+            mixer._sft_boundary_handoff = handoff
+    return handoff
+
+
 def restart_linear_mixers(model: nn.Module, device_type: str, installed: set[str] | None = None) -> RestartMode | None:
     """Makes every linear-attention layer of `model` restart at each packed sample; the way chosen (None: the model
     has none). Chosen once, for the device that trains; wrapping twice is a no-op."""
@@ -136,6 +175,7 @@ def restart_linear_mixers(model: nn.Module, device_type: str, installed: set[str
     if not mixers:
         return None
     mode = restart_mode(mixers.values(), device_type, installed)
+    hand_boundaries_over(model, mixers.values())
     kinds = sorted({type(m).__name__ for m in mixers.values()})
     if mode == "segments":
         for mixer in mixers.values():
@@ -242,6 +282,9 @@ def mixer_leaks(model: nn.Module, tolerance: float) -> list[str]:
     leaks = []
     hidden_size = model.config.get_text_config().hidden_size
     for kind, mixer in found.items():
+        handoff = getattr(mixer, "_sft_boundary_handoff", None)
+        if handoff is not None:  # these calls run the layer alone: no model forward's boundaries
+            handoff.boundaries = {}
         weight = next(mixer.parameters())
         generator = torch.Generator().manual_seed(0)
         hidden = torch.randn(1, 16, hidden_size, generator=generator).to(weight.device, weight.dtype)

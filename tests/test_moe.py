@@ -231,7 +231,7 @@ def test_default_targets_leave_out_what_peft_cannot_adapt_on_mamba_layers(falcon
     adapted = {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
     assert {"in_proj", "q_proj", "o_proj", "gate_proj", "down_proj"} <= adapted
     assert not adapted & {"out_proj", "conv1d", "lm_head"}
-    assert "LoRA targets: every linear layer but out_proj (peft cannot adapt them" in caplog.text
+    assert "LoRA targets: every linear layer but out_proj (peft cannot adapt out_proj on a falcon_h1" in caplog.text
     batch = torch.tensor([[1, 2, 3, 4, 5]])
     model(input_ids=batch, labels=batch).loss.backward()  # trains
 
@@ -242,3 +242,27 @@ def test_naming_modules_peft_cannot_adapt_on_mamba_layers_is_refused(falcon_h1):
         ConfigurationError, match=r"^--lora_target_modules in_proj out_proj: peft cannot adapt out_proj"
     ):
         add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=["in_proj", "out_proj"])
+
+
+@pytest.fixture(scope="module")
+def jamba(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from scripts.tiny_families import build_family_model
+
+    return str(build_family_model("Jamba (hybrid MoE)", tmp_path_factory.mktemp("jamba")))
+
+
+def test_default_targets_leave_out_linear_layers_whose_weight_the_model_reads_itself(jamba, caplog):
+    # Jamba's Mamba mixer multiplies by dt_proj.weight without calling dt_proj: an adapter there would never run.
+    model = AutoModelForCausalLM.from_pretrained(jamba, dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="sft.moe"):
+        model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])
+    adapted = {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
+    assert {"in_proj", "x_proj", "out_proj", "q_proj"} <= adapted and "dt_proj" not in adapted
+    assert "reads the weights of dt_proj itself, bypassing an adapter" in caplog.text
+    batch = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=batch, labels=batch).loss.backward()
+    untrained = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not untrained  # every adapter runs (lora_B starts at 0, so lora_A's gradient is 0 but present)
+    with pytest.raises(ConfigurationError, match=r"^--lora_target_modules in_proj dt_proj: the model's forward reads"):
+        add_lora(AutoModelForCausalLM.from_pretrained(jamba), r=4, alpha=8, dropout=0.0,
+                 target_modules=["in_proj", "dt_proj"])  # fmt: skip

@@ -38,6 +38,18 @@ FAMILIES = {
         shared_intermediate_size=32,
     ),  # fmt: skip
     "lfm2": dict(layer_types=["conv", "full_attention"] * 2, block_ff_dim=48),
+    # Jamba's decoder layer does not pass the boundaries to its Mamba mixer: they are handed over by hooks.
+    "jamba": dict(
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=8,
+        mamba_dt_rank=8,
+        use_mamba_kernels=False,
+    ),  # fmt: skip
     "gpt_oss": dict(
         num_local_experts=4,
         num_experts_per_tok=2,
@@ -49,7 +61,7 @@ HYBRIDS = [family for family in FAMILIES if family != "gpt_oss"]
 # The layer type each hybrid's refusal names.
 LAYER_TYPES = {"qwen3_5_text": "Qwen3_5GatedDeltaNet", "qwen3_5_moe_text": "Qwen3_5MoeGatedDeltaNet",
                "qwen3_next": "Qwen3NextGatedDeltaNet", "granitemoehybrid": "GraniteMoeHybridMambaLayer",
-               "lfm2": "Lfm2ShortConv"}  # fmt: skip
+               "lfm2": "Lfm2ShortConv", "jamba": "JambaMambaMixer"}  # fmt: skip
 
 
 def tiny(family: str):
