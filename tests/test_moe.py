@@ -217,11 +217,16 @@ def test_variants_peft_cannot_apply_to_the_experts_are_refused(moe_models, varia
         add_lora(model, r=4, alpha=8, dropout=0.05, target_modules="all-linear", **variant)
 
 
+def family_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> str:
+    """The tiny model of the README table's family `name`, saved in a folder."""
+    from scripts.tiny_families import BY_NAME, build_family_model
+
+    return str(build_family_model(name, tmp_path_factory.mktemp(BY_NAME[name].model_type)))
+
+
 @pytest.fixture(scope="module")
 def falcon_h1(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from scripts.tiny_families import build_family_model
-
-    return str(build_family_model("Falcon-H1 (hybrid)", tmp_path_factory.mktemp("falcon_h1")))
+    return family_folder(tmp_path_factory, "Falcon-H1 (hybrid)")
 
 
 def test_default_targets_leave_out_what_peft_cannot_adapt_on_mamba_layers(falcon_h1, caplog):
@@ -246,9 +251,7 @@ def test_naming_modules_peft_cannot_adapt_on_mamba_layers_is_refused(falcon_h1):
 
 @pytest.fixture(scope="module")
 def jamba(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from scripts.tiny_families import build_family_model
-
-    return str(build_family_model("Jamba (hybrid MoE)", tmp_path_factory.mktemp("jamba")))
+    return family_folder(tmp_path_factory, "Jamba (hybrid MoE)")
 
 
 def test_default_targets_leave_out_linear_layers_whose_weight_the_model_reads_itself(jamba, caplog):
