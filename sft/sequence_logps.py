@@ -1,10 +1,11 @@
 """Per-sequence log-probs for preference training (dpo.py): each row's (or, in packed rows, each sequence's) summed
 log-prob of its labelled tokens, through the fused output layer of sft.loss where the run has one.
 
-Two ways through the output layer, chosen per call by what needs a gradient:
+Three ways through the output layer, chosen per call by what needs a gradient:
 - a frozen head (LoRA, the common case): `_FrozenHeadLogps`, whose backward recomputes each chunk's logits for the
   hidden states' gradient inside one `gather` (ZeRO-3 holds the head whole once per backward, not once a chunk);
-- a trained head (full fine-tuning): activation checkpointing per chunk, so autograd gives the head's gradient too.
+- a trained head (full fine-tuning): activation checkpointing per chunk, so autograd gives the head's gradient too;
+- no gradient (the reference, evaluation): the chunks one after another.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from sft.data import IGNORE_INDEX
@@ -30,6 +32,16 @@ def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) ->
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _checkpointed_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: Callable) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(_token_logps, hidden, targets, head, use_reentrant=False)
+
+
+def _by_chunks(function: Callable, hidden: torch.Tensor, targets: torch.Tensor, head: Callable, chunk: int):
+    """`function`'s token log-probs of `chunk` positions at a time, joined (at least one position)."""
+    return torch.cat([function(hidden[s : s + chunk], targets[s : s + chunk], head)
+                      for s in range(0, hidden.shape[0], chunk)])  # fmt: skip
+
+
 class _FrozenHeadLogps(torch.autograd.Function):
     """Token log-probs through a frozen output layer, a chunk at a time; backward recomputes each chunk's logits
     for the hidden states' gradient, all chunks inside one `gather` (ZeRO-3 holds the layer whole once a pass)."""
@@ -39,9 +51,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
         ctx.head, ctx.gather, ctx.chunk = head, gather, chunk
         ctx.save_for_backward(hidden, targets)
         with gather():
-            pieces = [_token_logps(hidden[s : s + chunk], targets[s : s + chunk], head)
-                      for s in range(0, hidden.shape[0], chunk)]  # fmt: skip
-        return torch.cat(pieces)
+            return _by_chunks(_token_logps, hidden, targets, head, chunk)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -63,8 +73,6 @@ def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None
     With `fused`, the model runs with `logits_to_keep=1` and the output layer sees only labelled positions, a
     chunk at a time: no `[rows, length, vocabulary]` logits are built, and backward recomputes one chunk's logits at a
     time. Without it, the model's own logits are used."""
-    import torch.utils.checkpoint
-
     labels = batch["labels"]
     inputs = {key: value for key, value in batch.items() if key in MODEL_INPUTS}
     targets = labels[:, 1:]
@@ -86,19 +94,14 @@ def sequence_logps(model: nn.Module, batch: dict, fused: FusedLoss | None = None
         head, _ = fused.head_fn()
         chunk = max(16, fused.chunk * SEQUENCE_CHUNK_LOGITS // CHUNK_LOGITS)  # `model` may be wrapped (DDP)
         head_trains = any(p.requires_grad for p in fused.head.parameters())
-        pieces = []
-        if selected.shape[0] and torch.is_grad_enabled() and not head_trains:
+        if not selected.shape[0]:
+            token_logps = selected.new_zeros(0, dtype=torch.float32)
+        elif torch.is_grad_enabled() and not head_trains:
             # LoRA: only the hidden states need a gradient; backward gathers a ZeRO-3 head once, not once a chunk.
-            pieces.append(_FrozenHeadLogps.apply(selected, wanted, head, fused.gather, chunk))
-        else:  # full fine-tuning: the head's gradient comes from autograd through each recomputed chunk
+            token_logps = _FrozenHeadLogps.apply(selected, wanted, head, fused.gather, chunk)
+        else:  # the head trains (its gradient from autograd through each chunk, recomputed in backward), or no grad
+            piece = _checkpointed_token_logps if torch.is_grad_enabled() else _token_logps
             with fused.gather():
-                for start in range(0, selected.shape[0], chunk):
-                    piece, piece_targets = selected[start : start + chunk], wanted[start : start + chunk]
-                    if torch.is_grad_enabled():
-                        pieces.append(torch.utils.checkpoint.checkpoint(_token_logps, piece, piece_targets, head,
-                                                                        use_reentrant=False))  # fmt: skip
-                    else:
-                        pieces.append(_token_logps(piece, piece_targets, head))
-        token_logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+                token_logps = _by_chunks(piece, selected, wanted, head, chunk)
     logps = torch.zeros(size, dtype=torch.float32, device=token_logps.device)
     return logps.index_add(0, rows.to(token_logps.device), token_logps), counts.to(token_logps.device)
