@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import iter_conversations
+from bench.common import free_port, iter_conversations
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LENGTH = 1024
@@ -183,12 +182,6 @@ def measure(run: Run, command: Sequence[str], env: dict[str, str], log: Path) ->
         tail = (log / "stderr").read_text(errors="replace").splitlines()[-25:]
         print(f"FAILED (exit {child.returncode}): {' '.join(command[:6])} ...", *tail, sep="\n  ", flush=True)
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ours_command(model: Path, data: Path, work: Path, processes: int, packing: bool) -> list[str]:

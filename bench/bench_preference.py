@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -36,23 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_training import peak_rss_mib, write_qwen_vocabulary_model  # noqa: E402
-from bench.common import WORDS, child_result, iter_conversations, print_result  # noqa: E402
+from bench.common import child_result, print_result, write_pairs  # noqa: E402
 
 METHODS = ("trl_dpo", "ours", "ours_packed")
 REPO = Path(__file__).resolve().parent.parent
 CHILD = [sys.executable, "-m", "bench.bench_preference"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def write_pairs(path: Path, count: int, seed: int) -> Path:
-    """Pairs as trl's conversational explicit-prompt form (prompt messages, one chosen and one rejected answer)."""
-    rng = random.Random(seed)
-    with path.open("w") as out:
-        for messages in iter_conversations(count, seed=seed, high=900):
-            prompt, chosen = messages[:-1], messages[-1]
-            rejected = {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 40)))}
-            out.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
-    return path
 
 
 def run_ours(args) -> dict:

@@ -1,11 +1,13 @@
-"""Shared pieces of the benchmarks: generated conversations with a realistic long-tailed length mix, and each
-measured method run in a child process of its own, which reports its figures in one RESULT line."""
+"""Shared pieces of the benchmarks: generated conversations with a realistic long-tailed length mix (and preference
+pairs made of them), each measured method run in a child process of its own, which reports its figures in one
+RESULT line, and a free port for the launches."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +68,21 @@ def child_result(method: str, command: list[str], cwd: Path) -> dict | None:
         return None
     print(f"  {method} done", flush=True)
     return json.loads(lines[-1][len(RESULT) :])
+
+
+def write_pairs(path: Path, count: int, seed: int = 0, high: int = 900) -> Path:
+    """Preference pairs in trl's conversational explicit-prompt form: generated conversations (`iter_conversations`)
+    whose last answer is the chosen one, and a shorter answer of random words the rejected one."""
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for messages in iter_conversations(count, seed=seed, high=high):
+            prompt, chosen = messages[:-1], messages[-1]
+            rejected = {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 40)))}
+            out.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

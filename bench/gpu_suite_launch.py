@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.common import free_port, write_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_STEPS = 6
@@ -69,12 +70,6 @@ OTHER_CHECKS = {
 CHECKS = {**{name: f"bash finetune/{spec[0]}: {spec[2]}" for name, spec in LAUNCHERS.items()}, **OTHER_CHECKS}
 # What each check needs of the machine besides a CUDA GPU (a reason to skip when missing).
 NEEDS_MODULE = {"finetune-packing-flash": "flash_attn", "liger-kernel": "liger_kernel", "outputs-gptq": "gptqmodel"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def missing_module(name: str) -> str | None:
@@ -182,19 +177,9 @@ def judge_training(
 
 
 def make_pairs(ctx) -> Path:
-    """Preference pairs for the dpo_*.sh launchers (trl's prompt/chosen/rejected form), written once."""
+    """Preference pairs for the dpo_*.sh launchers (bench.common's generated ones), written once."""
     path = ctx.work / "pairs.jsonl"
-    if not path.is_file():
-        pairs = [
-            {
-                "prompt": f"Question {i}: what is {i} plus {i}?",
-                "chosen": f"{i} plus {i} is {2 * i}. Adding a number to itself doubles it.",
-                "rejected": f"It is {2 * i + 1}.",
-            }
-            for i in range(48)
-        ]
-        path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    return path
+    return path if path.is_file() else write_pairs(path, 48, high=300)
 
 
 def check_launcher(ctx, report, name: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 from sft.distributed import local_main_first
 
@@ -32,11 +33,7 @@ def _rank(rank: int, port: int, log: str, nodes: int = 1, cache_dirs: tuple[str,
 
 def _order(tmp_path: Path, *options) -> list[str]:
     """The ranks in the order their bodies finished."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = tmp_path / "order.txt"
     mp.spawn(_rank, args=(port, str(log), *options), nprocs=2, join=True)
     return [line.split()[0] for line in Path(log).read_text().splitlines()]

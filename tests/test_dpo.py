@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from datasets import Dataset
 from host_reads import HostReads
+from ports import free_port
 from transformers import AutoModelForCausalLM
 
 import dpo
@@ -209,9 +209,9 @@ def test_a_precomputed_reference_is_never_computed_from_a_trained_policy(tiny_mo
     assert not PrecomputedReference(frozen, [numbered], PairCollator(0), 2, cache, "other key").ready
 
 
-def settle_in_process(rank: int, model_path: str, rows: list, caches: list, results) -> None:
+def settle_in_process(rank: int, port: int, model_path: str, rows: list, caches: list, results) -> None:
     """One of two gloo processes: its own cache file (one holds the log-probs, one not), then settle()."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     [numbered] = numbered_pairs([Dataset.from_list(rows)])
@@ -228,12 +228,9 @@ def test_processes_agree_to_compute_when_one_has_no_cache_file(tiny_model, token
     caches = [tmp_path / "zero" / "reference.pt", tmp_path / "one" / "reference.pt"]
     caches[0].parent.mkdir()
     torch.save({"key": "key", "chosen": torch.full((5,), -1.0), "rejected": torch.full((5,), -2.0)}, caches[0])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ["MASTER_PORT"] = str(port)
     results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(settle_in_process, args=(tiny_model, rows, caches, results), nprocs=2, start_method="spawn")
+    arguments = (free_port(), tiny_model, rows, caches, results)
+    mp.start_processes(settle_in_process, args=arguments, nprocs=2, start_method="spawn")
     live_chosen, live_rejected = live_reference_logps(tiny_model, numbered_pairs([Dataset.from_list(rows)])[0])
     for rank in (0, 1):  # both computed, and agree with the live model (not rank 0's stale file)
         torch.testing.assert_close(torch.tensor(results[rank][0]), live_chosen, rtol=1e-5, atol=1e-4)
@@ -289,10 +286,7 @@ def test_user_mistakes_are_one_error_line_before_the_model_loads(user_error, tin
 
 def launch_dpo(script: str, model: str, data: str, output: Path, processes: int, *extra: str):
     """finetune/<script> with -m/-d/-o, on `processes` CPU processes through torchrun."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "GPUS_PER_NODE": str(processes), "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "GPUS_PER_NODE": str(processes), "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
     command = ["bash", f"finetune/{script}", "-m", model, "-d", data, "-o", str(output), *extra]
     return subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip

@@ -11,13 +11,13 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
+from ports import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -58,12 +58,6 @@ PASSTHROUGH = [
     "--model_max_length",
     "256",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(script: str, model: str, output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:

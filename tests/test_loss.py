@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from host_reads import HostReads
 from peft import LoraConfig, get_peft_model
+from ports import free_port
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -295,12 +295,6 @@ def test_finetune_trains_the_same_with_and_without(tiny_model, tmp_path, run_fin
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_give_the_losses_of_one(tiny_model, tmp_path, run_finetune, common_args):

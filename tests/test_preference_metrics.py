@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ports import free_port
 
 from sft.preference_metrics import NAMES, PreferenceMetrics
 
@@ -55,12 +55,6 @@ def summarise_in_process(rank: int, world_size: int, port: int, results) -> None
     results[rank] = metrics.summary(accelerator, accelerator.device, correlation=True)
     accelerator.end_training()
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_log_the_mean_over_all_their_pairs():

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import unicodedata
@@ -21,6 +20,7 @@ import pytest
 import tiktoken
 import torch
 from peft import AutoPeftModelForCausalLM
+from ports import free_port
 from safetensors.torch import load_file, save_file
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer
@@ -282,12 +282,6 @@ def test_convert_qwen1_writes_single_file_weights_from_a_pytorch_bin(qwen1_folde
 
 LORA_ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--model_max_length", "96", "--seed", "0"]
 LORA_ARGS += ["--save_strategy", "no", "--report_to", "none", "--lora_r", "4", "--lora_alpha", "8"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pytest
+from ports import free_port
 
 from sft.chat import GenerationSettings, conversation, load_for_chat, stream_reply
 from sft.data import render
@@ -23,12 +23,6 @@ needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium installed (Debian: apt-get install chromium); scripts/test.sh installs it"
 )
 SCREENSHOT = os.environ.get("WEB_DEMO_SCREENSHOT")  # where to save a picture of the page, if anywhere
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
